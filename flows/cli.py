@@ -1,0 +1,175 @@
+"""`adaptflow`: run, predict, demo, methods. Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import UserInputError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
+
+
+def _emit(result: dict[str, Any], args: argparse.Namespace, human: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Print for people unless --json (main prints the JSON line); return the result."""
+    if not args.json:
+        human(result)
+    return result
+
+
+def _run_config(config_path: str, overrides: list[str]) -> dict[str, Any]:
+    from flows.finetune import FLOWS
+    from tasks.config import load_config
+
+    config = load_config(config_path, overrides)
+    flow = FLOWS[config.method.name]
+    return flow(config).model_dump()
+
+
+def _print_run(result: dict[str, Any]) -> None:
+    metrics = result["metrics"]
+    print(f"\nrun {result['run_id']}  method={result['method']}  task={result['task']}")
+    for key in sorted(metrics):
+        print(f"  {key:28s} {metrics[key]:.6g}")
+    print(f"registered {result['model_name']} version {result['model_version']} -> @{', @'.join(result['aliases'])}")
+    print(f"  ({result['promotion']})")
+    print(f"  load it: mlflow.pyfunc.load_model('models:/{result['model_name']}@{result['aliases'][0]}')")
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    return _emit(_run_config(args.config, args.set), args, _print_run)
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.tracking import tracking_uri
+    from tasks.config import TrackingSettings
+
+    print("adaptflow demo: LoRA on builtin:tiny with the bundled sample stories (embedded Prefect and MLflow)")
+    result = _run_config(str(DEMO_CONFIG), args.set)
+    _print_run(result)
+    uri = tracking_uri(TrackingSettings())
+    name = result["model_name"]
+    champion = result["model_version"] if "champion" in result["aliases"] else "unchanged"
+    print(f"\nchampion: {name}@champion = version {champion if champion != 'unchanged' else '(kept; this run is @challenger)'}")
+    print("next:")
+    print(f"  adaptflow predict models:/{name}@champion --text 'Once upon a time'")
+    print(f"  mlflow ui --backend-store-uri {uri}        # runs, metrics, artifacts, registry")
+    print("  prefect server start                        # the Prefect UI (then set PREFECT_API_URL to keep runs)")
+    return result
+
+
+def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    import mlflow
+
+    from tasks.config import TrackingSettings
+    from tasks.tracking import use_tracking
+
+    texts = list(args.text or [])
+    if args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise UserInputError(f"--input: file not found: {path}")
+        texts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise UserInputError("predict: give --text TEXT (repeatable) or --input FILE (one text per line)")
+    use_tracking(TrackingSettings())
+    try:
+        model = mlflow.pyfunc.load_model(args.model_uri)
+    except Exception as exc:
+        raise UserInputError(f"MODEL_URI: cannot load {args.model_uri!r}: {str(exc).splitlines()[0][:300]}") from None
+    predictions = list(model.predict(texts))
+    result = {"command": "predict", "model_uri": args.model_uri, "predictions": predictions}
+
+    def human(r: dict[str, Any]) -> None:
+        for text, prediction in zip(texts, r["predictions"], strict=True):
+            print(f"{text!r} -> {prediction!r}")
+
+    return _emit(result, args, human)
+
+
+def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
+    from adapters_impl import METHODS
+
+    listing = []
+    for method in METHODS.values():
+        settings = []
+        for field, info in method.settings.model_fields.items():
+            if field == "name":
+                continue
+            default = info.get_default(call_default_factory=True)
+            settings.append({"key": f"method.{field}", "default": default, "help": info.description or ""})
+        listing.append(
+            {"name": method.name, "summary": method.summary, "tasks": list(method.tasks),
+             "mergeable": method.mergeable, "settings": settings}
+        )
+
+    def human(result: dict[str, Any]) -> None:
+        for m in result["methods"]:
+            print(f"{m['name']:8s} {m['summary']}  [tasks: {', '.join(m['tasks'])}; mergeable: {m['mergeable']}]")
+            for s in m["settings"]:
+                print(f"    {s['key']:24s} default {json.dumps(s['default'])}  {s['help']}")
+
+    return _emit({"command": "methods", "methods": listing}, args, human)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], dict[str, Any]], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+        return p
+
+    overrides = {"action": "append", "default": [], "metavar": "KEY=VALUE", "help": "override a config key (YAML value)"}
+    run = add("run", cmd_run, "one pipeline run of the configured method")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("--set", **overrides)  # type: ignore[arg-type]
+    predict = add("predict", cmd_predict, "generate or classify with a registered model")
+    predict.add_argument("model_uri", help="models:/NAME@champion, models:/NAME/VERSION, runs:/... ")
+    predict.add_argument("--text", action="append", help="input text (repeatable)")
+    predict.add_argument("--input", help="a file with one input text per line")
+    demo = add("demo", cmd_demo, "the offline demo on embedded defaults")
+    demo.add_argument("--set", **overrides)  # type: ignore[arg-type]
+    add("methods", cmd_methods, "list the methods and their settings")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input, 1 anything else)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("adaptflow").setLevel(logging.INFO)
+    stdout = sys.stdout
+    outcome: dict[str, Any]
+    code = 0
+    # With --json, everything but the final JSON line goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        try:
+            outcome = args.handler(args)
+        except UserInputError as exc:
+            print(f"adaptflow: error: {exc}", file=sys.stderr)
+            outcome, code = {"command": args.command, "status": "error", "error": str(exc)}, 2
+        except KeyboardInterrupt:
+            print("adaptflow: interrupted", file=sys.stderr)
+            outcome, code = {"command": args.command, "status": "interrupted"}, 130
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            print(f"adaptflow: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            outcome, code = {"command": args.command, "status": "failed", "error": str(exc)}, 1
+    if args.json:
+        stdout.write(json.dumps(outcome, default=str) + "\n")
+        stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

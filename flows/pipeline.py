@@ -1,0 +1,85 @@
+"""The fine-tuning pipeline every method flow runs: load -> tokenize -> apply -> train -> evaluate -> merge -> register."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from flows import stages
+from tasks.config import RunConfig
+from tasks.tracking import RunRef
+
+
+class RunResult(BaseModel):
+    """What `adaptflow run --json` prints (the contract's `run` object)."""
+
+    command: str = "run"
+    status: str = "ok"
+    run_id: str
+    method: str
+    task: str
+    metrics: dict[str, float | int]
+    bias_probe: dict[str, Any] = {}
+    model_name: str
+    model_version: str
+    model_uri: str
+    aliases: list[str]
+    mergeable: bool
+    promotion: str
+    run_dir: str
+
+
+@contextmanager
+def tracked_run(config: RunConfig) -> Iterator[RunRef]:
+    """One MLflow run around the pipeline, marked FAILED if any stage raises."""
+    run = stages.start_run(config)
+    try:
+        yield run
+    except BaseException:
+        stages.end_run(run, "FAILED")
+        raise
+    stages.end_run(run, "FINISHED")
+
+
+def finetune(config: RunConfig) -> RunResult:
+    """Run the pipeline for one configured method; the method flows are thin, typed entries into this."""
+    cache_dir = Path(config.train.output_dir).resolve() / ".cache"
+    source = stages.resolve_model(config.model)
+    with tracked_run(config) as run:
+        data = stages.load_data(config.data, config.task, cache_dir / "data")
+        tokenized = stages.tokenize_dataset(data, source, config.task, config.data.max_length, cache_dir / "tokenized")
+        base_metrics = stages.evaluate_base(source, tokenized, batch_size=config.train.eval_batch_size or 16)
+        adapted = stages.apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
+        trained = stages.train_model(adapted, tokenized, config.train, run)
+        tuned_metrics = stages.evaluate_model(trained, tokenized, run)
+        merged = stages.merge_model(trained, tokenized, run)
+        metrics = {
+            **tuned_metrics,
+            **base_metrics,
+            "trainable_params": adapted.trainable_params,
+            "total_params": adapted.total_params,
+            "train_seconds": trained.train_seconds,
+            "train_tokens_per_second": trained.train_tokens_per_second,
+            "peak_memory_mb": trained.peak_memory_mb,
+        }
+        if merged.merge_max_abs_diff is not None:
+            metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
+        registered = stages.register_model(config, data, run, trained, merged, metrics)
+        decision = stages.promote(registered, run, config.registry.promote)
+    return RunResult(
+        run_id=run.run_id,
+        method=config.method.name,
+        task=config.task,
+        metrics=metrics,
+        model_name=registered.name,
+        model_version=registered.version,
+        model_uri=registered.model_uri,
+        aliases=[decision.alias],
+        mergeable=adapted.mergeable,
+        promotion=decision.reason,
+        run_dir=run.run_dir,
+    )

@@ -1,0 +1,90 @@
+"""The @task layer over tasks/: names, retries for transient failures, caching of deterministic stages."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+
+from tasks import adapting, evaluation, load, merging, modeling, registry, tokenization, tracking, training
+from tasks.errors import UserInputError
+from tasks.promotion import Decision, promote_version
+
+
+def is_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry I/O and connection failures only; never a config error, a NaN loss or out-of-memory."""
+    try:
+        state.result()
+    except (UserInputError, training.TrainingDiverged, MemoryError):
+        return False
+    except (OSError, ConnectionError, TimeoutError):
+        return True
+    except Exception as exc:
+        return "ConnectionError" in type(exc).__name__ or "Timeout" in type(exc).__name__
+    return False
+
+
+def _model_fingerprint(source: modeling.ModelSource) -> str:
+    folder = Path(source.name_or_path)
+    parts = [source.name_or_path, str(source.revision)]
+    if folder.is_dir():
+        parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _tokenized_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Tokenization is keyed on data fingerprint + tokenizer files + settings (and its folder still existing)."""
+    key = tokenization.tokenize_key(
+        parameters["data"], parameters["source"], parameters["task"], parameters["max_length"]
+    )
+    if not (Path(parameters["cache_dir"]) / key).exists():
+        key += f"-rebuild-{context.task_run.id}"
+    return f"tokenize-{key}"
+
+
+def _base_eval_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    tokenized: tokenization.TokenizedRef = parameters["tokenized"]
+    return f"base-eval-{tokenized.train_dir}-{_model_fingerprint(parameters['source'])}-{parameters['batch_size']}"
+
+
+resolve_model = task(modeling.resolve_model, name="resolve-model", cache_policy=NO_CACHE)
+start_run = task(
+    tracking.start_run, name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3,
+    retry_condition_fn=is_transient,
+)
+load_data = task(load.load_data, name="load", cache_policy=NO_CACHE)
+tokenize_dataset = task(
+    tokenization.tokenize_dataset,
+    name="tokenize",
+    cache_key_fn=_tokenized_key,
+    persist_result=True,
+    result_serializer="json",
+)
+evaluate_base = task(
+    evaluation.evaluate_base, name="evaluate-base", cache_key_fn=_base_eval_key, persist_result=True,
+    result_serializer="json",
+)
+apply_method = task(adapting.apply_method, name="apply-method", cache_policy=NO_CACHE)
+# Training never caches and never retries on its own: a retry would start again from step 0.
+train_model = task(training.train_model, name="train", cache_policy=NO_CACHE)
+evaluate_model = task(evaluation.evaluate_model, name="evaluate", cache_policy=NO_CACHE)
+merge_model = task(merging.merge_model, name="merge", cache_policy=NO_CACHE)
+register_model = task(
+    registry.register_model, name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+    retry_condition_fn=is_transient,
+)
+
+
+@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=is_transient)
+def promote(registered: registry.RegisteredRef, run: tracking.RunRef, settings: Any) -> Decision:
+    """Champion/challenger decision for the version just registered."""
+    return promote_version(tracking.client_for(run), registered.name, registered.version, settings)
+
+
+end_run = task(tracking.end_run, name="end-run", cache_policy=NO_CACHE)

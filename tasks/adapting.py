@@ -1,0 +1,89 @@
+"""Apply-method: wrap the base model with the configured method; keep live models between stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from torch import nn
+from transformers import set_seed
+
+from adapters_impl import MethodSettings, count_parameters, get_method
+from tasks.modeling import ModelSource, load_base_model, load_tokenizer
+from tasks.tokenization import TokenizedRef
+
+# Stages pass folders, not models. In one process, the model a stage saved to a folder is kept here,
+# so the next stage does not load it again; in another process (Dask worker, retry) it loads from disk.
+_LIVE: dict[str, nn.Module] = {}
+
+
+def remember(folder: str | Path, model: nn.Module) -> None:
+    _LIVE.clear()  # one live model at a time: a run's stages hand it down, nothing accumulates
+    _LIVE[str(folder)] = model
+
+
+def take(folder: str | Path) -> nn.Module | None:
+    """The live model saved to `folder`, handed over (forgotten here: the caller may change it)."""
+    return _LIVE.pop(str(folder), None)
+
+
+def peek(folder: str | Path) -> nn.Module | None:
+    return _LIVE.get(str(folder))
+
+
+class AdaptedRef(BaseModel):
+    """The base model with the method applied, as saved before training."""
+
+    source: ModelSource
+    method: dict[str, Any]
+    task: str
+    label_names: list[str] | None
+    adapter_dir: str
+    trainable_params: int
+    total_params: int
+    mergeable: bool
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method["name"])
+
+
+def apply_method(
+    source: ModelSource, settings: MethodSettings, task: str, tokenized: TokenizedRef, run_dir: str, seed: int
+) -> AdaptedRef:
+    """Load the base, apply the method (seeded), save the untrained adapter, report parameter counts.
+
+    Raises:
+        UserInputError: the settings do not fit this model (e.g. an unknown target module).
+    """
+    method = get_method(settings.name)
+    set_seed(seed)
+    tokenizer = load_tokenizer(source)
+    base = load_base_model(source, task, tokenizer, tokenized.label_names)
+    model = method.apply(base, settings, task)  # type: ignore[arg-type]
+    trainable, total = count_parameters(model)
+    folder = Path(run_dir) / "adapter-init"
+    method.save(model, folder)
+    remember(folder, model)
+    return AdaptedRef(
+        source=source,
+        method=settings.model_dump(mode="json"),
+        task=task,
+        label_names=tokenized.label_names,
+        adapter_dir=str(folder),
+        trainable_params=trainable,
+        total_params=total,
+        mergeable=method.mergeable,
+    )
+
+
+def load_adapted(adapted: AdaptedRef, folder: str | Path, trainable: bool = False) -> nn.Module:
+    """The adapted model saved in `folder`: the live one if this process has it, else loaded from disk."""
+    live = take(folder)
+    if live is not None:
+        return live
+    method = get_method(adapted.method_name)
+    tokenizer = load_tokenizer(adapted.source)
+    base = load_base_model(adapted.source, adapted.task, tokenizer, adapted.label_names)
+    return method.load(base, Path(folder), trainable)

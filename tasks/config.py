@@ -1,0 +1,267 @@
+"""The run configuration: one pydantic object, validated once at the edge, every problem reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adapters_impl import METHODS
+from tasks.errors import UserInputError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(Section):
+    name_or_path: str = Field("builtin:tiny", description="hub id, local folder, or builtin:tiny")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataSettings(Section):
+    train: str = Field(
+        ..., description="a file (.jsonl .json .csv .tsv .parquet .txt), a folder of them, or a hub id"
+    )
+    eval: str | None = None
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = Field(0, description="seed of the train/eval split, fixed so that runs compare")
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(256, gt=1)
+
+
+class TrainSettings(Section):
+    max_steps: int | None = Field(200, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    save_steps: int = Field(100, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    output_dir: str = Field("runs", description="run folders (checkpoints, adapters, reports) and caches")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainSettings:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        return self
+
+
+class TrackingSettings(Section):
+    uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI, else the embedded SQLite store")
+    experiment: str = "adaptflow"
+
+
+class PromoteSettings(Section):
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    min_delta: float = Field(0.0, ge=0)
+
+
+class RegistrySettings(Section):
+    name: str = Field("adaptflow-model", min_length=1)
+    promote: PromoteSettings = PromoteSettings()
+
+
+# The method section is a union discriminated by `name`, built from the registry of methods.
+MethodConfig = Annotated[
+    Union[tuple(m.settings for m in METHODS.values())],  # type: ignore[valid-type]  # noqa: UP007
+    Field(discriminator="name"),
+]
+
+
+class RunConfig(Section):
+    """Everything one pipeline run needs."""
+
+    model: ModelSettings = ModelSettings()
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    data: DataSettings
+    method: MethodConfig = Field(default_factory=lambda: METHODS["lora"].settings(name="lora"))
+    train: TrainSettings = TrainSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    registry: RegistrySettings = RegistrySettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method_name(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("method"), dict):
+            values = {**values, "method": {"name": "lora", **values["method"]}}
+        return values
+
+    @model_validator(mode="after")
+    def _method_fits_task(self) -> RunConfig:
+        method = METHODS[self.method.name]
+        if self.task not in method.tasks:
+            raise ValueError(
+                f"method.name: '{method.name}' does not support task '{self.task}' "
+                f"(it supports: {', '.join(method.tasks)})"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as dotted keys, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set a.b=VALUE` overrides (VALUE parsed as YAML) to a raw config mapping."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set method.r=16")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            problems.append(f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})")
+            continue
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                parent = ".".join(parts[: i + 1])
+                problems.append(f"--set {key}: '{parent}' is a value, not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise UserInputError.many("invalid --set overrides:", problems)
+    return raw
+
+
+def _describe(error: Any) -> str:
+    loc = [str(p) for p in error["loc"]]
+    # Drop the union tag pydantic adds after "method" (method.lora.r -> method.r).
+    if len(loc) > 1 and loc[0] == "method" and loc[1] in METHODS:
+        loc = [loc[0], *loc[2:]]
+    key = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "union_tag_invalid":
+        got = error.get("ctx", {}).get("tag")
+        return f"method.name: unknown method {got!r}; expected one of: {', '.join(METHODS)}"
+    if kind == "missing":
+        return f"{key}: required"
+    message = error["msg"].removeprefix("Value error, ")
+    if message.startswith(("method.", "train.")):
+        return message
+    shown = error.get("input")
+    got = "" if isinstance(shown, dict) else f" (got {shown!r})"
+    return f"{key}: {message}{got}"
+
+
+def _allowed_keys(problem: str) -> str:
+    """For an unknown key, the keys its section allows."""
+    key = problem.split(":", 1)[0]
+    parts = key.split(".")
+    model: type[BaseModel] = RunConfig
+    for part in parts[:-1]:
+        field = model.model_fields.get(part)
+        if field is None:
+            return problem
+        if part == "method":
+            return problem + " (see `adaptflow methods` for each method's settings)"
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return problem
+        model = annotation
+    return problem + f"; allowed: {', '.join(model.model_fields)}"
+
+
+def validate_config(raw: Any, source: str = "config") -> RunConfig:
+    """Validate a raw mapping; every problem is reported at once, with its dotted key.
+
+    Raises:
+        UserInputError: the config is invalid.
+    """
+    if not isinstance(raw, dict):
+        raise UserInputError(
+            f"{source}: expected a YAML mapping of sections (model, task, data, method, ...)"
+        )
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            problem = _describe(error)
+            if error["type"] == "extra_forbidden":
+                problem = _allowed_keys(problem)
+            problems.append(problem)
+        raise UserInputError.many(f"{source}: invalid configuration", problems) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (safe loading), apply `--set` overrides, resolve relative paths, validate.
+
+    Relative paths (data files, a local model folder) are looked up from the working directory first,
+    then from the config file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{path}: expected a YAML mapping of sections (model, task, data, method, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    config = validate_config(raw, str(path))
+    return resolve_paths(config, path.parent)
+
+
+def _resolve(value: str, base: Path) -> str:
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate.resolve()) if candidate.exists() else value
+    beside_config = base / candidate
+    return str(beside_config.resolve()) if beside_config.exists() else value
+
+
+def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Make existing relative data and model paths absolute, so stages do not depend on the cwd."""
+    data = config.data.model_copy(
+        update={
+            "train": _resolve(config.data.train, base),
+            "eval": _resolve(config.data.eval, base) if config.data.eval else None,
+        }
+    )
+    model = config.model
+    if not model.name_or_path.startswith(BUILTIN_PREFIX):
+        model = model.model_copy(update={"name_or_path": _resolve(model.name_or_path, base)})
+    return config.model_copy(update={"data": data, "model": model})
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (logged with every run)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,22 @@
+"""Errors that end a run with a message for the user instead of a traceback."""
+
+from __future__ import annotations
+
+
+class UserInputError(Exception):
+    """The user's input is wrong (config, data, model path): exit code 2, nothing registered.
+
+    The message names the config key or file and says what is expected.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = problems or [message]
+        super().__init__(message)
+
+    @classmethod
+    def many(cls, header: str, problems: list[str]) -> UserInputError:
+        """One error that reports every problem at once, one per line."""
+        body = "\n".join(f"  - {p}" for p in problems)
+        return cls(f"{header}\n{body}", problems)

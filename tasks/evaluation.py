@@ -1,0 +1,102 @@
+"""Evaluate: token-weighted eval loss and perplexity (causal LM), accuracy and F1 (classification)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import torch
+from datasets import Dataset
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tasks.adapting import load_adapted, remember
+from tasks.modeling import ModelSource, load_base_model, load_tokenizer
+from tasks.tokenization import IGNORE_INDEX, TokenizedRef, make_collator
+from tasks.tracking import RunRef, log_metrics
+from tasks.training import TrainedRef
+
+EVAL_BATCH_SIZE = 16
+
+
+def _batches(dataset: Dataset, collator: Any, batch_size: int, device: torch.device) -> Any:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)  # type: ignore[arg-type]
+    for batch in loader:
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def causal_lm_nll(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int) -> tuple[float, int]:
+    """Total negative log-likelihood and the number of scored tokens; padding (label -100) is excluded.
+
+    Summing over tokens, not averaging per batch, weights every real token the same.
+    """
+    model.eval()
+    total, count = 0.0, 0
+    for batch in _batches(dataset, collator, batch_size, model_device(model)):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        logits = logits[:, -labels.shape[1] :]  # methods that prepend virtual tokens lengthen the logits
+        shifted, targets = logits[:, :-1], labels[:, 1:]
+        loss = nn.functional.cross_entropy(
+            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += float(loss)
+        count += int((targets != IGNORE_INDEX).sum())
+    return total, count
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int) -> tuple[list[int], list[int]]:
+    """(predicted, true) label ids over the dataset."""
+    model.eval()
+    predicted: list[int] = []
+    truth: list[int] = []
+    for batch in _batches(dataset, collator, batch_size, model_device(model)):
+        labels = batch.pop("labels")
+        predicted += model(**batch).logits.argmax(-1).tolist()
+        truth += labels.tolist()
+    return predicted, truth
+
+
+def causal_lm_metrics(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int, prefix: str) -> dict[str, float]:
+    nll, tokens = causal_lm_nll(model, dataset, collator, batch_size)
+    loss = nll / max(tokens, 1)
+    return {f"{prefix}eval_loss": loss, f"{prefix}eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def evaluate_model(trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
+    """The tuned model's eval metrics, logged to the run."""
+    adapted = trained.adapted
+    model = load_adapted(adapted, trained.adapter_dir)
+    remember(trained.adapter_dir, model)  # merge comes next and may reuse it
+    collator = make_collator(load_tokenizer(adapted.source), tokenized.task)
+    _, eval_split = tokenized.splits()
+    if tokenized.task == "causal_lm":
+        metrics = causal_lm_metrics(model, eval_split, collator, batch_size, prefix="")
+    else:
+        predicted, truth = predict_labels(model, eval_split, collator, batch_size)
+        metrics = {
+            "eval_accuracy": float(accuracy_score(truth, predicted)),
+            "eval_f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        }
+    log_metrics(run, metrics)
+    return metrics
+
+
+def evaluate_base(source: ModelSource, tokenized: TokenizedRef, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
+    """The baseline on the same eval set: the untouched base model (causal LM) or the majority class."""
+    train_split, eval_split = tokenized.splits()
+    if tokenized.task == "classification":
+        majority = Counter(train_split["labels"]).most_common(1)[0][0]
+        truth = eval_split["labels"]
+        return {"base_eval_accuracy": float(accuracy_score(truth, [majority] * len(truth)))}
+    tokenizer = load_tokenizer(source)
+    model = load_base_model(source, "causal_lm", tokenizer)
+    return causal_lm_metrics(model, eval_split, make_collator(tokenizer, "causal_lm"), batch_size, prefix="base_")

@@ -1,0 +1,185 @@
+"""Load: the training and eval data from local files or the hub, with a content fingerprint for lineage."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, load_dataset, load_from_disk
+from pydantic import BaseModel
+
+from tasks.config import DataSettings
+from tasks.errors import UserInputError
+
+# file suffix -> (datasets builder, builder options)
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".csv": ("csv", {}),
+    # Raw TSV (SMS corpora and the like) contains stray quotes: read it without quote handling.
+    ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE}),
+    ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),
+}
+
+
+class DataRef(BaseModel):
+    """A reference to loaded data: train/eval splits saved as Arrow folders, plus their lineage."""
+
+    train_dir: str
+    eval_dir: str
+    fingerprint: str
+    text_column: str
+    label_column: str | None
+    train_rows: int
+    eval_rows: int
+    source: str
+
+    def splits(self) -> tuple[Dataset, Dataset]:
+        return load_from_disk(self.train_dir), load_from_disk(self.eval_dir)
+
+
+def publish(folder: Path, write: Callable[[Path], object]) -> None:
+    """Write into a private staging folder, then rename it into place: readers never see half a folder."""
+    staging = folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        staging.rename(folder)
+    except OSError:
+        if not folder.exists():  # someone else publishing the same content first is fine
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _files(path: Path, key: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in FORMATS and p.is_file())
+        if not files:
+            raise UserInputError(f"{key}: folder {path} holds no data files ({' '.join(FORMATS)})")
+        if len({p.suffix for p in files}) > 1:
+            raise UserInputError(f"{key}: folder {path} mixes file formats; keep one format per folder")
+        return files
+    if path.suffix not in FORMATS:
+        raise UserInputError(f"{key}: {path} has an unsupported format; expected one of {' '.join(FORMATS)}")
+    return [path]
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).suffix in FORMATS or value.count("/") != 1
+
+
+def read_table(value: str, key: str) -> tuple[Dataset, str]:
+    """A file, a folder of files, or a hub dataset id as one Dataset, with a fingerprint of its content.
+
+    Raises:
+        UserInputError: the file is missing, unreadable or of an unknown format.
+    """
+    path = Path(value).expanduser()
+    if path.exists():
+        files = _files(path, key)
+        builder, options = FORMATS[files[0].suffix]
+        digest = hashlib.sha256()
+        for file in files:
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        try:
+            table = load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+        except Exception as exc:  # the builders raise many kinds of parse errors
+            raise UserInputError(f"{key}: cannot read {path} as {files[0].suffix}: {exc}") from None
+        return table, digest.hexdigest()
+    if _looks_like_path(value):
+        raise UserInputError(f"{key}: file not found: {value}")
+    try:
+        table = load_dataset(value, split="train")
+    except Exception as exc:
+        raise UserInputError(
+            f"{key}: {value!r} is not a local file and could not be loaded from the hub "
+            f"({exc.__class__.__name__}: {str(exc)[:200]})"
+        ) from None
+    return table, hashlib.sha256(f"{value}:{table._fingerprint}".encode()).hexdigest()
+
+
+def _check_columns(
+    table: Dataset, settings: DataSettings, classification: bool, key: str, value: str
+) -> None:
+    columns = table.column_names
+    wanted = [("data.text_column", settings.text_column)]
+    if classification:
+        wanted.append(("data.label_column", settings.label_column))
+    for column_key, column in wanted:
+        if column not in columns:
+            raise UserInputError(
+                f"{column_key}: column {column!r} not found in {key} ({value}); its columns are: {', '.join(columns)}"
+            )
+
+
+def _clean(table: Dataset, text_column: str, label_column: str | None) -> Dataset:
+    keep = [text_column] + ([label_column] if label_column else [])
+    table = table.select_columns(keep)
+
+    def usable(row: dict[str, Any]) -> bool:
+        text = row[text_column]
+        ok = isinstance(text, str) and text.strip() != ""
+        return ok and (label_column is None or row[label_column] is not None)
+
+    return table.filter(usable)
+
+
+def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
+    """Read train (and eval) data, split off eval when no eval file is given, and save both splits.
+
+    The splits land in `cache_dir/<fingerprint>`, so the same data and split settings give the same folder.
+
+    Raises:
+        UserInputError: a file or column is missing, or a split is empty.
+    """
+    classification = task == "classification"
+    label_column = settings.label_column if classification else None
+    train, train_digest = read_table(settings.train, "data.train")
+    _check_columns(train, settings, classification, "data.train", settings.train)
+    train = _clean(train, settings.text_column, label_column)
+    digests = {"train": train_digest}
+    if settings.eval:
+        eval_, digests["eval"] = read_table(settings.eval, "data.eval")
+        _check_columns(eval_, settings, classification, "data.eval", settings.eval)
+        eval_ = _clean(eval_, settings.text_column, label_column)
+    else:
+        if len(train) < 2:
+            raise UserInputError(
+                f"data.train: {settings.train} has {len(train)} usable rows; need at least 2"
+            )
+        split = train.train_test_split(test_size=settings.eval_fraction, seed=settings.split_seed)
+        train, eval_ = split["train"], split["test"]
+        digests["split"] = f"{settings.eval_fraction}:{settings.split_seed}"
+    for name, table, key in (("train", train, "data.train"), ("eval", eval_, "data.eval")):
+        if len(table) == 0:
+            raise UserInputError(f"{key}: the {name} split has no usable rows (empty text is dropped)")
+    fingerprint = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir / f"{fingerprint}-{settings.text_column}-{label_column or ''}"
+    if not folder.exists():
+        publish(
+            folder,
+            lambda staging: (
+                train.save_to_disk(str(staging / "train")),
+                eval_.save_to_disk(str(staging / "eval")),
+            ),
+        )
+    return DataRef(
+        train_dir=str(folder / "train"),
+        eval_dir=str(folder / "eval"),
+        fingerprint=fingerprint,
+        text_column=settings.text_column,
+        label_column=label_column,
+        train_rows=len(train),
+        eval_rows=len(eval_),
+        source=settings.train,
+    )

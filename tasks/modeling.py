@@ -1,0 +1,194 @@
+"""Model sources: resolving `name_or_path` (building `builtin:tiny` offline), loading tokenizer and model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from tasks.config import BUILTIN_PREFIX, ModelSettings
+from tasks.errors import UserInputError
+from tasks.load import publish
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+TINY_VERSION = "tiny-v1"
+
+
+class ModelSource(BaseModel):
+    """Where the base model comes from, resolved: a local folder or a hub id, plus how to load it."""
+
+    name_or_path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    display_name: str
+    tokenizer_fingerprint: str
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
+
+def cache_home() -> Path:
+    """Where adaptflow keeps what it builds once (the builtin model): ADAPTFLOW_CACHE or ~/.cache/adaptflow."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptflow"
+    return Path(os.environ.get("ADAPTFLOW_CACHE", default))
+
+
+def build_tiny_model(folder: Path) -> None:
+    """A tiny Llama and a byte-level BPE tokenizer trained on the bundled sample text, saved HF-style.
+
+    Deterministic (seeded), offline, about a second on a CPU; loaded later like any local model.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [
+        json.loads(line)["text"] for line in (BUILTIN_DIR / "sample_stories.jsonl").read_text().splitlines()
+    ]
+    texts += [
+        json.loads(line)["text"] for line in (BUILTIN_DIR / "sample_reviews.jsonl").read_text().splitlines()
+    ]
+    special = ["<unk>", "<s>", "</s>", "<pad>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder))
+    fast.save_pretrained(str(folder))
+
+
+def builtin_model_path(name: str) -> Path:
+    """The folder of a builtin model, built on first use."""
+    if name != "tiny":
+        raise UserInputError(
+            f"model.name_or_path: unknown builtin model 'builtin:{name}'; available: builtin:tiny"
+        )
+    folder = cache_home() / "models" / TINY_VERSION
+    if not (folder / "config.json").exists():
+        publish(folder, build_tiny_model)
+    return folder
+
+
+def _tokenizer_fingerprint(name_or_path: str, revision: str | None) -> str:
+    folder = Path(name_or_path)
+    digest = hashlib.sha256(f"{revision}".encode())
+    if folder.is_dir():
+        for file in sorted(folder.glob("*token*")) + sorted(folder.glob("*.model")):
+            digest.update(file.name.encode() + file.read_bytes())
+    else:
+        digest.update(name_or_path.encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_model(settings: ModelSettings) -> ModelSource:
+    """Turn `model.*` into a loadable source, checking early that it exists and is a model.
+
+    Raises:
+        UserInputError: the path does not exist, holds no model, or the hub id cannot be reached.
+    """
+    value = settings.name_or_path
+    if value.startswith(BUILTIN_PREFIX):
+        path = str(builtin_model_path(value.removeprefix(BUILTIN_PREFIX)))
+    else:
+        path = value
+        local = Path(value).expanduser()
+        if not local.exists() and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+            raise UserInputError(f"model.name_or_path: folder not found: {value}")
+        if local.exists() and not (local / "config.json").exists():
+            raise UserInputError(
+                f"model.name_or_path: {value} has no config.json; expected a Hugging Face model folder"
+            )
+        try:
+            AutoConfig.from_pretrained(
+                path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            where = "local folder" if value.startswith((".", "/", "~")) else "local folder or hub id"
+            raise UserInputError(
+                f"model.name_or_path: {value!r} is not a loadable {where} ({str(exc).splitlines()[0][:200]})"
+            ) from None
+    return ModelSource(
+        name_or_path=path,
+        revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+        display_name=value,
+        tokenizer_fingerprint=_tokenizer_fingerprint(path, settings.revision),
+    )
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token (eos, else unk) when the model has none; right padding."""
+    tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def training_dtype(precision: str = "auto") -> torch.dtype:
+    """fp32 on CPU: autocast there, without native bf16, is hundreds of times slower."""
+    if precision == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_base_model(
+    source: ModelSource,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str] | None = None,
+    **extra: Any,
+) -> nn.Module:
+    """The base model for the task, in fp32 unless `extra` says otherwise (e.g. a quantization config)."""
+    kwargs: dict[str, Any] = {"dtype": torch.float32, **source.kwargs(), **extra}
+    if task == "classification":
+        assert label_names, "classification needs label names"
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.name_or_path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            **kwargs,
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model

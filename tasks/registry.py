@@ -1,0 +1,120 @@
+"""Register: log the run's artifacts and a loadable pyfunc model, then create the registry version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from tasks.config import RunConfig, dump_config
+from tasks.load import DataRef
+from tasks.merging import MergedRef
+from tasks.tracking import RunRef, client_for, git_commit, use_tracking
+from tasks.training import TrainedRef
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+SERVING_PACKAGES = ["torch", "transformers", "tokenizers", "peft", "safetensors", "sentencepiece", "mlflow"]
+
+
+class RegisteredRef(BaseModel):
+    """A model version in the registry."""
+
+    name: str
+    version: str
+    model_uri: str
+    run_id: str
+
+
+def serving_requirements() -> list[str]:
+    """What a registered model needs to load, pinned to what trained it."""
+    pins = []
+    for package in SERVING_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def package_model(trained: TrainedRef, merged: MergedRef, folder: Path, generation: dict[str, Any]) -> Path:
+    """A self-describing folder the pyfunc loads: merged weights, or base weights plus the adapter."""
+    adapted = trained.adapted
+    shutil.rmtree(folder, ignore_errors=True)
+    info: dict[str, Any] = {
+        "task": adapted.task,
+        "method": adapted.method_name,
+        "label_names": adapted.label_names,
+        "generation": generation,
+    }
+    if merged.merged_dir:
+        shutil.copytree(merged.merged_dir, folder / "model")
+        info |= {"weights": "model", "tokenizer": "model", "adapter": None}
+    else:
+        shutil.copytree(adapted.source.name_or_path, folder / "base")
+        shutil.copytree(trained.adapter_dir, folder / "adapter")
+        info |= {"weights": "base", "tokenizer": "base", "adapter": "adapter"}
+    (folder / "adaptflow.json").write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def version_tags(config: RunConfig, data: DataRef, run: RunRef, metrics: dict[str, float]) -> dict[str, str]:
+    """Lineage and results carried by the run and by the registry version."""
+    from tasks.tracking import prefect_flow_run_id
+
+    tags = {
+        "base_model": config.model.name_or_path,
+        "method": config.method.name,
+        "task": config.task,
+        "data_fingerprint": data.fingerprint,
+        "git_commit": git_commit(),
+        "prefect_flow_run_id": prefect_flow_run_id(),
+        "run_id": run.run_id,
+    }
+    tags |= {f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}
+    return tags
+
+
+def register_model(
+    config: RunConfig,
+    data: DataRef,
+    run: RunRef,
+    trained: TrainedRef,
+    merged: MergedRef,
+    metrics: dict[str, float],
+) -> RegisteredRef:
+    """Log artifacts first, then create the version: the registry never points at missing files."""
+    import mlflow
+
+    use_tracking(config.tracking)
+    run_dir = Path(run.run_dir)
+    reports = run_dir / "reports"
+    reports.mkdir(exist_ok=True)
+    (reports / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (reports / "loss_history.json").write_text(json.dumps(trained.loss_history))
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40})
+    client = client_for(run)
+    tags = version_tags(config, data, run, metrics)
+    client.set_tag(run.run_id, "adaptflow.data_fingerprint", data.fingerprint)
+    with mlflow.start_run(run_id=run.run_id):
+        mlflow.log_artifacts(trained.adapter_dir, "adapter")
+        mlflow.log_artifact(str(run_dir / "config.yaml"))
+        mlflow.log_artifacts(str(reports), "reports")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_FILE),
+            artifacts={"model": str(package)},
+            pip_requirements=serving_requirements(),
+        )
+    # Registered only now, after every artifact is stored.
+    registered = mlflow.register_model(info.model_uri, config.registry.name, tags=tags)
+    return RegisteredRef(
+        name=config.registry.name,
+        version=str(registered.version),
+        model_uri=f"models:/{config.registry.name}/{registered.version}",
+        run_id=run.run_id,
+    )

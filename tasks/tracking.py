@@ -1,0 +1,191 @@
+"""MLflow tracking: where the store is, one run per pipeline run, metrics streamed while training."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+from transformers import TrainerCallback
+
+from tasks.config import RunConfig, TrackingSettings
+
+log = logging.getLogger("adaptflow")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SECRET_MARKERS = ("token", "password", "secret", "api_key")
+
+
+def embedded_store() -> Path:
+    """The embedded store's folder: ADAPTFLOW_MLFLOW_DIR, else the project's git-ignored `mlflow/`."""
+    return Path(os.environ.get("ADAPTFLOW_MLFLOW_DIR", PROJECT_ROOT / "mlflow")).resolve()
+
+
+def tracking_uri(settings: TrackingSettings) -> str:
+    """`tracking.uri`, else MLFLOW_TRACKING_URI, else SQLite in the embedded store."""
+    if settings.uri:
+        return settings.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = embedded_store()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def use_tracking(settings: TrackingSettings) -> MlflowClient:
+    """Point this process's MLflow at the configured store (registry included) and return a client."""
+    import mlflow
+
+    uri = tracking_uri(settings)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created on first use (with its artifacts beside the embedded store)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (embedded_store() / "artifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by a concurrent run
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def git_commit() -> str:
+    """The project's git commit, or 'unknown' outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prefect_flow_run_id() -> str:
+    """The id of the Prefect flow run we are in, or '' outside one."""
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id or "")
+    except Exception:
+        return ""
+
+
+def public_params(config: RunConfig) -> dict[str, str]:
+    """The resolved config as MLflow params; nothing that looks like a secret."""
+    params = {}
+    for key, value in config.flat().items():
+        if any(marker in key.lower() for marker in SECRET_MARKERS):
+            continue
+        params[key] = str(value)[:6000]
+    return params
+
+
+class RunRef(BaseModel):
+    """A pipeline run: its MLflow run and its local folder."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    run_dir: str
+
+
+def start_run(config: RunConfig, run_name: str | None = None, parent_run_id: str | None = None) -> RunRef:
+    """Create the MLflow run (params = the resolved config, lineage tags) and the run's folder."""
+    client = use_tracking(config.tracking)
+    exp = experiment_id(client, config.tracking.experiment)
+    tags = {
+        "adaptflow.base_model": config.model.name_or_path,
+        "adaptflow.method": config.method.name,
+        "adaptflow.task": config.task,
+        "adaptflow.git_commit": git_commit(),
+        "adaptflow.prefect_flow_run_id": prefect_flow_run_id(),
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp, tags=tags, run_name=run_name or f"{config.method.name}-{config.task}")
+    run_id = run.info.run_id
+    params = public_params(config)
+    items = list(params.items())
+    from mlflow.entities import Param
+
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+    run_dir = Path(config.train.output_dir).resolve() / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunRef(run_id=run_id, experiment_id=exp, tracking_uri=client.tracking_uri, run_dir=str(run_dir))
+
+
+def client_for(run: RunRef) -> MlflowClient:
+    return MlflowClient(run.tracking_uri, run.tracking_uri)
+
+
+def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
+    """Log finite numeric metrics in one batch."""
+    import time
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    ]
+    if batch:
+        client_for(run).log_batch(run.run_id, metrics=batch)
+
+
+def end_run(run: RunRef, status: str) -> None:
+    """Mark the MLflow run FINISHED or FAILED."""
+    client_for(run).set_terminated(run.run_id, status=status)
+
+
+class MlflowStreamCallback(TrainerCallback):
+    """Streams the Trainer's logs (loss, learning rate, grad norm) to the run as they happen.
+
+    Our own callback rather than transformers' MLflowCallback: that one opens its own run from env vars,
+    while stages here log to an explicit run id (they may run in other threads or processes).
+    A failed log call is kept and retried at the next log instead of stopping training.
+    """
+
+    def __init__(self, run: RunRef, prefix: str = "train_") -> None:
+        self.run = run
+        self.prefix = prefix
+        self.pending: list[Metric] = []
+        self.failures = 0
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        for key, value in (logs or {}).items():
+            if isinstance(value, int | float) and math.isfinite(float(value)):
+                name = key if key.startswith(("train_", "eval_")) else f"{self.prefix}{key}"
+                self.pending.append(Metric(name, float(value), now, state.global_step))
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        try:
+            client_for(self.run).log_batch(self.run.run_id, metrics=self.pending[:1000])
+            del self.pending[:1000]
+        except Exception as exc:  # tracking hiccups must not kill training
+            self.failures += 1
+            log.warning("could not log metrics to MLflow (%s); will retry", exc.__class__.__name__)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.flush()

@@ -1,0 +1,140 @@
+"""Train: the HF Trainer on the adapted model, seeded, checkpointed, streaming metrics to MLflow."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from adapters_impl import get_method
+from tasks.adapting import AdaptedRef, load_adapted, remember
+from tasks.config import TrainSettings
+from tasks.modeling import load_tokenizer, training_dtype
+from tasks.tokenization import TokenizedRef, make_collator
+from tasks.tracking import MlflowStreamCallback, RunRef, log_metrics
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainedRef(BaseModel):
+    """The trained adapter (or model) on disk and what training measured."""
+
+    adapted: AdaptedRef
+    adapter_dir: str
+    steps: int
+    train_loss: float
+    train_seconds: float
+    train_tokens_per_second: float
+    peak_memory_mb: float
+    loss_history: list[tuple[int, float]]
+
+
+class _StopOnNonFinite(TrainerCallback):
+    def __init__(self) -> None:
+        self.bad_step: int | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.bad_step = state.global_step
+            control.should_training_stop = True
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory on CUDA; else the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> TrainingArguments:
+    """TrainingArguments for our settings; fp32 on CPU (see training_dtype)."""
+    dtype = training_dtype(settings.precision)
+    max_steps = settings.max_steps or -1
+    warmup = int(settings.warmup_ratio * settings.max_steps) if settings.max_steps else 0
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=max_steps,
+        num_train_epochs=settings.epochs or 1.0,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=warmup,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSettings, run: RunRef) -> TrainedRef:
+    """Train, save the result to `<run_dir>/adapter`, log loss/lr as they happen.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite (the run stops with that message).
+    """
+    model = load_adapted(adapted, adapted.adapter_dir, trainable=True)
+    tokenizer = load_tokenizer(adapted.source)
+    train_split, _ = tokenized.splits()
+    stream = MlflowStreamCallback(run)
+    guard = _StopOnNonFinite()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(settings, Path(run.run_dir) / "checkpoints"),
+        train_dataset=train_split,
+        data_collator=make_collator(tokenizer, tokenized.task),
+        callbacks=[stream, guard],
+    )
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    if guard.bad_step is not None:
+        raise TrainingDiverged(
+            f"training diverged: the loss became NaN or infinite at step {guard.bad_step}; "
+            "lower train.learning_rate or check the data"
+        )
+    folder = Path(run.run_dir) / "adapter"
+    get_method(adapted.method_name).save(model, folder)
+    remember(folder, model)
+    tokens = trainer.state.num_input_tokens_seen or 0
+    history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    trained = TrainedRef(
+        adapted=adapted,
+        adapter_dir=str(folder),
+        steps=trainer.state.global_step,
+        train_loss=float(output.training_loss),
+        train_seconds=seconds,
+        train_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        peak_memory_mb=peak_memory_mb(),
+        loss_history=history,
+    )
+    log_metrics(
+        run,
+        {
+            "train_seconds": trained.train_seconds,
+            "train_tokens_per_second": trained.train_tokens_per_second,
+            "peak_memory_mb": trained.peak_memory_mb,
+            "trainable_params": adapted.trainable_params,
+            "total_params": adapted.total_params,
+        },
+    )
+    return trained
