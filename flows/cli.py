@@ -26,9 +26,11 @@ def _emit(result: dict[str, Any], args: argparse.Namespace, human: Callable[[dic
 
 def _run_config(config_path: str, overrides: list[str]) -> dict[str, Any]:
     from flows.finetune import FLOWS
+    from flows.pipeline import preflight
     from tasks.config import load_config
 
     config = load_config(config_path, overrides)
+    preflight(config)
     flow = FLOWS[config.method.name]
     return flow(config).model_dump()
 
@@ -48,8 +50,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from tasks.tracking import tracking_uri
     from tasks.config import TrackingSettings
+    from tasks.tracking import tracking_uri
 
     print("adaptflow demo: LoRA on builtin:tiny with the bundled sample stories (embedded Prefect and MLflow)")
     result = _run_config(str(DEMO_CONFIG), args.set)
@@ -57,7 +59,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     uri = tracking_uri(TrackingSettings())
     name = result["model_name"]
     champion = result["model_version"] if "champion" in result["aliases"] else "unchanged"
-    print(f"\nchampion: {name}@champion = version {champion if champion != 'unchanged' else '(kept; this run is @challenger)'}")
+    print(
+        f"\nchampion: {name}@champion = version {champion if champion != 'unchanged' else '(kept; this run is @challenger)'}"
+    )
     print("next:")
     print(f"  adaptflow predict models:/{name}@champion --text 'Once upon a time'")
     print(f"  mlflow ui --backend-store-uri {uri}        # runs, metrics, artifacts, registry")
@@ -106,8 +110,13 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
             default = info.get_default(call_default_factory=True)
             settings.append({"key": f"method.{field}", "default": default, "help": info.description or ""})
         listing.append(
-            {"name": method.name, "summary": method.summary, "tasks": list(method.tasks),
-             "mergeable": method.mergeable, "settings": settings}
+            {
+                "name": method.name,
+                "summary": method.summary,
+                "tasks": list(method.tasks),
+                "mergeable": method.mergeable,
+                "settings": settings,
+            }
         )
 
     def human(result: dict[str, Any]) -> None:
@@ -129,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
         return p
 
-    overrides = {"action": "append", "default": [], "metavar": "KEY=VALUE", "help": "override a config key (YAML value)"}
+    overrides = {
+        "action": "append",
+        "default": [],
+        "metavar": "KEY=VALUE",
+        "help": "override a config key (YAML value)",
+    }
     run = add("run", cmd_run, "one pipeline run of the configured method")
     run.add_argument("config", help="YAML config file")
     run.add_argument("--set", **overrides)  # type: ignore[arg-type]

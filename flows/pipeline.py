@@ -45,6 +45,21 @@ def tracked_run(config: RunConfig) -> Iterator[RunRef]:
     stages.end_run(run, "FINISHED")
 
 
+def preflight(config: RunConfig) -> None:
+    """Cheap checks before any service starts: the data files and the model folder exist.
+
+    Raises:
+        UserInputError: naming the key and the missing file.
+    """
+    from tasks.load import check_source
+    from tasks.modeling import resolve_model
+
+    check_source(config.data.train, "data.train")
+    if config.data.eval:
+        check_source(config.data.eval, "data.eval")
+    resolve_model(config.model)
+
+
 def finetune(config: RunConfig) -> RunResult:
     """Run the pipeline for one configured method; the method flows are thin, typed entries into this."""
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"

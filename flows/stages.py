@@ -39,12 +39,10 @@ def _model_fingerprint(source: modeling.ModelSource) -> str:
 
 
 def _tokenized_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Tokenization is keyed on data fingerprint + tokenizer files + settings (and its folder still existing)."""
+    """Tokenization is keyed on data fingerprint + tokenizer files + settings."""
     key = tokenization.tokenize_key(
         parameters["data"], parameters["source"], parameters["task"], parameters["max_length"]
     )
-    if not (Path(parameters["cache_dir"]) / key).exists():
-        key += f"-rebuild-{context.task_run.id}"
     return f"tokenize-{key}"
 
 
@@ -55,19 +53,36 @@ def _base_eval_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 resolve_model = task(modeling.resolve_model, name="resolve-model", cache_policy=NO_CACHE)
 start_run = task(
-    tracking.start_run, name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3,
+    tracking.start_run,
+    name="start-run",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=3,
     retry_condition_fn=is_transient,
 )
 load_data = task(load.load_data, name="load", cache_policy=NO_CACHE)
-tokenize_dataset = task(
+_tokenize = task(
     tokenization.tokenize_dataset,
     name="tokenize",
     cache_key_fn=_tokenized_key,
     persist_result=True,
     result_serializer="json",
 )
+
+
+def tokenize_dataset(
+    data: load.DataRef, source: modeling.ModelSource, task: str, max_length: int, cache_dir: Path
+) -> tokenization.TokenizedRef:
+    """Cached tokenization; recomputed (cache refreshed) only if its output folder was deleted."""
+    folder = cache_dir / tokenization.tokenize_key(data, source, task, max_length)
+    return _tokenize.with_options(refresh_cache=not folder.exists())(data, source, task, max_length, cache_dir)
+
+
 evaluate_base = task(
-    evaluation.evaluate_base, name="evaluate-base", cache_key_fn=_base_eval_key, persist_result=True,
+    evaluation.evaluate_base,
+    name="evaluate-base",
+    cache_key_fn=_base_eval_key,
+    persist_result=True,
     result_serializer="json",
 )
 apply_method = task(adapting.apply_method, name="apply-method", cache_policy=NO_CACHE)
@@ -76,7 +91,11 @@ train_model = task(training.train_model, name="train", cache_policy=NO_CACHE)
 evaluate_model = task(evaluation.evaluate_model, name="evaluate", cache_policy=NO_CACHE)
 merge_model = task(merging.merge_model, name="merge", cache_policy=NO_CACHE)
 register_model = task(
-    registry.register_model, name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+    registry.register_model,
+    name="register",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
     retry_condition_fn=is_transient,
 )
 

@@ -25,9 +25,7 @@ class ModelSettings(Section):
 
 
 class DataSettings(Section):
-    train: str = Field(
-        ..., description="a file (.jsonl .json .csv .tsv .parquet .txt), a folder of them, or a hub id"
-    )
+    train: str = Field(..., description="a file (.jsonl .json .csv .tsv .parquet .txt), a folder of them, or a hub id")
     eval: str | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = Field(0, description="seed of the train/eval split, fixed so that runs compare")
@@ -205,9 +203,7 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
         UserInputError: the config is invalid.
     """
     if not isinstance(raw, dict):
-        raise UserInputError(
-            f"{source}: expected a YAML mapping of sections (model, task, data, method, ...)"
-        )
+        raise UserInputError(f"{source}: expected a YAML mapping of sections (model, task, data, method, ...)")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

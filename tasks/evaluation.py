@@ -45,7 +45,10 @@ def causal_lm_nll(model: nn.Module, dataset: Dataset, collator: Any, batch_size:
         logits = logits[:, -labels.shape[1] :]  # methods that prepend virtual tokens lengthen the logits
         shifted, targets = logits[:, :-1], labels[:, 1:]
         loss = nn.functional.cross_entropy(
-            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            shifted.reshape(-1, shifted.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         total += float(loss)
         count += int((targets != IGNORE_INDEX).sum())
@@ -65,13 +68,17 @@ def predict_labels(model: nn.Module, dataset: Dataset, collator: Any, batch_size
     return predicted, truth
 
 
-def causal_lm_metrics(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int, prefix: str) -> dict[str, float]:
+def causal_lm_metrics(
+    model: nn.Module, dataset: Dataset, collator: Any, batch_size: int, prefix: str
+) -> dict[str, float]:
     nll, tokens = causal_lm_nll(model, dataset, collator, batch_size)
     loss = nll / max(tokens, 1)
     return {f"{prefix}eval_loss": loss, f"{prefix}eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def evaluate_model(trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
+def evaluate_model(
+    trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int = EVAL_BATCH_SIZE
+) -> dict[str, float]:
     """The tuned model's eval metrics, logged to the run."""
     adapted = trained.adapted
     model = load_adapted(adapted, trained.adapter_dir)

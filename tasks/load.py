@@ -76,6 +76,15 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).suffix in FORMATS or value.count("/") != 1
 
 
+def check_source(value: str, key: str) -> None:
+    """Fail early when a local data path is missing or of an unknown format (hub ids are checked on load)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        _files(path, key)
+    elif _looks_like_path(value):
+        raise UserInputError(f"{key}: file not found: {value}")
+
+
 def read_table(value: str, key: str) -> tuple[Dataset, str]:
     """A file, a folder of files, or a hub dataset id as one Dataset, with a fingerprint of its content.
 
@@ -108,9 +117,7 @@ def read_table(value: str, key: str) -> tuple[Dataset, str]:
     return table, hashlib.sha256(f"{value}:{table._fingerprint}".encode()).hexdigest()
 
 
-def _check_columns(
-    table: Dataset, settings: DataSettings, classification: bool, key: str, value: str
-) -> None:
+def _check_columns(table: Dataset, settings: DataSettings, classification: bool, key: str, value: str) -> None:
     columns = table.column_names
     wanted = [("data.text_column", settings.text_column)]
     if classification:
@@ -154,9 +161,7 @@ def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
         eval_ = _clean(eval_, settings.text_column, label_column)
     else:
         if len(train) < 2:
-            raise UserInputError(
-                f"data.train: {settings.train} has {len(train)} usable rows; need at least 2"
-            )
+            raise UserInputError(f"data.train: {settings.train} has {len(train)} usable rows; need at least 2")
         split = train.train_test_split(test_size=settings.eval_fraction, seed=settings.split_seed)
         train, eval_ = split["train"], split["test"]
         digests["split"] = f"{settings.eval_fraction}:{settings.split_seed}"

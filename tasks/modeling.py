@@ -56,12 +56,8 @@ def build_tiny_model(folder: Path) -> None:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    texts = [
-        json.loads(line)["text"] for line in (BUILTIN_DIR / "sample_stories.jsonl").read_text().splitlines()
-    ]
-    texts += [
-        json.loads(line)["text"] for line in (BUILTIN_DIR / "sample_reviews.jsonl").read_text().splitlines()
-    ]
+    texts = [json.loads(line)["text"] for line in (BUILTIN_DIR / "sample_stories.jsonl").read_text().splitlines()]
+    texts += [json.loads(line)["text"] for line in (BUILTIN_DIR / "sample_reviews.jsonl").read_text().splitlines()]
     special = ["<unk>", "<s>", "</s>", "<pad>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -95,9 +91,7 @@ def build_tiny_model(folder: Path) -> None:
 def builtin_model_path(name: str) -> Path:
     """The folder of a builtin model, built on first use."""
     if name != "tiny":
-        raise UserInputError(
-            f"model.name_or_path: unknown builtin model 'builtin:{name}'; available: builtin:tiny"
-        )
+        raise UserInputError(f"model.name_or_path: unknown builtin model 'builtin:{name}'; available: builtin:tiny")
     folder = cache_home() / "models" / TINY_VERSION
     if not (folder / "config.json").exists():
         publish(folder, build_tiny_model)
@@ -134,9 +128,7 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
                 f"model.name_or_path: {value} has no config.json; expected a Hugging Face model folder"
             )
         try:
-            AutoConfig.from_pretrained(
-                path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
-            )
+            AutoConfig.from_pretrained(path, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         except (OSError, ValueError) as exc:
             where = "local folder" if value.startswith((".", "/", "~")) else "local folder or hub id"
             raise UserInputError(

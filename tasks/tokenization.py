@@ -62,10 +62,7 @@ def _causal(tokenizer: PreTrainedTokenizerBase, text_column: str, max_length: in
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         # Room for an eos token, so the model learns where a text ends.
         encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length - 1)
-        ids = [
-            seq + [eos] if eos is not None and (not seq or seq[-1] != eos) else seq
-            for seq in encoded["input_ids"]
-        ]
+        ids = [[*seq, eos] if eos is not None and (not seq or seq[-1] != eos) else seq for seq in encoded["input_ids"]]
         return {
             "input_ids": ids,
             "attention_mask": [[1] * len(s) for s in ids],
@@ -91,9 +88,7 @@ def _long_enough(row: dict[str, Any], minimum: int) -> bool:
     return len(row["input_ids"]) >= minimum
 
 
-def tokenize_dataset(
-    data: DataRef, source: ModelSource, task: str, max_length: int, cache_dir: Path
-) -> TokenizedRef:
+def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: int, cache_dir: Path) -> TokenizedRef:
     """Tokenize both splits into `cache_dir/<key>`; padding happens per batch in the collator."""
     tokenizer = load_tokenizer(source)
     train, eval_ = data.splits()
@@ -110,9 +105,7 @@ def tokenize_dataset(
         # A causal text needs two tokens to predict anything.
         out = out.filter(_long_enough, fn_kwargs={"minimum": 2 if task == "causal_lm" else 1})
         if len(out) == 0:
-            raise UserInputError(
-                f"data.{split}: no text left after tokenization (data.max_length={max_length})"
-            )
+            raise UserInputError(f"data.{split}: no text left after tokenization (data.max_length={max_length})")
         encoded[split] = out
     if not folder.exists():
         publish(folder, lambda staging: [encoded[s].save_to_disk(str(staging / s)) for s in encoded])

@@ -34,9 +34,7 @@ def story(rng: random.Random) -> str:
 def review(rng: random.Random, positive: bool) -> str:
     word = rng.choice(GOOD if positive else BAD)
     thing = rng.choice(THINGS)
-    tail = rng.choice(
-        ["I would do it again.", "Everyone smiled."] if positive else ["Never again.", "What a waste."]
-    )
+    tail = rng.choice(["I would do it again.", "Everyone smiled."] if positive else ["Never again.", "What a waste."])
     return f"The {thing} was {word}. {tail}"
 
 

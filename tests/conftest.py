@@ -1,0 +1,67 @@
+"""Test isolation: every test gets its own MLflow store; Prefect and the builtin model live in a session temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_SESSION = Path(tempfile.mkdtemp(prefix="adaptflow-tests-"))
+# Set before Prefect is imported anywhere: a private temporary server and result store, no telemetry.
+os.environ["PREFECT_HOME"] = str(_SESSION / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["ADAPTFLOW_CACHE"] = str(_SESSION / "cache")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Prefect logs its temporary server stopping at exit, after pytest has closed the captured streams.
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+
+SAMPLES = Path(__file__).resolve().parent.parent / "tasks" / "builtin"
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh SQLite MLflow store (with its artifacts) per test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("ADAPTFLOW_MLFLOW_DIR", str(tmp_path / "mlflow"))
+    monkeypatch.chdir(tmp_path)
+    yield uri
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The builtin tiny Llama (built offline once per session) as a local model folder."""
+    from tasks.modeling import builtin_model_path
+
+    return str(builtin_model_path("tiny"))
+
+
+@pytest.fixture
+def stories_file(tmp_path: Path) -> Path:
+    """60 sample stories as JSONL."""
+    lines = (SAMPLES / "sample_stories.jsonl").read_text().splitlines()[:60]
+    path = tmp_path / "stories.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def reviews_file(tmp_path: Path) -> Path:
+    """80 labelled sample reviews (string labels) as JSONL."""
+    lines = (SAMPLES / "sample_reviews.jsonl").read_text().splitlines()[:80]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_config(path: Path, **sections: object) -> Path:
+    """A YAML config file from sections (JSON is valid YAML)."""
+    path.write_text(json.dumps(sections))
+    return path

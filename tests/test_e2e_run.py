@@ -1,0 +1,146 @@
+"""End to end, as a user runs it: real Prefect (temporary server), real MLflow (SQLite store + registry)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import write_config
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def tiny_run_config(path: Path, model: str, train_file: Path, **train: object) -> Path:
+    return write_config(
+        path,
+        model={"name_or_path": model},
+        data={"train": str(train_file), "max_length": 48, "eval_fraction": 0.2},
+        method={"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        train={
+            "max_steps": 12,
+            "batch_size": 8,
+            "learning_rate": 3e-3,
+            "logging_steps": 2,
+            "save_steps": 6,
+            **train,
+        },
+        registry={"name": "e2e"},
+    )
+
+
+def task_run_states(name: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
+    return sorted(run.state.name for run in runs if run.state)
+
+
+@pytest.mark.slow
+def test_run_registers_a_loadable_champion_and_a_worse_run_stays_challenger(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_run_config(tmp_path / "run.yaml", tiny_model, stories_file)
+    assert main(["run", str(config), "--json"]) == 0
+    result = last_json(capsys.readouterr().out)
+
+    assert result["command"] == "run" and result["status"] == "ok"
+    assert (result["method"], result["task"], result["model_name"]) == ("lora", "causal_lm", "e2e")
+    metrics = result["metrics"]
+    for key in (
+        "eval_loss",
+        "eval_perplexity",
+        "base_eval_loss",
+        "base_eval_perplexity",
+        "trainable_params",
+        "total_params",
+        "train_seconds",
+        "train_tokens_per_second",
+        "peak_memory_mb",
+        "merge_max_abs_diff",
+    ):
+        assert key in metrics, key
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    assert metrics["merge_max_abs_diff"] < 1e-4
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert result["aliases"] == ["champion"] and result["mergeable"] is True
+
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("e2e", "champion")
+    assert str(champion.version) == result["model_version"]
+    for tag in ("base_model", "method", "task", "data_fingerprint", "git_commit", "prefect_flow_run_id"):
+        assert champion.tags.get(tag), f"version tag {tag} missing"
+    assert champion.tags["base_model"] == tiny_model
+
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.r"] == "4"
+    assert run.data.tags["adaptflow.prefect_flow_run_id"] == champion.tags["prefect_flow_run_id"]
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 3  # streamed while training
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "config.yaml", "reports"} <= artifacts
+    adapter = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= adapter
+
+    predictions = mlflow.pyfunc.load_model("models:/e2e@champion").predict(["Once upon a time", "The cat"])
+    assert len(predictions) == 2 and all(isinstance(p, str) and p for p in predictions)
+
+    # A deliberately worse run: registered, aliased challenger, champion unchanged, tokenization cached.
+    assert main(["run", str(config), "--set", "train.max_steps=1", "--set", "train.learning_rate=1e-7", "--json"]) == 0
+    worse = last_json(capsys.readouterr().out)
+    assert worse["aliases"] == ["challenger"]
+    assert worse["model_version"] != result["model_version"]
+    assert str(client.get_model_version_by_alias("e2e", "champion").version) == result["model_version"]
+    assert "does not beat" in client.get_model_version("e2e", worse["model_version"]).tags["promotion"]
+    assert task_run_states("tokenize") == ["Cached", "Completed"]
+
+    assert main(["predict", "models:/e2e@champion", "--text", "Once upon", "--json"]) == 0
+    predicted = last_json(capsys.readouterr().out)
+    assert predicted["command"] == "predict" and len(predicted["predictions"]) == 1
+
+
+BAD_INPUTS = [
+    (["--set", "data.train=missing.jsonl"], "data.train: file not found"),
+    (["--set", "method.name=magic"], "method.name: unknown method 'magic'"),
+    (["--set", "train.learning_rate=0"], "train.learning_rate: Input should be greater than 0"),
+    (["--set", "model.name_or_path=./no/such/model"], "model.name_or_path: folder not found"),
+    (["--set", "train.colour=blue"], "train.colour: unknown key"),
+    (["--set", "data.text_column=body"], "data.text_column: column 'body' not found"),
+    (["--set", "method.target_modules=[q_proj, qkv]"], "method.target_modules: 'qkv' is not a linear module"),
+]
+
+
+@pytest.mark.slow
+def test_bad_input_exits_2_naming_the_key_and_registers_nothing(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_run_config(tmp_path / "run.yaml", tiny_model, stories_file)
+    for overrides, expected in BAD_INPUTS:
+        assert main(["run", str(config), *overrides, "--json"]) == 2, overrides
+        captured = capsys.readouterr()
+        assert expected in captured.err, (overrides, captured.err[-2000:])
+        assert "Traceback" not in captured.err
+        assert last_json(captured.out)["status"] == "error"
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_cli_exit_code_and_message_from_the_installed_command(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "bad.yaml", data={"train": "x.jsonl"}, method={"r": -3})
+    command = Path(sys.executable).with_name("adaptflow")
+    done = subprocess.run([str(command), "run", str(config)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "method.r: Input should be greater than 0 (got -3)" in done.stderr
+    listing = subprocess.run([str(command), "methods", "--json"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0
+    methods = json.loads(listing.stdout.strip().splitlines()[-1])["methods"]
+    assert {m["name"] for m in methods} >= {"lora"}

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.config import DataSettings
+from tasks.errors import UserInputError
+from tasks.load import load_data
+
+ROWS = [{"text": f"sentence number {i}", "label": "spam" if i % 3 == 0 else "ham"} for i in range(30)]
+
+
+def write(path: Path) -> Path:
+    frame = pd.DataFrame(ROWS)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(ROWS))
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".tsv":
+        # raw TSV with a stray quote, as real SMS corpora have
+        path.write_text("label\ttext\n" + "".join(f'{r["label"]}\t{r["text"]} "quoted\n' for r in ROWS))
+    elif path.suffix == ".parquet":
+        frame.to_parquet(path)
+    elif path.suffix == ".txt":
+        path.write_text("".join(r["text"] + "\n" for r in ROWS))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"])
+def test_every_format_loads_with_a_fixed_split(tmp_path: Path, suffix: str) -> None:
+    path = write(tmp_path / f"data{suffix}")
+    task = "causal_lm" if suffix == ".txt" else "classification"
+    settings = DataSettings(train=str(path), eval_fraction=0.2)
+    ref = load_data(settings, task, tmp_path / "cache")
+    assert (ref.train_rows, ref.eval_rows) == (24, 6)
+    train, eval_ = ref.splits()
+    assert set(train["text"]).isdisjoint(eval_["text"])
+    if task == "classification":
+        assert set(train["label"]) <= {"ham", "spam"}
+    again = load_data(settings, task, tmp_path / "cache2")
+    assert again.fingerprint == ref.fingerprint
+    assert again.splits()[1]["text"] == eval_["text"]
+
+
+def test_fingerprint_follows_content(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.jsonl")
+    first = load_data(DataSettings(train=str(path)), "causal_lm", tmp_path / "c").fingerprint
+    path.write_text(path.read_text() + json.dumps({"text": "one more"}) + "\n")
+    assert load_data(DataSettings(train=str(path)), "causal_lm", tmp_path / "c").fingerprint != first
+
+
+def test_eval_file_is_used_as_is(tmp_path: Path) -> None:
+    train = write(tmp_path / "train.jsonl")
+    eval_ = tmp_path / "eval.jsonl"
+    eval_.write_text(json.dumps({"text": "held out", "label": "ham"}) + "\n")
+    ref = load_data(DataSettings(train=str(train), eval=str(eval_)), "classification", tmp_path / "c")
+    assert (ref.train_rows, ref.eval_rows) == (30, 1)
+
+
+def test_missing_file_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"data.train: file not found: .*absent.jsonl"):
+        load_data(DataSettings(train=str(tmp_path / "absent.jsonl")), "causal_lm", tmp_path)
+
+
+def test_wrong_columns_list_the_real_ones(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.jsonl")
+    with pytest.raises(UserInputError, match=r"data.text_column: column 'body' not found .* columns are: text, label"):
+        load_data(DataSettings(train=str(path), text_column="body"), "causal_lm", tmp_path)
+    with pytest.raises(UserInputError, match=r"data.label_column: column 'y' not found"):
+        load_data(DataSettings(train=str(path), label_column="y"), "classification", tmp_path)
+
+
+def test_unsupported_format_and_empty_data(tmp_path: Path) -> None:
+    odd = tmp_path / "data.xml"
+    odd.write_text("<a/>")
+    with pytest.raises(UserInputError, match="unsupported format"):
+        load_data(DataSettings(train=str(odd)), "causal_lm", tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "  "}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(UserInputError, match="usable rows"):
+        load_data(DataSettings(train=str(empty)), "causal_lm", tmp_path)

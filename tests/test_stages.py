@@ -1,0 +1,99 @@
+"""The model stages on the builtin tiny Llama: tokenize, apply LoRA, evaluate, merge."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_impl._peft import linear_module_names
+from adapters_impl.lora import LoraSettings
+from tasks.adapting import apply_method, take
+from tasks.config import DataSettings, ModelSettings
+from tasks.errors import UserInputError
+from tasks.evaluation import causal_lm_nll
+from tasks.load import load_data
+from tasks.modeling import load_base_model, load_tokenizer, resolve_model
+from tasks.tokenization import IGNORE_INDEX, make_collator, tokenize_dataset
+
+
+@pytest.fixture
+def source(tiny_model: str):
+    return resolve_model(ModelSettings(name_or_path=tiny_model))
+
+
+def test_causal_tokenization_masks_only_padding(source, stories_file: Path, tmp_path: Path) -> None:
+    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
+    train, _ = ref.splits()
+    tokenizer = load_tokenizer(source)
+    row = train[0]
+    assert row["labels"] == row["input_ids"] and len(row["input_ids"]) <= 24
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    short = {
+        "input_ids": [5, 6, tokenizer.eos_token_id],
+        "attention_mask": [1, 1, 1],
+        "labels": [5, 6, tokenizer.eos_token_id],
+    }
+    batch = make_collator(tokenizer, "causal_lm")([row, short])
+    assert batch["labels"][1].tolist()[3:] == [IGNORE_INDEX] * (batch["labels"].shape[1] - 3)
+    assert batch["labels"][1].tolist()[:3] == short["labels"]  # eos kept even when eos doubles as pad
+
+
+def test_classification_maps_string_labels_and_keeps_names(source, reviews_file: Path, tmp_path: Path) -> None:
+    data = load_data(DataSettings(train=str(reviews_file)), "classification", tmp_path / "d")
+    ref = tokenize_dataset(data, source, "classification", 32, tmp_path / "t")
+    assert ref.label_names == ["negative", "positive"]
+    train, _ = ref.splits()
+    assert set(train["labels"]) == {0, 1}
+
+
+def test_eval_labels_must_occur_in_train(source, reviews_file: Path, tmp_path: Path) -> None:
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"text": "meh", "label": "neutral"}\n')
+    data = load_data(DataSettings(train=str(reviews_file), eval=str(eval_file)), "classification", tmp_path / "d")
+    with pytest.raises(UserInputError, match=r"data.label_column: eval labels \['neutral'\] never occur in train"):
+        tokenize_dataset(data, source, "classification", 32, tmp_path / "t")
+
+
+def test_unknown_target_module_lists_the_models_linear_layers(source, stories_file: Path, tmp_path: Path) -> None:
+    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
+    with pytest.raises(UserInputError) as caught:
+        apply_method(source, LoraSettings(target_modules=["q_proj", "qkv"]), "causal_lm", ref, str(tmp_path), 0)
+    message = str(caught.value)
+    assert message.startswith("method.target_modules: 'qkv' is not a linear module of this model")
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in message
+
+
+def test_all_linear_adapts_every_linear_layer(source, stories_file: Path, tmp_path: Path) -> None:
+    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
+    narrow = apply_method(source, LoraSettings(r=4), "causal_lm", ref, str(tmp_path / "a"), 0)
+    wide = apply_method(
+        source, LoraSettings(r=4, target_modules="all-linear"), "causal_lm", ref, str(tmp_path / "b"), 0
+    )
+    assert 0 < narrow.trainable_params < wide.trainable_params < wide.total_params
+    model = take(wide.adapter_dir)
+    adapted = {name.rsplit(".", 2)[-2] for name, _ in model.named_modules() if name.endswith("lora_A")}
+    assert adapted == set(linear_module_names(load_base_model(source, "causal_lm", load_tokenizer(source))))
+    assert (Path(wide.adapter_dir) / "adapter_model.safetensors").exists()
+
+
+def test_eval_loss_is_weighted_by_real_tokens(source) -> None:
+    """A long and a short sequence in one padded batch: every real token counts once, padding never."""
+    tokenizer = load_tokenizer(source)
+    model = load_base_model(source, "causal_lm", tokenizer)
+    long_ids = tokenizer("Once upon a time, Lily had a little cat and a big dog.")["input_ids"]
+    short_ids = tokenizer("The cat")["input_ids"]
+    rows = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids} for ids in (long_ids, short_ids)]
+    total, count = causal_lm_nll(model, rows, make_collator(tokenizer, "causal_lm"), batch_size=2)
+    assert count == (len(long_ids) - 1) + (len(short_ids) - 1)
+    expected = 0.0
+    with torch.no_grad():
+        for ids in (long_ids, short_ids):
+            tensor = torch.tensor([ids])
+            expected += float(model(input_ids=tensor, labels=tensor).loss) * (len(ids) - 1)
+    assert math.isclose(total, expected, rel_tol=1e-4)
