@@ -32,7 +32,7 @@ def lora_config(settings: LoraSettings, model: nn.Module, task: TaskName, use_do
     targets = resolve_target_modules(model, settings.target_modules, "method.target_modules")
     return LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=settings.dropout,
         target_modules=targets,
         task_type=PEFT_TASK[task],

@@ -51,22 +51,13 @@ def _base_eval_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"base-eval-{tokenized.train_dir}-{_model_fingerprint(parameters['source'])}-{parameters['batch_size']}"
 
 
-resolve_model = task(modeling.resolve_model, name="resolve-model", cache_policy=NO_CACHE)
+resolve_model = task(name="resolve-model", cache_policy=NO_CACHE)(modeling.resolve_model)
 start_run = task(
-    tracking.start_run,
-    name="start-run",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=3,
-    retry_condition_fn=is_transient,
-)
-load_data = task(load.load_data, name="load", cache_policy=NO_CACHE)
-_tokenize = task(
-    tokenization.tokenize_dataset,
-    name="tokenize",
-    cache_key_fn=_tokenized_key,
-    persist_result=True,
-    result_serializer="json",
+    name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=is_transient
+)(tracking.start_run)
+load_data = task(name="load", cache_policy=NO_CACHE)(load.load_data)
+_tokenize = task(name="tokenize", cache_key_fn=_tokenized_key, persist_result=True, result_serializer="json")(
+    tokenization.tokenize_dataset
 )
 
 
@@ -78,26 +69,17 @@ def tokenize_dataset(
     return _tokenize.with_options(refresh_cache=not folder.exists())(data, source, task, max_length, cache_dir)
 
 
-evaluate_base = task(
-    evaluation.evaluate_base,
-    name="evaluate-base",
-    cache_key_fn=_base_eval_key,
-    persist_result=True,
-    result_serializer="json",
+evaluate_base = task(name="evaluate-base", cache_key_fn=_base_eval_key, persist_result=True, result_serializer="json")(
+    evaluation.evaluate_base
 )
-apply_method = task(adapting.apply_method, name="apply-method", cache_policy=NO_CACHE)
+apply_method = task(name="apply-method", cache_policy=NO_CACHE)(adapting.apply_method)
 # Training never caches and never retries on its own: a retry would start again from step 0.
-train_model = task(training.train_model, name="train", cache_policy=NO_CACHE)
-evaluate_model = task(evaluation.evaluate_model, name="evaluate", cache_policy=NO_CACHE)
-merge_model = task(merging.merge_model, name="merge", cache_policy=NO_CACHE)
+train_model = task(name="train", cache_policy=NO_CACHE)(training.train_model)
+evaluate_model = task(name="evaluate", cache_policy=NO_CACHE)(evaluation.evaluate_model)
+merge_model = task(name="merge", cache_policy=NO_CACHE)(merging.merge_model)
 register_model = task(
-    registry.register_model,
-    name="register",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=is_transient,
-)
+    name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=is_transient
+)(registry.register_model)
 
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=is_transient)
@@ -106,4 +88,4 @@ def promote(registered: registry.RegisteredRef, run: tracking.RunRef, settings: 
     return promote_version(tracking.client_for(run), registered.name, registered.version, settings)
 
 
-end_run = task(tracking.end_run, name="end-run", cache_policy=NO_CACHE)
+end_run = task(name="end-run", cache_policy=NO_CACHE)(tracking.end_run)

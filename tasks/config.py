@@ -73,7 +73,7 @@ class RegistrySettings(Section):
 
 
 # The method section is a union discriminated by `name`, built from the registry of methods.
-MethodConfig = Annotated[
+MethodConfig: Any = Annotated[
     Union[tuple(m.settings for m in METHODS.values())],  # type: ignore[valid-type]  # noqa: UP007
     Field(discriminator="name"),
 ]

@@ -56,16 +56,21 @@ def causal_lm_nll(model: nn.Module, dataset: Dataset, collator: Any, batch_size:
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int) -> tuple[list[int], list[int]]:
-    """(predicted, true) label ids over the dataset."""
+def predict_labels(
+    model: nn.Module, dataset: Dataset, collator: Any, batch_size: int
+) -> tuple[list[int], list[int], float]:
+    """(predicted, true) label ids over the dataset, and the mean cross-entropy loss."""
     model.eval()
     predicted: list[int] = []
     truth: list[int] = []
+    total = 0.0
     for batch in _batches(dataset, collator, batch_size, model_device(model)):
         labels = batch.pop("labels")
-        predicted += model(**batch).logits.argmax(-1).tolist()
+        logits = model(**batch).logits.float()
+        total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        predicted += logits.argmax(-1).tolist()
         truth += labels.tolist()
-    return predicted, truth
+    return predicted, truth, total / max(len(truth), 1)
 
 
 def causal_lm_metrics(
@@ -88,8 +93,9 @@ def evaluate_model(
     if tokenized.task == "causal_lm":
         metrics = causal_lm_metrics(model, eval_split, collator, batch_size, prefix="")
     else:
-        predicted, truth = predict_labels(model, eval_split, collator, batch_size)
+        predicted, truth, loss = predict_labels(model, eval_split, collator, batch_size)
         metrics = {
+            "eval_loss": loss,
             "eval_accuracy": float(accuracy_score(truth, predicted)),
             "eval_f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0)),
         }

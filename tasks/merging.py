@@ -53,7 +53,7 @@ def merge_model(trained: TrainedRef, tokenized: TokenizedRef, run: RunRef) -> Me
     after = _logits(merged, batches)
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
     folder = Path(run.run_dir) / "merged"
-    merged.save_pretrained(str(folder), safe_serialization=True)
+    merged.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
     tokenizer.save_pretrained(str(folder))
     log_metrics(run, {"merge_max_abs_diff": diff})
     return MergedRef(merged_dir=str(folder), merge_max_abs_diff=diff)

@@ -61,6 +61,24 @@ def package_model(trained: TrainedRef, merged: MergedRef, folder: Path, generati
     return folder
 
 
+def plot_loss_curve(history: list[tuple[int, float]], title: str, path: Path) -> None:
+    """Training loss against step, as a PNG for the run's reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if history:
+        steps, losses = zip(*history, strict=True)
+        ax.plot(steps, losses, marker="o", markersize=3)
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def version_tags(config: RunConfig, data: DataRef, run: RunRef, metrics: dict[str, float]) -> dict[str, str]:
     """Lineage and results carried by the run and by the registry version."""
     from tasks.tracking import prefect_flow_run_id
@@ -95,6 +113,9 @@ def register_model(
     reports.mkdir(exist_ok=True)
     (reports / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (reports / "loss_history.json").write_text(json.dumps(trained.loss_history))
+    plot_loss_curve(
+        trained.loss_history, f"{config.method.name} on {config.model.name_or_path}", reports / "loss_curve.png"
+    )
     (run_dir / "config.yaml").write_text(dump_config(config))
     package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40})
     client = client_for(run)

@@ -92,9 +92,10 @@ def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: 
     """Tokenize both splits into `cache_dir/<key>`; padding happens per batch in the collator."""
     tokenizer = load_tokenizer(source)
     train, eval_ = data.splits()
-    names = label_names_of(train, eval_, data.label_column) if task == "classification" else None
+    names: list[str] | None = None
     if task == "classification":
-        assert data.label_column and names
+        assert data.label_column, "load_data keeps the label column for classification"
+        names = label_names_of(train, eval_, data.label_column)
         encode = _classify(tokenizer, data.text_column, data.label_column, names, max_length)
     else:
         encode = _causal(tokenizer, data.text_column, max_length)
