@@ -146,3 +146,29 @@ def test_cli_exit_code_and_message_from_the_installed_command(tmp_path: Path) ->
     assert listing.returncode == 0
     methods = json.loads(listing.stdout.strip().splitlines()[-1])["methods"]
     assert {m["name"] for m in methods} >= {"lora"}
+
+
+@pytest.mark.slow
+def test_classification_with_string_labels_predicts_label_names(
+    tmp_path: Path, tiny_model: str, reviews_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(
+        tmp_path / "cls.yaml",
+        model={"name_or_path": tiny_model},
+        task="classification",
+        data={"train": str(reviews_file), "max_length": 32, "eval_fraction": 0.25},
+        method={"name": "lora", "r": 4, "target_modules": "all-linear"},
+        train={"max_steps": 40, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 10, "save_steps": 40},
+        registry={"name": "reviews"},
+    )
+    assert main(["run", str(config), "--json"]) == 0
+    result = last_json(capsys.readouterr().out)
+    metrics = result["metrics"]
+    assert {"eval_accuracy", "eval_f1_macro", "base_eval_accuracy", "eval_loss"} <= set(metrics)
+    assert metrics["eval_accuracy"] > metrics["base_eval_accuracy"]
+    assert result["aliases"] == ["champion"]
+    model = mlflow.pyfunc.load_model("models:/reviews@champion")
+    assert set(model.predict(["The movie was wonderful. Everyone smiled.", "The meal was awful. Never again."])) <= {
+        "negative",
+        "positive",
+    }
