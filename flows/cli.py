@@ -62,10 +62,13 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"\nchampion: {name}@champion = version {champion if champion != 'unchanged' else '(kept; this run is @challenger)'}"
     )
+    bin_dir = Path(sys.executable).parent
+    with contextlib.suppress(ValueError):
+        bin_dir = bin_dir.relative_to(Path.cwd())
     print("next:")
-    print(f"  adaptflow predict models:/{name}@champion --text 'Once upon a time'")
-    print(f"  mlflow ui --backend-store-uri {uri}        # runs, metrics, artifacts, registry")
-    print("  prefect server start                        # the Prefect UI (then set PREFECT_API_URL to keep runs)")
+    print(f"  {bin_dir / 'adaptflow'} predict models:/{name}@champion --text 'Once upon a time'")
+    print(f"  {bin_dir / 'mlflow'} ui --backend-store-uri {uri}   # runs, metrics, artifacts, registry")
+    print(f"  {bin_dir / 'prefect'} server start   # the Prefect UI; set PREFECT_API_URL to keep flow runs there")
     return result
 
 
