@@ -4,3 +4,6 @@ import os
 
 # Offline, Prefect's server would log a telemetry error on every start.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary server migrates a fresh SQLite database on first start: 20 s (Prefect's default) is too
+# little on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 
 _SESSION = Path(tempfile.mkdtemp(prefix="adaptflow-tests-"))
@@ -21,6 +22,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # Prefect logs its temporary server stopping at exit, after pytest has closed the captured streams.
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+# A loaded 2-core machine can need more than Prefect's default 20 s to start the temporary server.
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 
 SAMPLES = Path(__file__).resolve().parent.parent / "tasks" / "builtin"
 
@@ -32,6 +35,9 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("ADAPTFLOW_MLFLOW_DIR", str(tmp_path / "mlflow"))
     monkeypatch.chdir(tmp_path)
+    # The CLI sets MLflow's process-wide URIs; point them at this test's store so no test sees another's.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     yield uri
 
 
