@@ -49,22 +49,24 @@ def tiny_model() -> str:
     return str(builtin_model_path("tiny"))
 
 
+def _sample(tmp_path: Path, name: str, rows: int) -> Path:
+    """The first `rows` lines of a bundled sample file, copied into the test's folder."""
+    lines = (SAMPLES / f"sample_{name}.jsonl").read_text().splitlines()[:rows]
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.fixture
 def stories_file(tmp_path: Path) -> Path:
     """60 sample stories as JSONL."""
-    lines = (SAMPLES / "sample_stories.jsonl").read_text().splitlines()[:60]
-    path = tmp_path / "stories.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _sample(tmp_path, "stories", 60)
 
 
 @pytest.fixture
 def reviews_file(tmp_path: Path) -> Path:
     """80 labelled sample reviews (string labels) as JSONL."""
-    lines = (SAMPLES / "sample_reviews.jsonl").read_text().splitlines()[:80]
-    path = tmp_path / "reviews.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _sample(tmp_path, "reviews", 80)
 
 
 def write_config(path: Path, **sections: object) -> Path:
