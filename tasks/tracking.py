@@ -6,10 +6,11 @@ import logging
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from transformers import TrainerCallback
@@ -126,8 +127,6 @@ def start_run(config: RunConfig, run_name: str | None = None, parent_run_id: str
     run_id = run.info.run_id
     params = public_params(config)
     items = list(params.items())
-    from mlflow.entities import Param
-
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
     run_dir = Path(config.train.output_dir).resolve() / run_id
@@ -141,8 +140,6 @@ def client_for(run: RunRef) -> MlflowClient:
 
 def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
     """Log finite numeric metrics in one batch."""
-    import time
-
     now = int(time.time() * 1000)
     batch = [
         Metric(k, float(v), now, step)
@@ -173,8 +170,6 @@ class MlflowStreamCallback(TrainerCallback):
         self.failures = 0
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        import time
-
         now = int(time.time() * 1000)
         for key, value in (logs or {}).items():
             if isinstance(value, int | float) and math.isfinite(float(value)):
