@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from adapters_impl import lora
-from adapters_impl.base import Method, MethodSettings, TaskName, count_parameters
+from adapters_impl import adapter, dora, full, head, ia3, lora, prefix, prompt, qlora
+from adapters_impl.base import ApplyContext, Method, MethodSettings, TaskName, count_parameters
 
-METHODS: dict[str, Method] = {m.name: m for m in (lora.METHOD,)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        full.METHOD,
+        head.METHOD,
+        lora.METHOD,
+        dora.METHOD,
+        qlora.METHOD,
+        ia3.METHOD,
+        adapter.METHOD,
+        prefix.METHOD,
+        prompt.METHOD,
+    )
+}
 
 
 def get_method(name: str) -> Method:
@@ -13,4 +26,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "MethodSettings", "TaskName", "count_parameters", "get_method"]
+__all__ = ["METHODS", "ApplyContext", "Method", "MethodSettings", "TaskName", "count_parameters", "get_method"]

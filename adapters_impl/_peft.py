@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from peft import PeftModel
+from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapters_impl._classifier import LastTokenClassifier
+from adapters_impl._weights import HEAD_NAMES, output_head
+from adapters_impl.base import ApplyContext, TaskName
 from tasks.errors import UserInputError
 
 ALL_LINEAR = "all-linear"
 # Output layers are never adapted: they map to the vocabulary or the labels.
-_OUTPUT_LAYERS = {"lm_head", "score", "classifier"}
+_OUTPUT_LAYERS = {"lm_head", *HEAD_NAMES}
+PEFT_TASK = {"causal_lm": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS}
+HEAD_FILE = "head.safetensors"
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -44,18 +51,47 @@ def resolve_target_modules(model: nn.Module, requested: list[str] | str, key: st
     return names
 
 
+def apply_prompt_learning(
+    model: nn.Module, make_config: Callable[[TaskType], PeftConfig], context: ApplyContext
+) -> nn.Module:
+    """Prefix or prompt tuning: on the causal LM, or on the backbone of a classifier under our pooled head."""
+    if context.task == "causal_lm":
+        return get_peft_model(model, make_config(TaskType.CAUSAL_LM))  # type: ignore[arg-type]
+    head = output_head(model)
+    backbone = get_peft_model(model.base_model, make_config(TaskType.FEATURE_EXTRACTION))  # type: ignore[arg-type]
+    head.requires_grad_(True)
+    return LastTokenClassifier(backbone, head, model.config)
+
+
 def save_peft(model: nn.Module, directory: Path) -> None:
-    """Adapter weights as safetensors plus adapter_config.json."""
+    """Adapter weights as safetensors plus adapter_config.json (and the head, for our pooled classifier)."""
+    if isinstance(model, LastTokenClassifier):
+        model.backbone.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
+        save_file({k: v.contiguous() for k, v in model.score.state_dict().items()}, str(directory / HEAD_FILE))
+        return
     assert isinstance(model, PeftModel)
     model.save_pretrained(str(directory), safe_serialization=True)
 
 
 def load_peft(base: nn.Module, directory: Path, trainable: bool) -> nn.Module:
     """The saved adapter on a fresh base model."""
-    return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+    if (directory / HEAD_FILE).exists():
+        head = output_head(base)
+        head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        backbone = PeftModel.from_pretrained(base.base_model, str(directory), is_trainable=trainable)  # type: ignore[arg-type]
+        model: nn.Module = LastTokenClassifier(backbone, head, base.config)
+    else:
+        model = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)  # type: ignore[arg-type]
+    if not trainable:  # peft leaves prompt encoders trainable even then
+        model.requires_grad_(False)
+    return model
 
 
-def merge_peft(model: nn.Module) -> nn.Module:
-    """Fold the adapter into the base weights and drop the peft wrappers."""
+def merge_peft(model: nn.Module, full_precision_base: Callable[[], nn.Module]) -> nn.Module:
+    """Fold the adapter into the base weights and drop the peft wrappers (exact for LoRA, DoRA, IA3)."""
     assert isinstance(model, PeftModel)
     return model.merge_and_unload()
+
+
+def peft_task(task: TaskName) -> TaskType:
+    return PEFT_TASK[task]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 TaskName = Literal["causal_lm", "classification"]
+TASKS: tuple[TaskName, ...] = ("causal_lm", "classification")
 
 
 class MethodSettings(BaseModel):
@@ -19,8 +21,16 @@ class MethodSettings(BaseModel):
     name: str
 
 
+@dataclass(frozen=True)
+class ApplyContext:
+    """What a method may need besides the model: the task, and where the model (and its tokenizer) lives."""
+
+    task: TaskName
+    model_path: str
+
+
 class ApplyFn(Protocol):
-    def __call__(self, model: nn.Module, settings: Any, task: TaskName) -> nn.Module: ...
+    def __call__(self, model: nn.Module, settings: Any, context: ApplyContext) -> nn.Module: ...
 
 
 class SaveFn(Protocol):
@@ -32,7 +42,13 @@ class LoadFn(Protocol):
 
 
 class MergeFn(Protocol):
-    def __call__(self, model: nn.Module) -> nn.Module: ...
+    """Fold the trained weights into a plain model; `full_precision_base` loads a fresh unquantized base."""
+
+    def __call__(self, model: nn.Module, full_precision_base: Callable[[], nn.Module]) -> nn.Module: ...
+
+
+def no_extra_loading(settings: Any) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -40,20 +56,29 @@ class Method:
     """An adaptation method: its settings model and what it does to a base model.
 
     `merge` is None for methods whose weights cannot be folded into the base (they register adapter-only).
+    `unsupported` maps a task to the reason the method cannot do it (shown to the user, exit 2).
+    `base_loading` gives extra `from_pretrained` arguments for the base (QLoRA's 4-bit quantization).
+    `lossy_merge` marks merges that are not exact, whose quality gap the run measures on the eval set.
     """
 
     name: str
     summary: str
     settings: type[MethodSettings]
-    tasks: tuple[TaskName, ...]
     apply: ApplyFn
     save: SaveFn
     load: LoadFn
     merge: MergeFn | None
+    unsupported: Mapping[TaskName, str] = field(default_factory=dict)
+    base_loading: Callable[[Any], dict[str, Any]] = no_extra_loading
+    lossy_merge: bool = False
 
     @property
     def mergeable(self) -> bool:
         return self.merge is not None
+
+    @property
+    def tasks(self) -> tuple[TaskName, ...]:
+        return tuple(t for t in TASKS if t not in self.unsupported)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

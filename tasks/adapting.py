@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from torch import nn
 from transformers import set_seed
 
-from adapters_impl import MethodSettings, count_parameters, get_method
+from adapters_impl import ApplyContext, MethodSettings, count_parameters, get_method
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer
 from tasks.tokenization import TokenizedRef
 
@@ -60,8 +60,8 @@ def apply_method(
     method = get_method(settings.name)
     set_seed(seed)
     tokenizer = load_tokenizer(source)
-    base = load_base_model(source, task, tokenizer, tokenized.label_names)
-    model = method.apply(base, settings, task)  # type: ignore[arg-type]
+    base = load_base_model(source, task, tokenizer, tokenized.label_names, **method.base_loading(settings))
+    model = method.apply(base, settings, ApplyContext(task=task, model_path=source.name_or_path))  # type: ignore[arg-type]
     trainable, total = count_parameters(model)
     folder = Path(run_dir) / "adapter-init"
     method.save(model, folder)
@@ -84,6 +84,15 @@ def load_adapted(adapted: AdaptedRef, folder: str | Path, trainable: bool = Fals
     if live is not None:
         return live
     method = get_method(adapted.method_name)
+    settings = method.settings.model_validate(adapted.method)
     tokenizer = load_tokenizer(adapted.source)
-    base = load_base_model(adapted.source, adapted.task, tokenizer, adapted.label_names)
+    base = load_base_model(
+        adapted.source, adapted.task, tokenizer, adapted.label_names, **method.base_loading(settings)
+    )
     return method.load(base, Path(folder), trainable)
+
+
+def load_full_precision_base(adapted: AdaptedRef) -> nn.Module:
+    """A fresh, unquantized base for this run's task (what QLoRA merges into)."""
+    tokenizer = load_tokenizer(adapted.source)
+    return load_base_model(adapted.source, adapted.task, tokenizer, adapted.label_names)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tasks.adapting import load_adapted, remember
+from tasks.load import DataRef
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer
 from tasks.tokenization import IGNORE_INDEX, TokenizedRef, make_collator
 from tasks.tracking import RunRef, log_metrics
@@ -81,6 +83,14 @@ def causal_lm_metrics(
     return {f"{prefix}eval_loss": loss, f"{prefix}eval_perplexity": math.exp(min(loss, 50.0))}
 
 
+def eval_loss(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int, task: str) -> float:
+    """Mean eval loss: per real token (causal LM) or per example (classification)."""
+    if task == "causal_lm":
+        nll, tokens = causal_lm_nll(model, dataset, collator, batch_size)
+        return nll / max(tokens, 1)
+    return predict_labels(model, dataset, collator, batch_size)[2]
+
+
 def evaluate_model(
     trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int = EVAL_BATCH_SIZE
 ) -> dict[str, float]:
@@ -88,19 +98,48 @@ def evaluate_model(
     adapted = trained.adapted
     model = load_adapted(adapted, trained.adapter_dir)
     remember(trained.adapter_dir, model)  # merge comes next and may reuse it
-    collator = make_collator(load_tokenizer(adapted.source), tokenized.task)
-    _, eval_split = tokenized.splits()
-    if tokenized.task == "causal_lm":
-        metrics = causal_lm_metrics(model, eval_split, collator, batch_size, prefix="")
-    else:
-        predicted, truth, loss = predict_labels(model, eval_split, collator, batch_size)
-        metrics = {
-            "eval_loss": loss,
-            "eval_accuracy": float(accuracy_score(truth, predicted)),
-            "eval_f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0)),
-        }
+    metrics = model_metrics(model, load_tokenizer(adapted.source), tokenized, batch_size)
     log_metrics(run, metrics)
     return metrics
+
+
+def model_metrics(
+    model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int = EVAL_BATCH_SIZE
+) -> dict[str, float]:
+    """Eval loss and perplexity (causal LM) or loss, accuracy and macro F1 (classification) on the eval split."""
+    collator = make_collator(tokenizer, tokenized.task)
+    _, eval_split = tokenized.splits()
+    if tokenized.task == "causal_lm":
+        return causal_lm_metrics(model, eval_split, collator, batch_size, prefix="")
+    predicted, truth, loss = predict_labels(model, eval_split, collator, batch_size)
+    return {
+        "eval_loss": loss,
+        "eval_accuracy": float(accuracy_score(truth, predicted)),
+        "eval_f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+    }
+
+
+def evaluate_registered(
+    model_uri: str, data: DataRef, task: str, max_length: int, cache_dir: Path, batch_size: int = EVAL_BATCH_SIZE
+) -> dict[str, float]:
+    """A registered model's metrics on this data's eval split, tokenized with the model's own tokenizer.
+
+    Raises:
+        ValueError: a classifier whose label names differ from this data's (its scores would not compare).
+    """
+    import mlflow
+
+    from tasks.modeling import local_source
+    from tasks.tokenization import tokenize_dataset
+
+    served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    source = local_source(served.folder / served.info["tokenizer"], display_name=model_uri)  # type: ignore[attr-defined]
+    tokenized = tokenize_dataset(data, source, task, max_length, cache_dir)
+    if task == "classification" and tokenized.label_names != served.info["label_names"]:  # type: ignore[attr-defined]
+        raise ValueError(
+            f"{model_uri} predicts {served.info['label_names']}, the data has {tokenized.label_names}"  # type: ignore[attr-defined]
+        )
+    return model_metrics(served.model, served.tokenizer, tokenized, batch_size)  # type: ignore[attr-defined]
 
 
 def evaluate_base(source: ModelSource, tokenized: TokenizedRef, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:

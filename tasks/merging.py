@@ -10,8 +10,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from adapters_impl import get_method
-from tasks.adapting import load_adapted
-from tasks.evaluation import _batches, model_device
+from tasks.adapting import load_adapted, load_full_precision_base
+from tasks.evaluation import EVAL_BATCH_SIZE, _batches, eval_loss, model_device
 from tasks.modeling import load_tokenizer
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import RunRef, log_metrics
@@ -21,10 +21,14 @@ CHECK_BATCHES = 4
 
 
 class MergedRef(BaseModel):
-    """The merged model's folder and how far its logits are from the unmerged model's (None: not mergeable)."""
+    """The merged model's folder and how far its logits are from the unmerged model's (None: not mergeable).
+
+    For lossy merges (QLoRA into a full-precision base) also the merged model's eval loss on the whole eval set.
+    """
 
     merged_dir: str | None
     merge_max_abs_diff: float | None
+    merged_eval_loss: float | None = None
 
 
 @torch.no_grad()
@@ -49,11 +53,14 @@ def merge_model(trained: TrainedRef, tokenized: TokenizedRef, run: RunRef) -> Me
     collator = make_collator(tokenizer, tokenized.task)
     batches = list(islice(_batches(eval_split, collator, 8, model_device(model)), CHECK_BATCHES))
     before = _logits(model, batches)
-    merged = method.merge(model)
+    merged = method.merge(model, lambda: load_full_precision_base(adapted))
     after = _logits(merged, batches)
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
     folder = Path(run.run_dir) / "merged"
     merged.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
     tokenizer.save_pretrained(str(folder))
-    log_metrics(run, {"merge_max_abs_diff": diff})
-    return MergedRef(merged_dir=str(folder), merge_max_abs_diff=diff)
+    metrics = {"merge_max_abs_diff": diff}
+    if method.lossy_merge:  # what users lose by serving the merged model instead of the adapted one
+        metrics["merged_eval_loss"] = eval_loss(merged, eval_split, collator, EVAL_BATCH_SIZE, tokenized.task)
+    log_metrics(run, metrics)
+    return MergedRef(merged_dir=str(folder), merge_max_abs_diff=diff, merged_eval_loss=metrics.get("merged_eval_loss"))

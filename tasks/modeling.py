@@ -143,6 +143,15 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
     )
 
 
+def local_source(folder: Path, display_name: str) -> ModelSource:
+    """A model folder already on disk (e.g. a downloaded registered model) as a source."""
+    return ModelSource(
+        name_or_path=str(folder),
+        display_name=display_name,
+        tokenizer_fingerprint=_tokenizer_fingerprint(str(folder), None),
+    )
+
+
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token (eos, else unk) when the model has none; right padding."""
     tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())

@@ -1,7 +1,8 @@
 """The MLflow pyfunc that serves an adaptflow model: generates text or returns label names.
 
 Logged as "models from code": MLflow stores this file's source, not a pickle, and runs it on load.
-It imports only torch, transformers and peft, so a registered version loads wherever those are installed.
+Merged models need only torch and transformers; adapter-only ones (bottleneck adapters, prefix, prompt) load
+through adaptflow's `adapters_impl`, which is logged with the model (`code_paths`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class AdaptflowModel(PythonModel):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(context.artifacts["model"])
+        self.folder = folder
         self.info = json.loads((folder / "adaptflow.json").read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(folder / self.info["tokenizer"])
         if self.tokenizer.pad_token is None:
@@ -38,9 +40,9 @@ class AdaptflowModel(PythonModel):
         auto = AutoModelForSequenceClassification if self.info["task"] == "classification" else AutoModelForCausalLM
         model = auto.from_pretrained(folder / self.info["weights"], dtype=torch.float32)
         if self.info.get("adapter"):
-            from peft import PeftModel
+            from adapters_impl import get_method
 
-            model = PeftModel.from_pretrained(model, folder / self.info["adapter"])
+            model = get_method(self.info["method"]).load(model, folder / self.info["adapter"], False)
         self.model = model.eval()
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]

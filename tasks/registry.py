@@ -17,7 +17,19 @@ from tasks.tracking import RunRef, client_for, git_commit, use_tracking
 from tasks.training import TrainedRef
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-SERVING_PACKAGES = ["torch", "transformers", "tokenizers", "peft", "safetensors", "sentencepiece", "mlflow"]
+# Shipped with every model, so adapter-only versions load where adaptflow is not installed.
+CODE_PATHS = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "adapters_impl")]
+SERVING_PACKAGES = [
+    "torch",
+    "transformers",
+    "tokenizers",
+    "peft",
+    "safetensors",
+    "sentencepiece",
+    "bitsandbytes",
+    "pydantic",
+    "mlflow",
+]
 
 
 class RegisteredRef(BaseModel):
@@ -103,6 +115,7 @@ def register_model(
     trained: TrainedRef,
     merged: MergedRef,
     metrics: dict[str, float],
+    extra_tags: dict[str, str] | None = None,
 ) -> RegisteredRef:
     """Log artifacts first, then create the version: the registry never points at missing files."""
     import mlflow
@@ -119,7 +132,7 @@ def register_model(
     (run_dir / "config.yaml").write_text(dump_config(config))
     package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40})
     client = client_for(run)
-    tags = version_tags(config, data, run, metrics)
+    tags = version_tags(config, data, run, metrics) | (extra_tags or {})
     client.set_tag(run.run_id, "adaptflow.data_fingerprint", data.fingerprint)
     with mlflow.start_run(run_id=run.run_id):
         mlflow.log_artifacts(trained.adapter_dir, "adapter")
@@ -129,6 +142,7 @@ def register_model(
             name="model",
             python_model=str(PYFUNC_FILE),
             artifacts={"model": str(package)},
+            code_paths=CODE_PATHS,
             pip_requirements=serving_requirements(),
         )
     # Registered only now, after every artifact is stored.

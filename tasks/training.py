@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from adapters_impl import get_method
+from adapters_impl.base import SaveFn
 from tasks.adapting import AdaptedRef, load_adapted, remember
 from tasks.config import TrainSettings
 from tasks.modeling import load_tokenizer, training_dtype
@@ -46,6 +47,24 @@ class _StopOnNonFinite(TrainerCallback):
         if loss is not None and not math.isfinite(float(loss)):
             self.bad_step = state.global_step
             control.should_training_stop = True
+
+
+class MethodTrainer(Trainer):
+    """The HF Trainer, saving checkpoints in the method's own format (adapter weights, not the whole model).
+
+    Also what lets the models that are not `PreTrainedModel`s (our pooled prefix/prompt classifier) checkpoint:
+    the Trainer's fallback writes the raw state dict, which refuses the tensors peft shares with the base.
+    """
+
+    def __init__(self, *args: Any, save_method: SaveFn, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_method = save_method
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        folder = Path(output_dir or str(self.args.output_dir))
+        folder.mkdir(parents=True, exist_ok=True)
+        assert self.model is not None
+        self.save_method(self.model, folder)
 
 
 def peak_memory_mb() -> float:
@@ -97,8 +116,10 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
     train_split, _ = tokenized.splits()
     stream = MlflowStreamCallback(run)
     guard = _StopOnNonFinite()
-    trainer = Trainer(
+    method = get_method(adapted.method_name)
+    trainer = MethodTrainer(
         model=model,
+        save_method=method.save,
         args=training_arguments(settings, Path(run.run_dir) / "checkpoints"),
         train_dataset=train_split,
         data_collator=make_collator(tokenizer, tokenized.task),
@@ -113,7 +134,7 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
             "lower train.learning_rate or check the data"
         )
     folder = Path(run.run_dir) / "adapter"
-    get_method(adapted.method_name).save(model, folder)
+    method.save(model, folder)
     remember(folder, model)
     tokens = trainer.state.num_input_tokens_seen or 0
     history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]

@@ -145,7 +145,21 @@ def test_cli_exit_code_and_message_from_the_installed_command(tmp_path: Path) ->
     listing = subprocess.run([str(command), "methods", "--json"], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0
     methods = json.loads(listing.stdout.strip().splitlines()[-1])["methods"]
-    assert {m["name"] for m in methods} >= {"lora"}
+    assert [m["name"] for m in methods] == [
+        "full",
+        "head",
+        "lora",
+        "dora",
+        "qlora",
+        "ia3",
+        "adapter",
+        "prefix",
+        "prompt",
+    ]
+    lora = next(m for m in methods if m["name"] == "lora")
+    assert lora["flow"] == "lora_finetune" and {"key": "method.r", "default": 8} in [
+        {k: s[k] for k in ("key", "default")} for s in lora["settings"]
+    ]
 
 
 @pytest.mark.slow
@@ -172,3 +186,66 @@ def test_classification_with_string_labels_predicts_label_names(
         "negative",
         "positive",
     }
+
+
+def flow_run_names() -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        return [flows[run.flow_id] for run in client.read_flow_runs()]
+
+
+# One of each kind: our own bottleneck adapters and a pooled prefix classifier (adapter-only, loaded through the
+# code shipped with the model), prompt tuning for generation, and QLoRA (merged into a full-precision base).
+METHOD_RUNS = [
+    ("adapter", "classification", {"bottleneck_size": 8}, 1e-3),
+    ("prefix", "classification", {"num_virtual_tokens": 4}, 3e-2),
+    ("prompt", "causal_lm", {"num_virtual_tokens": 4, "init_text": "Once upon a time"}, 3e-2),
+    ("qlora", "causal_lm", {"r": 4, "target_modules": "all-linear"}, 3e-3),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "task", "settings", "lr"), METHOD_RUNS, ids=[m[0] for m in METHOD_RUNS])
+def test_each_kind_of_method_runs_registers_and_predicts(
+    method: str,
+    task: str,
+    settings: dict,
+    lr: float,
+    tmp_path: Path,
+    tiny_model: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from conftest import _sample
+
+    data = _sample(tmp_path, "stories" if task == "causal_lm" else "reviews", 60)
+    config = write_config(
+        tmp_path / "run.yaml",
+        model={"name_or_path": tiny_model},
+        task=task,
+        data={"train": str(data), "max_length": 32, "eval_fraction": 0.2},
+        method={"name": method, **settings},
+        train={"max_steps": 10, "batch_size": 8, "learning_rate": lr, "logging_steps": 5, "save_steps": 10},
+        registry={"name": f"m-{method}"},
+    )
+    assert main(["run", str(config), "--json"]) == 0
+    result = last_json(capsys.readouterr().out)
+    metrics = result["metrics"]
+    assert result["method"] == method and result["aliases"] == ["champion"]
+    assert all(isinstance(v, (int, float)) and v == v for v in metrics.values()), metrics  # finite, no NaN
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert f"{method}_finetune" in flow_run_names()
+    mergeable = method == "qlora"
+    assert result["mergeable"] is mergeable and ("merge_max_abs_diff" in metrics) is mergeable
+    if method == "qlora":
+        assert {"merged_eval_loss", "merge_eval_loss_gap"} <= set(metrics)
+        assert abs(metrics["merge_eval_loss_gap"]) < 0.5
+
+    model = mlflow.pyfunc.load_model(f"models:/m-{method}@champion")
+    predictions = model.predict(["Once upon a time", "The food was great."])
+    assert len(predictions) == 2
+    if task == "classification":
+        assert set(predictions) <= {"negative", "positive"}
+    else:
+        assert all(isinstance(p, str) for p in predictions)
