@@ -1,4 +1,4 @@
-"""`adaptflow`: run, predict, demo, methods. Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else."""
+"""`adaptflow`: run, grid, promote, predict, demo, methods. Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import UserInputError
+from tasks.errors import RunFailed, UserInputError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 
@@ -25,14 +25,13 @@ def _emit(result: dict[str, Any], args: argparse.Namespace, human: Callable[[dic
 
 
 def _run_config(config_path: str, overrides: list[str]) -> dict[str, Any]:
-    from flows.finetune import FLOWS
+    from flows.finetune import run_method_flow
     from flows.pipeline import preflight
     from tasks.config import load_config
 
     config = load_config(config_path, overrides)
     preflight(config)
-    flow = FLOWS[config.method.name]
-    return flow(config).model_dump()
+    return run_method_flow(config).model_dump()
 
 
 def _print_run(result: dict[str, Any]) -> None:
@@ -43,6 +42,41 @@ def _print_run(result: dict[str, Any]) -> None:
     print(f"registered {result['model_name']} version {result['model_version']} -> @{', @'.join(result['aliases'])}")
     print(f"  ({result['promotion']})")
     print(f"  load it: mlflow.pyfunc.load_model('models:/{result['model_name']}@{result['aliases'][0]}')")
+
+
+def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.grid import lora_grid
+    from flows.pipeline import preflight
+    from tasks.config import GridSettings, load_config
+
+    config = load_config(args.config, args.set)
+    if config.grid is None:
+        config = config.model_copy(update={"grid": GridSettings()})
+    preflight(config)
+    result = lora_grid(config).model_dump()
+
+    def human(r: dict[str, Any]) -> None:
+        print(
+            f"\ngrid {r['parent_run_id']}: {len(r['trials'])} trials, select {r['select']['metric']} ({r['select']['mode']})"
+        )
+        print(r["table"])
+        print(f"best: trial {r['best']['index']} {r['best']['name']}")
+        print(f"registered {r['model_name']} version {r['model_version']} -> @{r['aliases'][0]}  ({r['promotion']})")
+
+    return _emit(result, args, human)
+
+
+def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.promote import promote_newest
+
+    decision = promote_newest(args.name)
+    result = {"command": "promote", "status": "ok", **decision.model_dump()}
+
+    def human(r: dict[str, Any]) -> None:
+        print(f"{r['name']} version {r['version']} -> @{r['alias']}  ({r['reason']})")
+        print(f"champion: version {r['champion_version']}")
+
+    return _emit(result, args, human)
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,7 +150,9 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "name": method.name,
                 "summary": method.summary,
+                "flow": f"{method.name}_finetune",
                 "tasks": list(method.tasks),
+                "not_supported": dict(method.unsupported),
                 "mergeable": method.mergeable,
                 "settings": settings,
             }
@@ -124,7 +160,8 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
 
     def human(result: dict[str, Any]) -> None:
         for m in result["methods"]:
-            print(f"{m['name']:8s} {m['summary']}  [tasks: {', '.join(m['tasks'])}; mergeable: {m['mergeable']}]")
+            print(f"{m['name']:8s} {m['summary']}")
+            print(f"    flow {m['flow']}; tasks: {', '.join(m['tasks'])}; mergeable: {m['mergeable']}")
             for s in m["settings"]:
                 print(f"    {s['key']:24s} default {json.dumps(s['default'])}  {s['help']}")
 
@@ -150,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run, "one pipeline run of the configured method")
     run.add_argument("config", help="YAML config file")
     run.add_argument("--set", **overrides)  # type: ignore[arg-type]
+    grid = add("grid", cmd_grid, "the comparison grid, then register and promote the best")
+    grid.add_argument("config", help="YAML config file (its grid section; defaults when absent)")
+    grid.add_argument("--set", **overrides)  # type: ignore[arg-type]
+    promote = add("promote", cmd_promote, "champion/challenger decision for the newest version")
+    promote.add_argument("--name", required=True, help="registered model name")
     predict = add("predict", cmd_predict, "generate or classify with a registered model")
     predict.add_argument("model_uri", help="models:/NAME@champion, models:/NAME/VERSION, runs:/... ")
     predict.add_argument("--text", action="append", help="input text (repeatable)")
@@ -178,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("adaptflow: interrupted", file=sys.stderr)
             outcome, code = {"command": args.command, "status": "interrupted"}, 130
+        except RunFailed as exc:  # a failure we can explain: the message says it all
+            print(f"adaptflow: failed: {exc}", file=sys.stderr)
+            outcome, code = {"command": args.command, "status": "failed", "error": str(exc)}, 1
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
             print(f"adaptflow: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)

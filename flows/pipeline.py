@@ -34,9 +34,9 @@ class RunResult(BaseModel):
 
 
 @contextmanager
-def tracked_run(config: RunConfig) -> Iterator[RunRef]:
+def tracked_run(config: RunConfig, run_name: str | None = None) -> Iterator[RunRef]:
     """One MLflow run around the pipeline, marked FAILED if any stage raises."""
-    run = stages.start_run(config)
+    run = stages.start_run(config, run_name)
     try:
         yield run
     except BaseException:
@@ -83,8 +83,11 @@ def finetune(config: RunConfig) -> RunResult:
         }
         if merged.merge_max_abs_diff is not None:
             metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
+        if merged.merged_eval_loss is not None:
+            metrics["merged_eval_loss"] = merged.merged_eval_loss
+            metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - tuned_metrics["eval_loss"]
         registered = stages.register_model(config, data, run, trained, merged, metrics)
-        decision = stages.promote(registered, run, config.registry.promote)
+        decision = stages.promote(registered, run, config, data)
     return RunResult(
         run_id=run.run_id,
         method=config.method.name,

@@ -12,9 +12,10 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 
-from tasks import adapting, evaluation, load, merging, modeling, registry, tokenization, tracking, training
+from tasks import adapting, evaluation, grid, load, merging, modeling, registry, tokenization, tracking, training
+from tasks.config import RunConfig
 from tasks.errors import UserInputError
-from tasks.promotion import Decision, promote_version
+from tasks.promotion import Decision, champion_reevaluator, promote_version
 
 
 def is_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -83,9 +84,23 @@ register_model = task(
 
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=is_transient)
-def promote(registered: registry.RegisteredRef, run: tracking.RunRef, settings: Any) -> Decision:
-    """Champion/challenger decision for the version just registered."""
-    return promote_version(tracking.client_for(run), registered.name, registered.version, settings)
+def promote(
+    registered: registry.RegisteredRef, run: tracking.RunRef, config: RunConfig, data: load.DataRef
+) -> Decision:
+    """Champion/challenger decision for the version just registered (champion re-evaluated if data changed)."""
+    return promote_version(
+        tracking.client_for(run),
+        registered.name,
+        registered.version,
+        config.registry.promote,
+        reevaluate=champion_reevaluator(config, data),
+    )
+
+
+# A trial is the unit of fan-out and of failure isolation; it records its own failure instead of raising.
+run_trial = task(name="trial", cache_policy=NO_CACHE)(grid.run_trial)
+report_grid = task(name="compare", cache_policy=NO_CACHE)(grid.report_grid)
+log_metrics = task(name="log-metrics", cache_policy=NO_CACHE)(tracking.log_metrics)
 
 
 end_run = task(name="end-run", cache_policy=NO_CACHE)(tracking.end_run)

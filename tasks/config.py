@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -72,6 +72,40 @@ class RegistrySettings(Section):
     promote: PromoteSettings = PromoteSettings()
 
 
+class SelectSettings(Section):
+    metric: str = Field("eval_loss", description="the trial metric that picks the best")
+    mode: Literal["min", "max"] = "min"
+
+
+def _default_target_sets() -> list[list[str] | Literal["all-linear"]]:
+    return [["q_proj", "v_proj"], "all-linear"]
+
+
+# The low-rank methods: the ones a grid over rank, alpha and target modules applies to.
+GRID_METHODS = ("lora", "dora", "qlora")
+
+
+class GridSettings(Section):
+    """The comparison grid: every combination of these, one trial each."""
+
+    r: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [4, 8, 16], min_length=1)
+    alpha: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [8.0, 16.0, 32.0], min_length=1)
+    target_modules: list[list[str] | Literal["all-linear"]] = Field(
+        default_factory=lambda: _default_target_sets(), min_length=1
+    )
+    method: list[Literal["lora", "dora", "qlora"]] | None = Field(
+        None, description="low-rank methods to compare (null: the config's method)"
+    )
+    select: SelectSettings = SelectSettings()
+    runner: Literal["local", "dask"] = "local"
+    max_parallel: int = Field(2, ge=1, description="trials at once (local processes or Dask workers)")
+    dask_address: str | None = Field(None, description="scheduler address to join; null: start a LocalCluster")
+
+    @property
+    def size(self) -> int:
+        return len(self.r) * len(self.alpha) * len(self.target_modules) * len(self.method or [None])
+
+
 # The method section is a union discriminated by `name`, built from the registry of methods.
 MethodConfig: Any = Annotated[
     Union[tuple(m.settings for m in METHODS.values())],  # type: ignore[valid-type]  # noqa: UP007
@@ -80,7 +114,9 @@ MethodConfig: Any = Annotated[
 
 
 class RunConfig(Section):
-    """Everything one pipeline run needs."""
+    """Everything one pipeline run needs. Method flows narrow `method` to their own settings (subclasses)."""
+
+    default_method: ClassVar[str] = "lora"
 
     model: ModelSettings = ModelSettings()
     task: Literal["causal_lm", "classification"] = "causal_lm"
@@ -89,21 +125,26 @@ class RunConfig(Section):
     train: TrainSettings = TrainSettings()
     tracking: TrackingSettings = TrackingSettings()
     registry: RegistrySettings = RegistrySettings()
+    grid: GridSettings | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _default_method_name(cls, values: Any) -> Any:
         if isinstance(values, dict) and isinstance(values.get("method"), dict):
-            values = {**values, "method": {"name": "lora", **values["method"]}}
+            values = {**values, "method": {"name": cls.default_method, **values["method"]}}
         return values
 
     @model_validator(mode="after")
     def _method_fits_task(self) -> RunConfig:
         method = METHODS[self.method.name]
-        if self.task not in method.tasks:
+        if self.task in method.unsupported:
             raise ValueError(
-                f"method.name: '{method.name}' does not support task '{self.task}' "
-                f"(it supports: {', '.join(method.tasks)})"
+                f"method.name: '{method.name}' cannot do task '{self.task}': {method.unsupported[self.task]}"
+            )
+        if self.grid and not self.grid.method and self.method.name not in GRID_METHODS:
+            raise ValueError(
+                f"grid: a grid over rank, alpha and target modules needs a low-rank method "
+                f"({', '.join(GRID_METHODS)}); method.name is '{self.method.name}' (set method.name or grid.method)"
             )
         return self
 

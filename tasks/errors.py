@@ -20,3 +20,9 @@ class UserInputError(Exception):
         """One error that reports every problem at once, one per line."""
         body = "\n".join(f"  - {p}" for p in problems)
         return cls(f"{header}\n{body}", problems)
+
+
+class RunFailed(RuntimeError):
+    """The run could not finish for a reason its message explains (exit code 1, no traceback)."""
+
+    exit_code = 1

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+from collections.abc import Callable
+from pathlib import Path
 
+from filelock import FileLock
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
-from tasks.config import PromoteSettings
+from tasks.config import PromoteSettings, RunConfig
+from tasks.evaluation import evaluate_registered
+from tasks.load import DataRef
+from tasks.modeling import cache_home
+
+# Scores a registered version on the new version's eval data (used when the champion saw other eval data).
+Reevaluate = Callable[[ModelVersion], float | None]
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -43,8 +55,33 @@ def beats(new: float, old: float, settings: PromoteSettings) -> bool:
     return new > old + settings.min_delta
 
 
-def promote_version(client: MlflowClient, name: str, version: str, settings: PromoteSettings) -> Decision:
-    """Move `@champion` to this version when it beats the current champion; else alias it `@challenger`."""
+def registry_lock(client: MlflowClient, name: str) -> FileLock:
+    """One promotion at a time per registered model (per machine): read champion, decide, move the alias."""
+    key = hashlib.sha256(f"{client._registry_uri}|{name}".encode()).hexdigest()[:16]
+    folder = cache_home() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"promote-{key}.lock"), timeout=600)
+
+
+def promote_version(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    settings: PromoteSettings,
+    reevaluate: Reevaluate | None = None,
+) -> Decision:
+    """Move `@champion` to this version when it beats the current champion; else alias it `@challenger`.
+
+    The champion's metric is its recorded one when it was evaluated on the same data (same fingerprint);
+    otherwise `reevaluate` scores it on this version's eval data, so that the two numbers compare.
+    """
+    with registry_lock(client, name):
+        return _decide(client, name, str(version), settings, reevaluate)
+
+
+def _decide(
+    client: MlflowClient, name: str, version: str, settings: PromoteSettings, reevaluate: Reevaluate | None
+) -> Decision:
     new = version_metric(client, name, version, settings.metric)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
@@ -61,9 +98,19 @@ def promote_version(client: MlflowClient, name: str, version: str, settings: Pro
         promoted = True
     else:
         old = version_metric(client, name, champion.version, settings.metric)
+        where = ""
+        same_data = champion.tags.get("data_fingerprint") == client.get_model_version(name, version).tags.get(
+            "data_fingerprint"
+        )
+        if not same_data and reevaluate is not None:
+            old = reevaluate(champion)
+            where = " re-evaluated on this version's eval data"
         promoted = old is None or not math.isfinite(old) or beats(new, old, settings)
         better = "beats" if promoted else "does not beat"
-        reason = f"{settings.metric} {new:.6g} {better} champion v{champion.version}'s {old} (mode {settings.mode}, min_delta {settings.min_delta})"
+        reason = (
+            f"{settings.metric} {new:.6g} {better} champion v{champion.version}'s {old}{where} "
+            f"(mode {settings.mode}, min_delta {settings.min_delta})"
+        )
     alias = CHAMPION if promoted else CHALLENGER
     client.set_registered_model_alias(name, alias, str(version))
     client.set_model_version_tag(name, str(version), "promotion", reason)
@@ -75,3 +122,19 @@ def promote_version(client: MlflowClient, name: str, version: str, settings: Pro
         champion_version=str(version) if promoted else str(champion.version if champion else ""),
         reason=reason,
     )
+
+
+def champion_reevaluator(config: RunConfig, data: DataRef) -> Reevaluate:
+    """Scores a registered version on `data`'s eval split with the configured promotion metric."""
+    cache_dir = Path(config.train.output_dir).resolve() / ".cache" / "tokenized"
+
+    def score(version: ModelVersion) -> float | None:
+        uri = f"models:/{version.name}/{version.version}"
+        try:
+            metrics = evaluate_registered(uri, data, config.task, config.data.max_length, cache_dir)
+        except ValueError as exc:  # e.g. other label names: no comparable score, the new version wins
+            logging.getLogger(__name__).warning("cannot re-evaluate %s: %s", uri, exc)
+            return None
+        return metrics.get(config.registry.promote.metric)
+
+    return score

@@ -46,3 +46,61 @@ def test_max_mode_promotes_the_higher_metric(tmp_path: Path) -> None:
     promote_version(client, "m", low, settings)
     high = register(client, tmp_path, 0.9)
     assert promote_version(client, "m", high, settings).promoted
+
+
+def register_tagged(client: MlflowClient, tmp_path: Path, eval_loss: float, fingerprint: str) -> str:
+    version = register(client, tmp_path, eval_loss)
+    client.set_model_version_tag("m", version, "data_fingerprint", fingerprint)
+    return version
+
+
+def test_champion_is_re_evaluated_when_the_eval_data_changed(tmp_path: Path) -> None:
+    client = MlflowClient()
+    settings = PromoteSettings(metric="eval_loss", mode="min")
+    old = register_tagged(client, tmp_path, 1.0, "data-v1")
+    promote_version(client, "m", old, settings)
+    scored: list[str] = []
+
+    def on_new_data(version) -> float:  # the champion scores 3.0 on the new, harder eval data
+        scored.append(str(version.version))
+        return 3.0
+
+    new = register_tagged(client, tmp_path, 2.0, "data-v2")  # worse than 1.0 on paper, better on the same data
+    decision = promote_version(client, "m", new, settings, reevaluate=on_new_data)
+    assert scored == [old] and decision.promoted
+    assert "re-evaluated on this version's eval data" in decision.reason
+
+    same_data = register_tagged(client, tmp_path, 2.5, "data-v2")  # same data as the champion: no re-evaluation
+    assert not promote_version(client, "m", same_data, settings, reevaluate=on_new_data).promoted
+    assert scored == [old]
+
+
+def test_concurrent_promotions_leave_the_best_as_the_one_champion(tmp_path: Path, monkeypatch) -> None:
+    """Two promotions at once: each reads the champion, decides, moves the alias; the lock serialises them."""
+    import threading
+    import time
+
+    import tasks.promotion as promotion
+
+    client = MlflowClient()
+    settings = PromoteSettings(metric="eval_loss", mode="min")
+    first = register(client, tmp_path, 3.0)
+    promote_version(client, "m", first, settings)
+    better, best = register(client, tmp_path, 2.0), register(client, tmp_path, 1.0)
+    slow_read = promotion.version_metric
+
+    def slowly(*args, **kwargs):  # widen the read-decide-write window so that an unlocked race would show
+        time.sleep(0.3)
+        return slow_read(*args, **kwargs)
+
+    monkeypatch.setattr(promotion, "version_metric", slowly)
+    threads = [
+        threading.Thread(target=promote_version, args=(MlflowClient(), "m", v, settings)) for v in (best, better)
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # `best` decides first; `better` must then compare against it, not against v1
+    for thread in threads:
+        thread.join()
+    assert str(client.get_model_version_by_alias("m", "champion").version) == best
+    assert str(client.get_model_version_by_alias("m", "challenger").version) == better

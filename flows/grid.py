@@ -1,0 +1,167 @@
+"""The comparison grid: load and tokenize once, fan the trials out, compare, register the best, promote it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel
+
+from flows import stages
+from flows.pipeline import tracked_run
+from tasks.config import GridSettings, RunConfig
+from tasks.errors import RunFailed
+from tasks.grid import TrialResult, TrialSpec, expand_grid, select_best
+from tasks.modeling import ModelSource
+from tasks.tokenization import TokenizedRef
+from tasks.tracking import RunRef
+
+# Progress goes to the terminal (stderr) whatever Prefect's log level; the Prefect UI shows each trial's state.
+progress = logging.getLogger("adaptflow.grid")
+
+
+class GridFailed(RunFailed):
+    """Every trial of the grid failed (exit 1, with a summary of the errors)."""
+
+
+class GridResult(BaseModel):
+    """What `adaptflow grid --json` prints (the contract's `grid` object)."""
+
+    command: str = "grid"
+    status: str = "ok"
+    parent_run_id: str
+    select: dict[str, str]
+    trials: list[dict[str, Any]]
+    best: dict[str, Any]
+    model_name: str
+    model_version: str
+    model_uri: str
+    promoted: bool
+    champion_version: str
+    aliases: list[str]
+    promotion: str
+    table: str
+
+
+def trial_runner(grid: GridSettings) -> tuple[TaskRunner[Any], int | None]:
+    """The task runner for the trials and the torch threads each trial gets (None: leave as is).
+
+    Several trials at once run in separate processes (local) or Dask workers, never threads of one process:
+    seeding and torch's thread pool are process-wide, and separate processes give the same numbers anywhere.
+    """
+    threads = max(1, (os.cpu_count() or 1) // grid.max_parallel)
+    if grid.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if grid.dask_address:
+            return DaskTaskRunner(address=grid.dask_address), None
+        cluster = {
+            "n_workers": grid.max_parallel,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster), threads
+    if grid.max_parallel == 1:
+        return ThreadPoolTaskRunner(max_workers=1), None
+    return ProcessPoolTaskRunner(max_workers=grid.max_parallel), threads
+
+
+def _failed(spec: TrialSpec, error: BaseException) -> TrialResult:
+    """A trial whose worker died (killed, out of memory) before it could record its own failure."""
+    return TrialResult(
+        index=spec.index, name=spec.name, params=spec.params, status="failed", error=f"{type(error).__name__}: {error}"
+    )
+
+
+def run_trials(
+    specs: list[TrialSpec], source: ModelSource, tokenized: TokenizedRef, parent: RunRef, grid: GridSettings
+) -> list[TrialResult]:
+    """Fan the trials out on the configured runner, reporting trials done / total and the best so far."""
+    runner, threads = trial_runner(grid)
+    results: list[TrialResult] = []
+    with runner:
+        futures = {
+            runner.submit(
+                stages.run_trial,
+                {"spec": spec, "source": source, "tokenized": tokenized, "parent": parent, "threads": threads},
+            ): spec
+            for spec in specs
+        }
+        for future in as_completed(list(futures)):
+            spec = futures[future]
+            try:
+                result = future.result()
+            except Exception as exc:
+                result = _failed(spec, exc)
+            results.append(result)
+            best = select_best(results, grid.select)
+            metric = grid.select.metric
+            outcome = f"{metric} {result.metrics[metric]:.4g}" if metric in result.metrics else result.error
+            so_far = f"trial {best.index} ({metric} {best.metrics[metric]:.4g})" if best else "none yet"
+            progress.info(
+                "[%d/%d trials done] trial %d %s: %s; best so far: %s",
+                len(results),
+                len(specs),
+                result.index,
+                result.name,
+                outcome,
+                so_far,
+            )
+    return sorted(results, key=lambda r: r.index)
+
+
+@flow(name="lora_grid", log_prints=True)
+def lora_grid(config: RunConfig) -> GridResult:
+    """Compare LoRA-family settings over rank x alpha x target modules; register the best, promote if it wins."""
+    grid = config.grid or GridSettings()
+    config = config.model_copy(update={"grid": grid})
+    cache_dir = Path(config.train.output_dir).resolve() / ".cache"
+    source = stages.resolve_model(config.model)
+    with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}") as parent:
+        data = stages.load_data(config.data, config.task, cache_dir / "data")
+        tokenized = stages.tokenize_dataset(data, source, config.task, config.data.max_length, cache_dir / "tokenized")
+        base_metrics = stages.evaluate_base(source, tokenized, batch_size=config.train.eval_batch_size or 16)
+        specs = expand_grid(config)
+        results = run_trials(specs, source, tokenized, parent, grid)
+        table = stages.report_grid(results, grid.select, parent)
+        best = select_best(results, grid.select)
+        if best is None:
+            errors = "; ".join(f"trial {r.index} ({r.name}): {r.error}" for r in results)
+            raise GridFailed(f"all {len(results)} trials failed: {errors}")
+        assert best.trained is not None and best.run_id and best.run_dir
+        best_config = specs[best.index].config
+        best_run = RunRef(
+            run_id=best.run_id,
+            experiment_id=parent.experiment_id,
+            tracking_uri=parent.tracking_uri,
+            run_dir=best.run_dir,
+        )
+        merged = stages.merge_model(best.trained, tokenized, best_run)
+        metrics = {**best.metrics, **base_metrics}
+        if merged.merge_max_abs_diff is not None:
+            metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
+        lineage = {"grid_parent_run_id": parent.run_id, "grid_trial": str(best.index)}
+        lineage |= {f"param.{k}": str(v) for k, v in best.params.items()}
+        registered = stages.register_model(best_config, data, best_run, best.trained, merged, metrics, lineage)
+        decision = stages.promote(registered, best_run, config, data)
+        stages.log_metrics(parent, {f"best_{k}": v for k, v in metrics.items()})
+    return GridResult(
+        parent_run_id=parent.run_id,
+        select=grid.select.model_dump(),
+        trials=[r.public() for r in results],
+        best=best.public(),
+        model_name=registered.name,
+        model_version=registered.version,
+        model_uri=registered.model_uri,
+        promoted=decision.promoted,
+        champion_version=decision.champion_version,
+        aliases=[decision.alias],
+        promotion=decision.reason,
+        table=table,
+    )

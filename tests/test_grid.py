@@ -1,0 +1,187 @@
+"""The comparison grid: expansion and selection, then real grids on a local process pool and a Dask LocalCluster."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from tasks.config import RunConfig, SelectSettings
+from tasks.grid import TrialResult, expand_grid, markdown_table, pareto_front, results_table, select_best
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def trial(index: int, loss: float | None, params: int, r: int = 4) -> TrialResult:
+    status = "ok" if loss is not None else "failed"
+    metrics = {"eval_loss": loss, "trainable_params": params} if loss is not None else {}
+    return TrialResult(
+        index=index,
+        name=f"t{index}",
+        params={"method": "lora", "r": r, "alpha": 8, "target_modules": ["q_proj"]},
+        status=status,
+        metrics=metrics,
+        error=None if loss is not None else "boom",
+    )
+
+
+def test_grid_expands_to_the_product_with_method_settings_kept() -> None:
+    config = RunConfig.model_validate(
+        {
+            "data": {"train": "x.jsonl"},
+            "method": {"name": "lora", "dropout": 0.2},
+            "grid": {"r": [4, 8], "alpha": [8, 16, 32], "target_modules": [["q_proj"], "all-linear"]},
+        }
+    )
+    specs = expand_grid(config)
+    assert len(specs) == config.grid.size == 12
+    assert [s.index for s in specs] == list(range(12))
+    assert {(s.params["r"], s.params["alpha"], str(s.params["target_modules"])) for s in specs} == {
+        (r, a, str(t)) for r in (4, 8) for a in (8, 16, 32) for t in (["q_proj"], "all-linear")
+    }
+    assert all(s.config.method.dropout == 0.2 and s.config.grid is None for s in specs)
+    both = config.model_copy(update={"grid": config.grid.model_copy(update={"method": ["lora", "qlora"]})})
+    assert [s.config.method.name for s in expand_grid(both)].count("qlora") == 12
+
+
+def test_grid_needs_a_low_rank_method() -> None:
+    with pytest.raises(ValueError, match="grid: a grid over rank, alpha and target modules needs a low-rank method"):
+        RunConfig.model_validate({"data": {"train": "x.jsonl"}, "method": {"name": "prefix"}, "grid": {}})
+
+
+def test_selection_ties_go_to_fewer_parameters_and_failures_never_win() -> None:
+    results = [trial(0, 2.0, 800), trial(1, 1.5, 3200), trial(2, 1.5, 1600), trial(3, None, 10)]
+    assert select_best(results, SelectSettings()).index == 2
+    assert select_best(results, SelectSettings(metric="eval_loss", mode="max")).index == 0
+    assert select_best([trial(0, None, 1)], SelectSettings()) is None
+    assert select_best([trial(0, float("nan"), 1), trial(1, 3.0, 5)], SelectSettings()).index == 1
+
+
+def test_pareto_front_keeps_only_undominated_trials() -> None:
+    results = [trial(0, 2.0, 800), trial(1, 1.5, 3200), trial(2, 1.5, 1600), trial(3, 2.5, 1600)]
+    assert pareto_front(results, SelectSettings()) == [0, 2]
+
+
+def test_results_table_is_best_first_and_renders_as_markdown() -> None:
+    table = results_table([trial(0, 2.0, 800), trial(1, None, 10), trial(2, 1.0, 900)], SelectSettings())
+    assert list(table["trial"]) == [2, 0, 1]
+    markdown = markdown_table(table)
+    assert markdown.splitlines()[0].startswith("| trial | method |") and "| failed |" in markdown
+
+
+def grid_config(tmp_path: Path, tiny_model: str, stories_file: Path, **grid: object) -> Path:
+    return write_config(
+        tmp_path / "grid.yaml",
+        model={"name_or_path": tiny_model},
+        data={"train": str(stories_file), "max_length": 32, "eval_fraction": 0.2},
+        method={"name": "lora"},
+        train={"max_steps": 6, "batch_size": 8, "learning_rate": 3e-3, "logging_steps": 2},
+        registry={"name": "grid"},
+        # 2 good trials and one whose target module this model lacks: recorded as failed, the grid goes on.
+        grid={"r": [2, 4], "alpha": [8], "target_modules": [["q_proj", "v_proj"]], "max_parallel": 2, **grid},
+    )
+
+
+def comparable(result: dict) -> list[tuple]:
+    return [
+        (t["index"], t["status"], round(t["metrics"].get("eval_loss", -1), 6), t["metrics"].get("trainable_params"))
+        for t in result["trials"]
+    ]
+
+
+@pytest.mark.slow
+def test_grid_locally_and_on_dask_registers_the_true_best_and_promotes_only_a_winner(
+    tmp_path: Path,
+    tiny_model: str,
+    stories_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = grid_config(tmp_path, tiny_model, stories_file)
+    shown: list[str] = []
+    progress = logging.getLogger("adaptflow.grid")  # Prefect reconfigures the root logger; listen here
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())  # type: ignore[method-assign]
+    progress.addHandler(handler)
+    bad_target = ["--set", "grid.target_modules=[[q_proj, v_proj], [qkv]]"]
+    assert main(["grid", str(config), *bad_target, "--json"]) == 0
+    local = last_json(capsys.readouterr().out)
+    progress.removeHandler(handler)
+    assert len(shown) == 4 and shown[-1].startswith("[4/4 trials done]") and "best so far: trial" in shown[-1]
+
+    statuses = [t["status"] for t in local["trials"]]
+    assert statuses == ["ok", "ok", "failed", "failed"]
+    assert "'qkv' is not a linear module" in local["trials"][2]["error"]
+    ok = [t for t in local["trials"] if t["status"] == "ok"]
+    true_best = min(ok, key=lambda t: (t["metrics"]["eval_loss"], t["metrics"]["trainable_params"]))
+    assert local["best"]["index"] == true_best["index"]
+    assert (local["aliases"], local["promoted"]) == (["champion"], True)
+
+    client = MlflowClient()
+    nested = client.search_runs(
+        [client.get_run(local["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{local['parent_run_id']}'",
+    )
+    assert len(nested) == 4 and {r.info.status for r in nested} == {"FINISHED", "FAILED"}
+    assert len({r.info.run_id for r in nested}) == 4
+    version = client.get_model_version("grid", local["model_version"])
+    assert version.run_id == true_best["run_id"]
+    assert version.tags["grid_parent_run_id"] == local["parent_run_id"]
+    assert version.tags["param.r"] == str(true_best["params"]["r"])
+    reports = {a.path for a in client.list_artifacts(local["parent_run_id"], "reports")}
+    assert {
+        "reports/grid_results.csv",
+        "reports/grid_results.md",
+        "reports/grid_heatmap.png",
+        "reports/grid_pareto.png",
+        "reports/grid_loss_curves.png",
+    } <= reports
+    rows = list(
+        csv.DictReader(
+            io.StringIO(Path(client.download_artifacts(local["parent_run_id"], "reports/grid_results.csv")).read_text())
+        )
+    )
+    assert rows[0]["trial"] == str(true_best["index"]) and len(rows) == 4
+
+    # The same grid on a Dask LocalCluster of 2 worker processes: the same table, and no new champion (a tie).
+    assert main(["grid", str(config), *bad_target, "--set", "grid.runner=dask", "--json"]) == 0
+    dask = last_json(capsys.readouterr().out)
+    assert comparable(dask) == comparable(local)
+    assert dask["aliases"] == ["challenger"] and not dask["promoted"]
+
+    # A deliberately worse grid: registered, @challenger, the champion stays.
+    worse = ["--set", "train.learning_rate=1e-7", "--set", "grid.r=[2]", "--set", "grid.max_parallel=1"]
+    assert main(["grid", str(config), *worse, "--json"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert result["aliases"] == ["challenger"] and result["champion_version"] == local["model_version"]
+    assert str(client.get_model_version_by_alias("grid", "champion").version) == local["model_version"]
+
+    # `adaptflow promote` makes the same decision for the newest version.
+    assert main(["promote", "--name", "grid", "--json"]) == 0
+    decision = last_json(capsys.readouterr().out)
+    assert (decision["version"], decision["alias"]) == (result["model_version"], "challenger")
+
+
+@pytest.mark.slow
+def test_a_grid_where_every_trial_fails_exits_1_with_a_summary(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = grid_config(tmp_path, tiny_model, stories_file, target_modules=[["qkv"]], r=[2], max_parallel=1)
+    assert main(["grid", str(config), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "all 1 trials failed: trial 0" in captured.err and "Traceback" not in captured.err
+    assert last_json(captured.out)["status"] == "failed"
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_promote_unknown_model_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["promote", "--name", "nope", "--json"]) == 2
+    assert "--name: no registered model called 'nope'" in capsys.readouterr().err
