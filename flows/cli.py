@@ -1,4 +1,4 @@
-"""`adaptflow`: run, grid, promote, predict, demo, methods. Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else."""
+"""`adaptflow`: run, grid, promote, predict, probe, demo, methods. Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else."""
 
 from __future__ import annotations
 
@@ -39,9 +39,13 @@ def _print_run(result: dict[str, Any]) -> None:
     print(f"\nrun {result['run_id']}  method={result['method']}  task={result['task']}")
     for key in sorted(metrics):
         print(f"  {key:28s} {metrics[key]:.6g}")
-    print(f"registered {result['model_name']} version {result['model_version']} -> @{', @'.join(result['aliases'])}")
+    aliases = ", ".join(f"@{a}" for a in result["aliases"]) or "no alias"
+    print(f"registered {result['model_name']} version {result['model_version']} -> {aliases}")
     print(f"  ({result['promotion']})")
-    print(f"  load it: mlflow.pyfunc.load_model('models:/{result['model_name']}@{result['aliases'][0]}')")
+    gate = result["bias_probe"].get("gate")
+    if gate and not gate["passed"]:
+        print(f"  BIAS GATE FAILED: {gate['reason']} -- kept out of @champion (tag bias_gate=failed)")
+    print(f"  load it: mlflow.pyfunc.load_model('{result['model_uri']}')")
 
 
 def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,7 +65,8 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(r["table"])
         print(f"best: trial {r['best']['index']} {r['best']['name']}")
-        print(f"registered {r['model_name']} version {r['model_version']} -> @{r['aliases'][0]}  ({r['promotion']})")
+        aliases = ", ".join(f"@{a}" for a in r["aliases"]) or "no alias"
+        print(f"registered {r['model_name']} version {r['model_version']} -> {aliases}  ({r['promotion']})")
 
     return _emit(result, args, human)
 
@@ -135,6 +140,29 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     return _emit(result, args, human)
 
 
+def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.config import GateSettings, ProbeSettings, TrackingSettings
+    from tasks.probe import check_gate, labelled_texts, load_for_probe, load_suite, probe_markdown, probe_model
+    from tasks.tracking import use_tracking
+
+    suite = load_suite(args.suite, "--suite")
+    if args.model.startswith(("models:/", "runs:/")):
+        use_tracking(TrackingSettings())
+    model, tokenizer, task = load_for_probe(args.model)
+    texts = labels = None
+    if args.data:
+        texts, labels = labelled_texts(Path(args.data), model, args.text_column, args.label_column)
+    settings = ProbeSettings(suite=args.suite, samples=args.samples, max_new_tokens=args.max_new_tokens)
+    probed = probe_model(model, tokenizer, task, suite, settings, texts, labels)
+    gate = check_gate(probed, None, GateSettings(max_stereotype_rise=None))
+    result = {"command": "probe", "model": args.model, "task": task, **probed, "gate": gate}
+
+    def human(r: dict[str, Any]) -> None:
+        print(probe_markdown(probed, None, gate))
+
+    return _emit(result, args, human)
+
+
 def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
     from adapters_impl import METHODS
 
@@ -196,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model_uri", help="models:/NAME@champion, models:/NAME/VERSION, runs:/... ")
     predict.add_argument("--text", action="append", help="input text (repeatable)")
     predict.add_argument("--input", help="a file with one input text per line")
+    probe = add("probe", cmd_probe, "the bias and robustness probe alone on a model")
+    probe.add_argument("model", help="local model folder, hub id, or models:/NAME@ALIAS")
+    probe.add_argument(
+        "--suite",
+        required=True,
+        help="builtin suite name (default) or a path: YAML suite, pairs CSV/JSONL, WinoBias folder",
+    )
+    probe.add_argument("--data", help="labelled texts for the robustness check of a classifier")
+    probe.add_argument("--text-column", default="text")
+    probe.add_argument("--label-column", default="label")
+    probe.add_argument("--samples", type=int, default=1, help="generations per rule prompt (1 = greedy)")
+    probe.add_argument("--max-new-tokens", type=int, default=20)
     demo = add("demo", cmd_demo, "the offline demo on embedded defaults")
     demo.add_argument("--set", **overrides)  # type: ignore[arg-type]
     add("methods", cmd_methods, "list the methods and their settings")

@@ -45,6 +45,7 @@ class GridResult(BaseModel):
     champion_version: str
     aliases: list[str]
     promotion: str
+    bias_probe: dict[str, Any]
     table: str
 
 
@@ -118,7 +119,10 @@ def run_trials(
 
 @flow(name="lora_grid", log_prints=True)
 def lora_grid(config: RunConfig) -> GridResult:
-    """Compare LoRA-family settings over rank x alpha x target modules; register the best, promote if it wins."""
+    """Compare LoRA-family settings over rank x alpha x target modules; register the best, promote if it wins.
+
+    The best trial is bias-probed before registration; a failed gate keeps it out of @champion.
+    """
     grid = config.grid or GridSettings()
     config = config.model_copy(update={"grid": grid})
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
@@ -142,14 +146,17 @@ def lora_grid(config: RunConfig) -> GridResult:
             tracking_uri=parent.tracking_uri,
             run_dir=best.run_dir,
         )
-        merged = stages.merge_model(best.trained, tokenized, best_run)
         metrics = {**best.metrics, **base_metrics}
+        metrics |= stages.report_evaluation(best.trained, data, tokenized, metrics, best_run)
+        base_probe = stages.probe_base(source, config.task, config.bias_probe)
+        probe_report = stages.bias_probe(best.trained, data, tokenized, config.bias_probe, base_probe, best_run)
+        merged = stages.merge_model(best.trained, tokenized, best_run)
         if merged.merge_max_abs_diff is not None:
             metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
         lineage = {"grid_parent_run_id": parent.run_id, "grid_trial": str(best.index)}
         lineage |= {f"param.{k}": str(v) for k, v in best.params.items()}
         registered = stages.register_model(best_config, data, best_run, best.trained, merged, metrics, lineage)
-        decision = stages.promote(registered, best_run, config, data)
+        decision = stages.promote(registered, best_run, config, data, probe_report)
         stages.log_metrics(parent, {f"best_{k}": v for k, v in metrics.items()})
     return GridResult(
         parent_run_id=parent.run_id,
@@ -161,7 +168,8 @@ def lora_grid(config: RunConfig) -> GridResult:
         model_uri=registered.model_uri,
         promoted=decision.promoted,
         champion_version=decision.champion_version,
-        aliases=[decision.alias],
+        aliases=[decision.alias] if decision.alias else [],
         promotion=decision.reason,
+        bias_probe=probe_report.public(),
         table=table,
     )

@@ -71,6 +71,9 @@ def finetune(config: RunConfig) -> RunResult:
         adapted = stages.apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
         trained = stages.train_model(adapted, tokenized, config.train, run)
         tuned_metrics = stages.evaluate_model(trained, tokenized, run)
+        tuned_metrics |= stages.report_evaluation(trained, data, tokenized, {**tuned_metrics, **base_metrics}, run)
+        base_probe = stages.probe_base(source, config.task, config.bias_probe)
+        probe_report = stages.bias_probe(trained, data, tokenized, config.bias_probe, base_probe, run)
         merged = stages.merge_model(trained, tokenized, run)
         metrics = {
             **tuned_metrics,
@@ -87,7 +90,7 @@ def finetune(config: RunConfig) -> RunResult:
             metrics["merged_eval_loss"] = merged.merged_eval_loss
             metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - tuned_metrics["eval_loss"]
         registered = stages.register_model(config, data, run, trained, merged, metrics)
-        decision = stages.promote(registered, run, config, data)
+        decision = stages.promote(registered, run, config, data, probe_report)
     return RunResult(
         run_id=run.run_id,
         method=config.method.name,
@@ -96,7 +99,8 @@ def finetune(config: RunConfig) -> RunResult:
         model_name=registered.name,
         model_version=registered.version,
         model_uri=registered.model_uri,
-        aliases=[decision.alias],
+        aliases=[decision.alias] if decision.alias else [],
+        bias_probe=probe_report.public(),
         mergeable=adapted.mergeable,
         promotion=decision.reason,
         run_dir=run.run_dir,

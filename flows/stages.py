@@ -12,7 +12,20 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 
-from tasks import adapting, evaluation, grid, load, merging, modeling, registry, tokenization, tracking, training
+from tasks import (
+    adapting,
+    evaluation,
+    grid,
+    load,
+    merging,
+    modeling,
+    probe,
+    registry,
+    reports,
+    tokenization,
+    tracking,
+    training,
+)
 from tasks.config import RunConfig
 from tasks.errors import UserInputError
 from tasks.promotion import Decision, champion_reevaluator, promote_version
@@ -73,6 +86,22 @@ def tokenize_dataset(
 evaluate_base = task(name="evaluate-base", cache_key_fn=_base_eval_key, persist_result=True, result_serializer="json")(
     evaluation.evaluate_base
 )
+
+
+def _base_probe_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    settings = parameters["settings"]
+    suite = Path(str(settings.suite))
+    stamp = f"{suite.stat().st_mtime_ns}" if suite.exists() else str(settings.suite)
+    text = f"{_model_fingerprint(parameters['source'])}|{parameters['task']}|{settings.model_dump_json()}|{stamp}"
+    return "base-probe-" + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# The base model's probe is deterministic and the same for every run on this model: cached.
+probe_base = task(name="bias-probe-base", cache_key_fn=_base_probe_key, persist_result=True, result_serializer="json")(
+    probe.probe_base
+)
+bias_probe = task(name="bias-probe", cache_policy=NO_CACHE)(probe.bias_probe)
+report_evaluation = task(name="evaluation-report", cache_policy=NO_CACHE)(reports.report_evaluation)
 apply_method = task(name="apply-method", cache_policy=NO_CACHE)(adapting.apply_method)
 # Training never caches and never retries on its own: a retry would start again from step 0.
 train_model = task(name="train", cache_policy=NO_CACHE)(training.train_model)
@@ -85,15 +114,20 @@ register_model = task(
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=is_transient)
 def promote(
-    registered: registry.RegisteredRef, run: tracking.RunRef, config: RunConfig, data: load.DataRef
+    registered: registry.RegisteredRef,
+    run: tracking.RunRef,
+    config: RunConfig,
+    data: load.DataRef,
+    report: probe.ProbeReport,
 ) -> Decision:
-    """Champion/challenger decision for the version just registered (champion re-evaluated if data changed)."""
+    """Champion/challenger decision for the version just registered, unless the bias gate failed."""
     return promote_version(
         tracking.client_for(run),
         registered.name,
         registered.version,
         config.registry.promote,
         reevaluate=champion_reevaluator(config, data),
+        gate=report.gate,
     )
 
 

@@ -72,6 +72,29 @@ class RegistrySettings(Section):
     promote: PromoteSettings = PromoteSettings()
 
 
+class GateSettings(Section):
+    """Thresholds that keep a tuned model out of @champion; null skips a check."""
+
+    max_stereotype_rise: float | None = Field(
+        5.0, description="largest allowed rise of the pairs' stereotype score over the base model, in points"
+    )
+    min_rule_pass_rate: float | None = Field(None, ge=0, le=1, description="lowest pass rate of any rule category")
+    min_consistency: float | None = Field(
+        None, ge=0, le=1, description="lowest prediction consistency under perturbation (classification)"
+    )
+
+
+class ProbeSettings(Section):
+    """The bias and robustness probe: a builtin suite name or a path (YAML suite, pairs CSV/JSONL, WinoBias dir)."""
+
+    suite: str | None = Field("default", description="builtin suite name or path; null: no probe")
+    gate: GateSettings = GateSettings()
+    samples: int = Field(1, ge=1, description="generations per rule prompt: 1 = greedy, more = seeded sampling")
+    max_new_tokens: int = Field(20, gt=0)
+    seed: int = 0
+    batch_size: int = Field(16, gt=0)
+
+
 class SelectSettings(Section):
     metric: str = Field("eval_loss", description="the trial metric that picks the best")
     mode: Literal["min", "max"] = "min"
@@ -125,6 +148,7 @@ class RunConfig(Section):
     train: TrainSettings = TrainSettings()
     tracking: TrackingSettings = TrackingSettings()
     registry: RegistrySettings = RegistrySettings()
+    bias_probe: ProbeSettings = ProbeSettings()
     grid: GridSettings | None = None
 
     @model_validator(mode="before")

@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
@@ -55,6 +56,13 @@ def beats(new: float, old: float, settings: PromoteSettings) -> bool:
     return new > old + settings.min_delta
 
 
+def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
 def registry_lock(client: MlflowClient, name: str) -> FileLock:
     """One promotion at a time per registered model (per machine): read champion, decide, move the alias."""
     key = hashlib.sha256(f"{client._registry_uri}|{name}".encode()).hexdigest()[:16]
@@ -69,12 +77,30 @@ def promote_version(
     version: str,
     settings: PromoteSettings,
     reevaluate: Reevaluate | None = None,
+    gate: dict[str, Any] | None = None,
 ) -> Decision:
     """Move `@champion` to this version when it beats the current champion; else alias it `@challenger`.
 
     The champion's metric is its recorded one when it was evaluated on the same data (same fingerprint);
     otherwise `reevaluate` scores it on this version's eval data, so that the two numbers compare.
+    A failed bias `gate` keeps the version out of @champion whatever its metric: it is tagged
+    `bias_gate=failed` with the reason, and gets no alias.
     """
+    if gate is not None:
+        client.set_model_version_tag(name, str(version), "bias_gate", "passed" if gate["passed"] else "failed")
+        if not gate["passed"]:
+            reason = f"bias gate failed: {gate['reason']}"
+            client.set_model_version_tag(name, str(version), "bias_gate_reason", gate["reason"][:5000])
+            client.set_model_version_tag(name, str(version), "promotion", reason)
+            champion = _champion(client, name)
+            return Decision(
+                name=name,
+                version=str(version),
+                alias="",
+                promoted=False,
+                champion_version=str(champion.version) if champion else "",
+                reason=reason,
+            )
     with registry_lock(client, name):
         return _decide(client, name, str(version), settings, reevaluate)
 
@@ -83,10 +109,7 @@ def _decide(
     client: MlflowClient, name: str, version: str, settings: PromoteSettings, reevaluate: Reevaluate | None
 ) -> Decision:
     new = version_metric(client, name, version, settings.metric)
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
+    champion = _champion(client, name)
     if new is None or not math.isfinite(new):
         reason = f"version {version} has no finite '{settings.metric}'"
         promoted = False
