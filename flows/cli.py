@@ -42,7 +42,18 @@ def _print_run(result: dict[str, Any]) -> None:
     aliases = ", ".join(f"@{a}" for a in result["aliases"]) or "no alias"
     print(f"registered {result['model_name']} version {result['model_version']} -> {aliases}")
     print(f"  ({result['promotion']})")
-    gate = result["bias_probe"].get("gate")
+    probe = result["bias_probe"]
+    base = probe.get("base") or {}
+    if "pairs" in probe:
+        before = base.get("pairs", {}).get("stereotype_score")
+        shown = f"{before:.1f} -> " if before is not None else ""
+        print(
+            f"bias probe: stereotype score {shown}{probe['pairs']['stereotype_score']:.1f} (50 = no preference)", end=""
+        )
+        print(f", rule pass rate {probe['rules']['pass_rate']:.2f}" if "rules" in probe else "")
+    if "robustness" in probe:
+        print(f"robustness: consistency under perturbation {probe['robustness']['consistency']:.2f}")
+    gate = probe.get("gate")
     if gate and not gate["passed"]:
         print(f"  BIAS GATE FAILED: {gate['reason']} -- kept out of @champion (tag bias_gate=failed)")
     print(f"  load it: mlflow.pyfunc.load_model('{result['model_uri']}')")
