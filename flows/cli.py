@@ -24,19 +24,20 @@ def _emit(result: dict[str, Any], args: argparse.Namespace, human: Callable[[dic
     return result
 
 
-def _run_config(config_path: str, overrides: list[str]) -> dict[str, Any]:
+def _run_config(config_path: str, overrides: list[str], resume: bool = False) -> dict[str, Any]:
     from flows.finetune import run_method_flow
     from flows.pipeline import preflight
     from tasks.config import load_config
 
     config = load_config(config_path, overrides)
     preflight(config)
-    return run_method_flow(config).model_dump()
+    return run_method_flow(config, resume).model_dump()
 
 
 def _print_run(result: dict[str, Any]) -> None:
     metrics = result["metrics"]
-    print(f"\nrun {result['run_id']}  method={result['method']}  task={result['task']}")
+    resumed = f"  (resumed from step {result['resumed_from_step']})" if result.get("resumed_from_step") else ""
+    print(f"\nrun {result['run_id']}  method={result['method']}  task={result['task']}{resumed}")
     for key in sorted(metrics):
         print(f"  {key:28s} {metrics[key]:.6g}")
     aliases = ", ".join(f"@{a}" for a in result["aliases"]) or "no alias"
@@ -96,7 +97,7 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    return _emit(_run_config(args.config, args.set), args, _print_run)
+    return _emit(_run_config(args.config, args.set, args.resume), args, _print_run)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run, "one pipeline run of the configured method")
     run.add_argument("config", help="YAML config file")
     run.add_argument("--set", **overrides)  # type: ignore[arg-type]
+    run.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
     grid = add("grid", cmd_grid, "the comparison grid, then register and promote the best")
     grid.add_argument("config", help="YAML config file (its grid section; defaults when absent)")
     grid.add_argument("--set", **overrides)  # type: ignore[arg-type]

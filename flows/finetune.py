@@ -68,57 +68,57 @@ class PromptRunConfig(RunConfig):
 
 
 @flow(name="full_finetune", log_prints=True)
-def full_finetune(config: FullRunConfig) -> RunResult:
+def full_finetune(config: FullRunConfig, resume: bool = False) -> RunResult:
     """Fine-tune every weight, evaluate against the base, register and promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 @flow(name="head_finetune", log_prints=True)
-def head_finetune(config: HeadRunConfig) -> RunResult:
+def head_finetune(config: HeadRunConfig, resume: bool = False) -> RunResult:
     """Train a classification head on the frozen base, evaluate against the majority class, register, promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 @flow(name="lora_finetune", log_prints=True)
-def lora_finetune(config: LoraRunConfig) -> RunResult:
+def lora_finetune(config: LoraRunConfig, resume: bool = False) -> RunResult:
     """Fine-tune with LoRA, evaluate against the base, merge, register and promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 @flow(name="dora_finetune", log_prints=True)
-def dora_finetune(config: DoraRunConfig) -> RunResult:
+def dora_finetune(config: DoraRunConfig, resume: bool = False) -> RunResult:
     """Fine-tune with DoRA, evaluate against the base, merge, register and promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 @flow(name="qlora_finetune", log_prints=True)
-def qlora_finetune(config: QLoraRunConfig) -> RunResult:
+def qlora_finetune(config: QLoraRunConfig, resume: bool = False) -> RunResult:
     """LoRA on a 4-bit base; merge into the full-precision base and report the gap; register and promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 @flow(name="ia3_finetune", log_prints=True)
-def ia3_finetune(config: IA3RunConfig) -> RunResult:
+def ia3_finetune(config: IA3RunConfig, resume: bool = False) -> RunResult:
     """Fine-tune with IA3, evaluate against the base, merge, register and promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 @flow(name="adapter_finetune", log_prints=True)
-def adapter_finetune(config: AdapterRunConfig) -> RunResult:
+def adapter_finetune(config: AdapterRunConfig, resume: bool = False) -> RunResult:
     """Train bottleneck adapters, evaluate against the base, register adapter-only and promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 @flow(name="prefix_finetune", log_prints=True)
-def prefix_finetune(config: PrefixRunConfig) -> RunResult:
+def prefix_finetune(config: PrefixRunConfig, resume: bool = False) -> RunResult:
     """Train prefixes, evaluate against the base, register adapter-only and promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 @flow(name="prompt_finetune", log_prints=True)
-def prompt_finetune(config: PromptRunConfig) -> RunResult:
+def prompt_finetune(config: PromptRunConfig, resume: bool = False) -> RunResult:
     """Train a soft prompt, evaluate against the base, register adapter-only and promote."""
-    return finetune(config)
+    return finetune(config, resume)
 
 
 # method name -> (its flow, the config type that flow takes)
@@ -135,7 +135,7 @@ FLOWS: dict[str, tuple[Flow[Any, RunResult], type[RunConfig]]] = {
 }
 
 
-def run_method_flow(config: RunConfig) -> RunResult:
+def run_method_flow(config: RunConfig, resume: bool = False) -> RunResult:
     """Run the configured method's own flow with the config narrowed to its type."""
     method_flow, config_type = FLOWS[config.method.name]
-    return method_flow(config_type.model_validate(config.model_dump()))
+    return method_flow(config_type.model_validate(config.model_dump()), resume)

@@ -31,16 +31,17 @@ class RunResult(BaseModel):
     mergeable: bool
     promotion: str
     run_dir: str
+    resumed_from_step: int | None = None
 
 
 @contextmanager
-def tracked_run(config: RunConfig, run_name: str | None = None) -> Iterator[RunRef]:
-    """One MLflow run around the pipeline, marked FAILED if any stage raises."""
-    run = stages.start_run(config, run_name)
+def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = False) -> Iterator[RunRef]:
+    """One MLflow run around the pipeline, marked FAILED if any stage raises (KILLED on Ctrl-C)."""
+    run = stages.start_run(config, run_name, None, resume)
     try:
         yield run
-    except BaseException:
-        stages.end_run(run, "FAILED")
+    except BaseException as exc:
+        stages.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", repr(exc)[:5000])
         raise
     stages.end_run(run, "FINISHED")
 
@@ -60,11 +61,14 @@ def preflight(config: RunConfig) -> None:
     resolve_model(config.model)
 
 
-def finetune(config: RunConfig) -> RunResult:
-    """Run the pipeline for one configured method; the method flows are thin, typed entries into this."""
+def finetune(config: RunConfig, resume: bool = False) -> RunResult:
+    """Run the pipeline for one configured method; the method flows are thin, typed entries into this.
+
+    With `resume`, the newest unfinished run of this config continues from its last checkpoint.
+    """
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
     source = stages.resolve_model(config.model)
-    with tracked_run(config) as run:
+    with tracked_run(config, resume=resume) as run:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
         tokenized = stages.tokenize_dataset(data, source, config.task, config.data.max_length, cache_dir / "tokenized")
         base_metrics = stages.evaluate_base(source, tokenized, batch_size=config.train.eval_batch_size or 16)
@@ -84,6 +88,8 @@ def finetune(config: RunConfig) -> RunResult:
             "train_tokens_per_second": trained.train_tokens_per_second,
             "peak_memory_mb": trained.peak_memory_mb,
         }
+        if trained.tracking_failures:  # metrics were buffered and retried while the tracking server was away
+            metrics["tracking_failures"] = trained.tracking_failures
         if merged.merge_max_abs_diff is not None:
             metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
         if merged.merged_eval_loss is not None:
@@ -104,4 +110,5 @@ def finetune(config: RunConfig) -> RunResult:
         mergeable=adapted.mergeable,
         promotion=decision.reason,
         run_dir=run.run_dir,
+        resumed_from_step=trained.resumed_from_step,
     )

@@ -103,8 +103,10 @@ probe_base = task(name="bias-probe-base", cache_key_fn=_base_probe_key, persist_
 bias_probe = task(name="bias-probe", cache_policy=NO_CACHE)(probe.bias_probe)
 report_evaluation = task(name="evaluation-report", cache_policy=NO_CACHE)(reports.report_evaluation)
 apply_method = task(name="apply-method", cache_policy=NO_CACHE)(adapting.apply_method)
-# Training never caches and never retries on its own: a retry would start again from step 0.
-train_model = task(name="train", cache_policy=NO_CACHE)(training.train_model)
+# Training never caches. A retry (transient failures only) continues from the run's last checkpoint.
+train_model = task(
+    name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient
+)(training.train_model)
 evaluate_model = task(name="evaluate", cache_policy=NO_CACHE)(evaluation.evaluate_model)
 merge_model = task(name="merge", cache_policy=NO_CACHE)(merging.merge_model)
 register_model = task(

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from tasks.config import RunConfig, dump_config
 from tasks.load import DataRef
 from tasks.merging import MergedRef
-from tasks.tracking import RunRef, client_for, git_commit, use_tracking
+from tasks.tracking import RunRef, client_for, git_commit, redact, use_tracking
 from tasks.training import TrainedRef
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -96,7 +96,7 @@ def version_tags(config: RunConfig, data: DataRef, run: RunRef, metrics: dict[st
     from tasks.tracking import prefect_flow_run_id
 
     tags = {
-        "base_model": config.model.name_or_path,
+        "base_model": redact(config.model.name_or_path),
         "method": config.method.name,
         "task": config.task,
         "data_fingerprint": data.fingerprint,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ from pydantic import BaseModel
 from transformers import TrainerCallback
 
 from tasks.config import RunConfig, TrackingSettings
+from tasks.errors import RunFailed
 
 log = logging.getLogger("adaptflow")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -91,13 +95,18 @@ def prefect_flow_run_id() -> str:
         return ""
 
 
+def redact(text: str) -> str:
+    """Credentials in URLs (`scheme://user:password@host`) replaced by `***`."""
+    return re.sub(r"(//)[^/@\s]+@", r"\1***@", text)
+
+
 def public_params(config: RunConfig) -> dict[str, str]:
-    """The resolved config as MLflow params; nothing that looks like a secret."""
+    """The resolved config as MLflow params; nothing that looks like a secret, no credentials in URLs."""
     params = {}
     for key, value in config.flat().items():
         if any(marker in key.lower() for marker in SECRET_MARKERS):
             continue
-        params[key] = str(value)[:6000]
+        params[key] = redact(str(value))[:6000]
     return params
 
 
@@ -108,14 +117,73 @@ class RunRef(BaseModel):
     experiment_id: str
     tracking_uri: str
     run_dir: str
+    resumed: bool = False
 
 
-def start_run(config: RunConfig, run_name: str | None = None, parent_run_id: str | None = None) -> RunRef:
-    """Create the MLflow run (params = the resolved config, lineage tags) and the run's folder."""
+def config_hash(config: RunConfig) -> str:
+    """Identifies "the same config" for --resume: the resolved config, outputs and tracking aside."""
+    tree = config.model_dump(mode="json", exclude={"tracking": True, "registry": True})
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def unfinished_run(client: MlflowClient, experiment: str, config: RunConfig) -> str | None:
+    """The newest run of this config that did not finish (killed, failed or still marked running)."""
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`adaptflow.config_hash` = '{config_hash(config)}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    standalone = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # grid trials resume with their grid
+    return standalone[0].info.run_id if standalone else None
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer (its client would retry for minutes).
+
+    Raises:
+        RunFailed: the server does not answer its health check.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            pass
+    except OSError as exc:
+        shown = redact(uri)  # never print credentials
+        raise RunFailed(
+            f"tracking.uri: the MLflow tracking server at {shown} is unreachable ({exc.__class__.__name__}); "
+            "start it (mlflow/start-server.sh) or unset MLFLOW_TRACKING_URI to use the embedded store"
+        ) from None
+
+
+def start_run(
+    config: RunConfig, run_name: str | None = None, parent_run_id: str | None = None, resume: bool = False
+) -> RunRef:
+    """Create the MLflow run (params = the resolved config, lineage tags) and the run's folder.
+
+    With `resume`, continue the newest unfinished run of the same config instead, in the same MLflow run.
+    """
     client = use_tracking(config.tracking)
+    check_reachable(client.tracking_uri)
     exp = experiment_id(client, config.tracking.experiment)
+    previous = unfinished_run(client, exp, config) if resume else None
+    if previous:
+        client.update_run(previous, status="RUNNING")
+        client.set_tag(previous, "adaptflow.resumed", "true")
+        log.info("resuming run %s", previous)
+        run_dir = Path(config.train.output_dir).resolve() / previous
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return RunRef(
+            run_id=previous, experiment_id=exp, tracking_uri=client.tracking_uri, run_dir=str(run_dir), resumed=True
+        )
+    if resume:
+        log.info("nothing to resume for this config: starting a new run")
     tags = {
-        "adaptflow.base_model": config.model.name_or_path,
+        "adaptflow.config_hash": config_hash(config),
+        "adaptflow.base_model": redact(config.model.name_or_path),
         "adaptflow.method": config.method.name,
         "adaptflow.task": config.task,
         "adaptflow.git_commit": git_commit(),
@@ -150,9 +218,12 @@ def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
         client_for(run).log_batch(run.run_id, metrics=batch)
 
 
-def end_run(run: RunRef, status: str) -> None:
-    """Mark the MLflow run FINISHED or FAILED."""
-    client_for(run).set_terminated(run.run_id, status=status)
+def end_run(run: RunRef, status: str, error: str | None = None) -> None:
+    """Mark the MLflow run FINISHED, FAILED or KILLED (with the error, when there is one)."""
+    client = client_for(run)
+    if error:
+        client.set_tag(run.run_id, "adaptflow.error", error)
+    client.set_terminated(run.run_id, status=status)
 
 
 class MlflowStreamCallback(TrainerCallback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -14,15 +15,24 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from adapters_impl import get_method
 from adapters_impl.base import SaveFn
-from tasks.adapting import AdaptedRef, load_adapted, remember
+from tasks.adapting import AdaptedRef, load_adapted, remember, take
 from tasks.config import TrainSettings
+from tasks.errors import RunFailed
 from tasks.modeling import load_tokenizer, training_dtype
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import MlflowStreamCallback, RunRef, log_metrics
 
+log = logging.getLogger("adaptflow")
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+
+class TrainingDiverged(RunFailed):
+    """The loss became NaN or infinite (a clear message and exit 1; never retried)."""
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (`trainer_state.json` is written last) in a run's checkpoint folder."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 class TrainedRef(BaseModel):
@@ -36,6 +46,8 @@ class TrainedRef(BaseModel):
     train_tokens_per_second: float
     peak_memory_mb: float
     loss_history: list[tuple[int, float]]
+    resumed_from_step: int | None = None
+    tracking_failures: int = 0
 
 
 class _StopOnNonFinite(TrainerCallback):
@@ -43,8 +55,8 @@ class _StopOnNonFinite(TrainerCallback):
         self.bad_step: int | None = None
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
+        values = [(logs or {}).get(key) for key in ("loss", "grad_norm")]
+        if any(v is not None and not math.isfinite(float(v)) for v in values):
             self.bad_step = state.global_step
             control.should_training_stop = True
 
@@ -59,6 +71,10 @@ class MethodTrainer(Trainer):
     def __init__(self, *args: Any, save_method: SaveFn, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.save_method = save_method
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Nothing to do: on resume the model was already built from the checkpoint by the method's own `load`
+        (never by applying the method twice); the Trainer restores optimizer, scheduler, RNG and data position."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         folder = Path(output_dir or str(self.args.output_dir))
@@ -111,7 +127,14 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
     Raises:
         TrainingDiverged: the loss became NaN or infinite (the run stops with that message).
     """
-    model = load_adapted(adapted, adapted.adapter_dir, trainable=True)
+    checkpoints = Path(run.run_dir) / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:  # a resumed run or a retried task: continue, do not start again at step 0
+        take(adapted.adapter_dir)
+        model = load_adapted(adapted, resume_from, trainable=True)
+        log.info("resuming training from %s (step %s)", resume_from, resume_from.name.split("-")[1])
+    else:
+        model = load_adapted(adapted, adapted.adapter_dir, trainable=True)
     tokenizer = load_tokenizer(adapted.source)
     train_split, _ = tokenized.splits()
     stream = MlflowStreamCallback(run)
@@ -120,17 +143,19 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
     trainer = MethodTrainer(
         model=model,
         save_method=method.save,
-        args=training_arguments(settings, Path(run.run_dir) / "checkpoints"),
+        args=training_arguments(settings, checkpoints),
         train_dataset=train_split,
         data_collator=make_collator(tokenizer, tokenized.task),
         callbacks=[stream, guard],
     )
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
+    if guard.bad_step is None and not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        guard.bad_step = trainer.state.global_step  # diverged between two logging steps
     if guard.bad_step is not None:
         raise TrainingDiverged(
-            f"training diverged: the loss became NaN or infinite at step {guard.bad_step}; "
+            f"training diverged: the loss became NaN or infinite at step {guard.bad_step} (or before); "
             "lower train.learning_rate or check the data"
         )
     folder = Path(run.run_dir) / "adapter"
@@ -147,6 +172,8 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
         train_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         peak_memory_mb=peak_memory_mb(),
         loss_history=history,
+        resumed_from_step=int(resume_from.name.split("-")[1]) if resume_from else None,
+        tracking_failures=stream.failures,
     )
     log_metrics(
         run,

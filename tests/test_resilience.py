@@ -1,0 +1,233 @@
+"""Crash safety, as a new user would meet each fault: killed runs resume, NaN stops cleanly, an unreachable
+tracking server is named, a crash before registration leaves nothing, and no input ends in a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import write_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from flows.stages import is_transient
+from tasks.config import DataSettings, RunConfig, validate_config
+from tasks.errors import UserInputError
+from tasks.load import load_data
+from tasks.tracking import MlflowStreamCallback, RunRef, public_params, start_run
+from tasks.training import TrainingDiverged
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def run_config(tmp_path: Path, model: str, data: Path, **train: object) -> Path:
+    return write_config(
+        tmp_path / "run.yaml",
+        model={"name_or_path": model},
+        data={"train": str(data), "max_length": 48, "eval_fraction": 0.2},
+        method={"name": "lora", "r": 4, "dropout": 0.1, "target_modules": "all-linear"},
+        train={"batch_size": 8, "learning_rate": 3e-3, "logging_steps": 5, **train},
+        registry={"name": "safe"},
+        bias_probe={"suite": None},
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = run_config(tmp_path, tiny_model, stories_file, max_steps=300, save_steps=10)
+    assert main(["run", str(config), "--json"]) == 0
+    uninterrupted = last_json(capsys.readouterr().out)
+
+    # The same config in a separate process, SIGKILLed once it has checkpointed a few times.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    command = [str(Path(sys.executable).with_name("adaptflow")), "run", str(config)]
+    child = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "runs"
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if any(any(runs.glob(f"*/checkpoints/checkpoint-{step}/trainer_state.json")) for step in (30, 40, 50)):
+                break
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    killed = [
+        p.parents[1].name
+        for p in runs.glob("*/checkpoints/checkpoint-*")
+        if p.parents[1].name != uninterrupted["run_id"]
+    ]
+    assert killed, "the child never checkpointed"
+    assert MlflowClient().get_run(killed[0]).info.status == "RUNNING"  # SIGKILL: nobody could mark it
+
+    assert main(["run", str(config), "--resume", "--json"]) == 0
+    resumed = last_json(capsys.readouterr().out)
+    assert resumed["run_id"] == killed[0], "continues the same MLflow run"
+    assert 30 <= resumed["resumed_from_step"] < 300
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(uninterrupted["metrics"]["eval_loss"], rel=0.01)
+    run = MlflowClient().get_run(killed[0])
+    assert run.info.status == "FINISHED" and run.data.tags["adaptflow.resumed"] == "true"
+
+    # Nothing left to resume: --resume starts a new run.
+    assert main(["run", str(config), "--resume", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["run_id"] not in {killed[0], uninterrupted["run_id"]}
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_message_marks_the_run_failed_and_registers_nothing(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = run_config(tmp_path, tiny_model, stories_file, max_steps=20, save_steps=100, learning_rate=1e30)
+    assert main(["run", str(config), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "training diverged: the loss became NaN or infinite at step" in captured.err
+    assert "lower train.learning_rate" in captured.err and "Traceback" not in captured.err
+    assert last_json(captured.out)["status"] == "failed"
+    client = MlflowClient()
+    assert client.search_registered_models() == []
+    (run,) = client.search_runs([client.get_experiment_by_name("adaptflow").experiment_id])
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["adaptflow.error"]
+
+
+def test_an_unreachable_tracking_server_is_named_at_once(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = run_config(tmp_path, tiny_model, stories_file, max_steps=2)
+    started = time.monotonic()
+    code = main(["run", str(config), "--set", "tracking.uri=http://user:hunter2@127.0.0.1:9", "--json"])
+    err = capsys.readouterr().err
+    assert code == 1 and time.monotonic() - started < 60
+    assert "the MLflow tracking server at http://***@127.0.0.1:9 is unreachable" in err
+    assert "hunter2" not in err and "Traceback" not in err
+
+
+def test_metrics_are_buffered_while_the_tracking_server_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = MlflowClient()
+    experiment = client.create_experiment("buffer")
+    run_id = client.create_run(experiment).info.run_id
+    ref = RunRef(run_id=run_id, experiment_id=experiment, tracking_uri=mlflow.get_tracking_uri(), run_dir=".")
+    callback = MlflowStreamCallback(ref)
+    real = MlflowClient.log_batch
+    outage = {"left": 2}
+
+    def flaky(self, *args, **kwargs):  # fault injection: the server is away for two calls
+        if outage["left"]:
+            outage["left"] -= 1
+            raise ConnectionError("server away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    state = type("State", (), {"global_step": 0})()
+    for step in range(1, 4):
+        state.global_step = step
+        callback.on_log(None, state, None, logs={"loss": 1.0 / step})
+    assert callback.failures == 2 and not callback.pending
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3]
+
+
+def test_a_crash_before_the_version_is_created_leaves_no_version(
+    tmp_path: Path, tiny_model: str, stories_file: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    config = run_config(tmp_path, tiny_model, stories_file, max_steps=2, save_steps=100)
+
+    def crash(*args, **kwargs):  # fault injection: the process dies between artifacts and registration
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow, "register_model", crash)
+    assert main(["run", str(config), "--json"]) == 130
+    client = MlflowClient()
+    assert client.search_model_versions("name='safe'") == []
+    (run,) = client.search_runs([client.get_experiment_by_name("adaptflow").experiment_id])
+    assert run.info.status == "KILLED"
+    assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}  # logged, never registered
+
+
+def test_only_transient_failures_are_retried() -> None:
+    class State:
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def result(self):
+            raise self.error
+
+    transient = [ConnectionError("refused"), TimeoutError(), OSError("disk hiccup")]
+    permanent = [UserInputError("data.train: file not found"), TrainingDiverged("nan"), MemoryError(), ValueError()]
+    assert all(is_transient(None, None, State(e)) for e in transient)  # type: ignore[arg-type]
+    assert not any(is_transient(None, None, State(e)) for e in permanent)  # type: ignore[arg-type]
+
+
+def test_credentials_never_reach_params_or_tags(tmp_path: Path) -> None:
+    config = RunConfig.model_validate(
+        {"data": {"train": "x.jsonl"}, "model": {"name_or_path": "https://me:s3cret@hub.example/org/model"}}
+    )
+    assert all("s3cret" not in value for value in public_params(config).values())
+    run = start_run(config.model_copy(update={"train": config.train.model_copy(update={"output_dir": str(tmp_path)})}))
+    stored = MlflowClient().get_run(run.run_id)
+    assert "s3cret" not in json.dumps(stored.data.params) + json.dumps(stored.data.tags)
+
+
+# ---------------------------------------------------------------- property-based: no input ends in a traceback
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    max_leaves=8,
+)
+section_keys = st.sampled_from(
+    ["model", "task", "data", "method", "train", "tracking", "registry", "grid", "bias_probe", "x"]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(
+        section_keys, yaml_values | st.dictionaries(st.text(max_size=15), yaml_values, max_size=4), max_size=5
+    )
+)
+def test_any_config_is_valid_or_a_named_error(raw: dict) -> None:
+    try:
+        config = validate_config(raw)
+    except UserInputError as exc:
+        assert str(exc).strip() and all(p.strip() for p in exc.problems)
+        return
+    assert isinstance(config, RunConfig)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    content=st.binary(max_size=200) | st.text(max_size=200).map(str.encode),
+    suffix=st.sampled_from([".jsonl", ".json", ".csv", ".tsv", ".txt"]),
+)
+def test_any_data_file_loads_or_is_a_named_error(tmp_path: Path, content: bytes, suffix: str) -> None:
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(content)
+    try:
+        ref = load_data(DataSettings(train=str(path)), "causal_lm", tmp_path / "cache")
+    except UserInputError as exc:
+        assert "data.train" in str(exc) or "data.text_column" in str(exc) or "data.eval" in str(exc), str(exc)
+        return
+    assert ref.train_rows >= 1
+
+
+def test_yaml_is_read_safely(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("data: !!python/object/apply:os.system ['echo pwned > " + str(tmp_path / "pwned") + "']\n")
+    assert main(["run", str(evil), "--json"]) == 2
+    assert not (tmp_path / "pwned").exists()
+    assert yaml.safe_load("a: 1") == {"a": 1}
