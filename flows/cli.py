@@ -1,4 +1,4 @@
-"""`adaptflow`: run, grid, promote, predict, probe, demo, methods. Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else."""
+"""`adaptflow`: run, grid, promote, predict, probe, watch, serve, demo, methods. Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else."""
 
 from __future__ import annotations
 
@@ -175,6 +175,28 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
     return _emit(result, args, human)
 
 
+def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.watch import watch
+
+    changes = watch(Path(args.dir), once=args.once, interval=args.interval, settle_seconds=args.settle)
+    result = {"command": "watch", "status": "ok", "dir": args.dir, "events": changes}
+
+    def human(r: dict[str, Any]) -> None:
+        print(f"{len(r['events'])} change(s) in {r['dir']}" + (": event emitted" if r["events"] else ""))
+
+    return _emit(result, args, human)
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.serve import PREFECT_FILE, serve_all
+
+    try:
+        serve_all(Path(args.prefect_file) if args.prefect_file else PREFECT_FILE, limit=args.limit)
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops: not an error
+        print("adaptflow serve: stopped", file=sys.stderr)
+    return {"command": "serve", "status": "stopped"}
+
+
 def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
     from adapters_impl import METHODS
 
@@ -249,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--label-column", default="label")
     probe.add_argument("--samples", type=int, default=1, help="generations per rule prompt (1 = greedy)")
     probe.add_argument("--max-new-tokens", type=int, default=20)
+    watch = add("watch", cmd_watch, "fingerprint a data folder; emit a Prefect event when it changes")
+    watch.add_argument("dir", help="the data folder to watch")
+    watch.add_argument("--once", action="store_true", help="check once and exit")
+    watch.add_argument("--interval", type=float, default=10.0, help="seconds between checks")
+    watch.add_argument("--settle", type=float, default=1.0, help="seconds the folder must stay unchanged first")
+    serve = add("serve", cmd_serve, "serve the deployments (schedules and triggers) against the Prefect API")
+    serve.add_argument("--prefect-file", help="a prefect.yaml (default: deployments/prefect.yaml)")
+    serve.add_argument("--limit", type=int, help="flow runs at once")
     demo = add("demo", cmd_demo, "the offline demo on embedded defaults")
     demo.add_argument("--set", **overrides)  # type: ignore[arg-type]
     add("methods", cmd_methods, "list the methods and their settings")

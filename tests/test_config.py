@@ -8,7 +8,9 @@ import yaml
 from tasks.config import apply_overrides, load_config, validate_config
 from tasks.errors import UserInputError
 
-PRESETS = sorted((Path(__file__).resolve().parent.parent / "deployments").glob("*.yaml"))
+PRESETS = sorted(
+    p for p in (Path(__file__).resolve().parent.parent / "deployments").glob("*.yaml") if p.name != "prefect.yaml"
+)
 
 
 def problems(raw: dict) -> list[str]:
