@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,13 @@ def eval_loss(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int
 def evaluate_model(
     trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int = EVAL_BATCH_SIZE
 ) -> dict[str, float]:
-    """The tuned model's eval metrics, logged to the run."""
+    """The tuned model's eval metrics (and how long evaluating took), logged to the run."""
+    started = time.perf_counter()
     adapted = trained.adapted
     model = load_adapted(adapted, trained.adapter_dir)
     remember(trained.adapter_dir, model)  # merge comes next and may reuse it
     metrics = model_metrics(model, load_tokenizer(adapted.source), tokenized, batch_size)
+    metrics["eval_seconds"] = time.perf_counter() - started
     log_metrics(run, metrics)
     return metrics
 

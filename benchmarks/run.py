@@ -1,0 +1,260 @@
+"""`make bench`: the pipeline against a plain HF Trainer + PEFT script, its fixed overhead, the grid's fan-out,
+memory per method and model FLOPs utilisation. Prints a table; the last stdout line is one JSON object, also
+written to benchmarks/results.json.
+
+    python -m benchmarks.run [--quick] [--skip grid,memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SAMPLES = ROOT / "tasks" / "builtin" / "sample_stories.jsonl"
+METHODS = ["lora", "full", "qlora", "ia3", "prefix"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_bench_model(folder: Path) -> int:
+    """A ~3M-parameter Llama (hidden 256, 4 layers) with the builtin tokenizer: big enough to measure."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.modeling import builtin_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_path("tiny"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
+def isolated_env(work: Path) -> dict[str, str]:
+    """A private MLflow store and Prefect home per benchmark, like a fresh machine."""
+    env = {**os.environ, "ADAPTFLOW_MLFLOW_DIR": str(work / "mlflow"), "PREFECT_HOME": str(work / "prefect")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def adaptflow(args: list[str], work: Path) -> tuple[dict[str, Any], float]:
+    """Run the CLI in its own process; (its JSON, wall seconds)."""
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [str(BIN / "adaptflow"), *args, "--json"], env=isolated_env(work), cwd=work, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"adaptflow {' '.join(args)} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), wall
+
+
+def write_config(path: Path, model: str, method: str, steps: int, batch: int, max_length: int) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": model},
+                "data": {"train": str(SAMPLES), "eval_fraction": 0.1, "max_length": max_length},
+                "method": {"name": method},
+                "train": {"max_steps": steps, "batch_size": batch, "learning_rate": 3e-3, "save_steps": 10 * steps},
+                "registry": {"name": f"bench-{method}"},
+                "bias_probe": {"suite": None},
+            }
+        )
+    )
+    return path
+
+
+def throughput(
+    model: Path, methods: list[str], steps: int, batch: int, max_length: int, work: Path
+) -> list[dict[str, Any]]:
+    """Per method: the pipeline's training throughput and peak memory over the plain script's, same work."""
+    rows = []
+    for method in methods:
+        log(f"throughput: {method} (plain script, then the pipeline)")
+        plain = subprocess.run(
+            [sys.executable, "-m", "benchmarks.plain_trainer", "--model", str(model), "--data", str(SAMPLES),
+             "--method", method, "--steps", str(steps), "--batch", str(batch), "--max-length", str(max_length),
+             "--output", str(work / f"plain-{method}")],
+            capture_output=True, text=True, cwd=ROOT, check=True,
+        )  # fmt: skip
+        reference = json.loads(plain.stdout.strip().splitlines()[-1])
+        config = write_config(work / f"{method}.json", str(model), method, steps, batch, max_length)
+        result, _ = adaptflow(["run", str(config)], work / method)
+        ours = result["metrics"]
+        rows.append(
+            {
+                "method": method,
+                "pipeline_tokens_per_second": round(ours["train_tokens_per_second"], 1),
+                "plain_tokens_per_second": round(reference["train_tokens_per_second"], 1),
+                "throughput_ratio": round(ours["train_tokens_per_second"] / reference["train_tokens_per_second"], 3),
+                "pipeline_peak_memory_mb": round(ours["peak_memory_mb"], 1),
+                "plain_peak_memory_mb": round(reference["peak_memory_mb"], 1),
+                "memory_ratio": round(ours["peak_memory_mb"] / reference["peak_memory_mb"], 3),
+                "total_params": ours["total_params"],
+            }
+        )
+    return rows
+
+
+def overhead(work: Path) -> dict[str, Any]:
+    """`adaptflow run` on the embedded defaults (the demo preset): wall time minus training and evaluation."""
+    log("overhead: adaptflow run deployments/demo.yaml, twice (a fresh store, then a warm one)")
+    runs = []
+    for attempt in ("fresh", "warm"):
+        result, wall = adaptflow(["run", str(ROOT / "deployments" / "demo.yaml")], work / "overhead")
+        m = result["metrics"]
+        runs.append(
+            {
+                "store": attempt,
+                "wall_seconds": round(wall, 1),
+                "train_seconds": round(m["train_seconds"], 1),
+                "eval_seconds": round(m["eval_seconds"], 1),
+                "overhead_seconds": round(wall - m["train_seconds"] - m["eval_seconds"], 1),
+            }
+        )
+    return {"runs": runs}
+
+
+def grid(work: Path) -> list[dict[str, Any]]:
+    """The 8-trial preset grid at max_parallel 1 and 2 and on a 2-worker Dask LocalCluster."""
+    rows = []
+    for label, overrides in [
+        ("local, max_parallel 1", ["--set", "grid.max_parallel=1"]),
+        ("local, max_parallel 2", ["--set", "grid.max_parallel=2"]),
+        ("dask LocalCluster, 2 workers", ["--set", "grid.runner=dask", "--set", "grid.max_parallel=2"]),
+    ]:
+        log(f"grid: {label}")
+        result, wall = adaptflow(["grid", str(ROOT / "deployments" / "grid.yaml"), *overrides], work / "grid")
+        losses = [round(t["metrics"].get("eval_loss", float("nan")), 6) for t in result["trials"]]
+        rows.append(
+            {"runner": label, "trials": len(result["trials"]), "wall_seconds": round(wall, 1), "eval_losses": losses}
+        )
+    return rows
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
+    """This machine's measured fp32 matmul throughput (FLOP/s): the denominator of MFU."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def mfu(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Achieved training FLOP/s (6 x parameters x tokens/s, attention aside) over the matmul peak."""
+    peak = matmul_peak_flops()
+    return {
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "by_method": {
+            r["method"]: round(6 * r["total_params"] * r["pipeline_tokens_per_second"] / peak, 4) for r in rows
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="LoRA only, fewer steps")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,overhead,grid,memory")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    import torch
+
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"),
+    }
+    work = Path(tempfile.mkdtemp(prefix="adaptflow-bench-"))
+    try:
+        model = work / "bench-model"
+        results["bench_model_params"] = build_bench_model(model)
+        steps = 10 if args.quick else 40
+        if "throughput" not in skip:
+            rows = throughput(model, ["lora"] if args.quick else METHODS, steps, 8, 128, work)
+            results["throughput"] = rows
+            results["mfu"] = mfu(rows)
+        if "overhead" not in skip:
+            results["overhead"] = overhead(work)
+        if "grid" not in skip and not args.quick:
+            results["grid"] = grid(work)
+        if "memory" not in skip and not args.quick:
+            from benchmarks import memory
+
+            log("memory: full vs LoRA vs QLoRA on a 70M-parameter Llama")
+            results["memory"] = memory.run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_tables(results)
+    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    print(f"machine: {results['machine']}; throughput model: {results['bench_model_params'] / 1e6:.1f}M parameters")
+    if "throughput" in results:
+        print("\nmethod  pipeline tok/s  plain tok/s  ratio   pipeline MB  plain MB  ratio   MFU")
+        for r in results["throughput"]:
+            print(
+                f"{r['method']:7s} {r['pipeline_tokens_per_second']:14.0f} {r['plain_tokens_per_second']:12.0f} "
+                f"{r['throughput_ratio']:6.3f} {r['pipeline_peak_memory_mb']:12.0f} {r['plain_peak_memory_mb']:9.0f} "
+                f"{r['memory_ratio']:6.3f} {results['mfu']['by_method'][r['method']]:6.4f}"
+            )
+        print(f"(MFU against a measured fp32 matmul peak of {results['mfu']['matmul_peak_gflops']} GFLOP/s)")
+    if "overhead" in results:
+        print("\noverhead of `adaptflow run deployments/demo.yaml` (wall - train - eval):")
+        for r in results["overhead"]["runs"]:
+            print(
+                f"  {r['store']:5s} store: wall {r['wall_seconds']} s, train {r['train_seconds']} s, eval {r['eval_seconds']} s -> overhead {r['overhead_seconds']} s"
+            )
+    if "grid" in results:
+        print("\ngrid (8 trials, deployments/grid.yaml):")
+        for r in results["grid"]:
+            print(f"  {r['runner']:30s} {r['wall_seconds']:7.1f} s")
+    if "memory" in results:
+        from benchmarks.memory import print_table
+
+        print()
+        print_table(results["memory"])
+
+
+if __name__ == "__main__":
+    main()
