@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,7 @@ def _run_config(config_path: str, overrides: list[str], resume: bool = False) ->
 
     config = load_config(config_path, overrides)
     preflight(config)
+    temporary_server_ready()
     return run_method_flow(config, resume).model_dump()
 
 
@@ -69,6 +72,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
     if config.grid is None:
         config = config.model_copy(update={"grid": GridSettings()})
     preflight(config)
+    temporary_server_ready()
     result = lora_grid(config).model_dump()
 
     def human(r: dict[str, Any]) -> None:
@@ -86,6 +90,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
     from flows.promote import promote_newest
 
+    temporary_server_ready()
     decision = promote_newest(args.name)
     result = {"command": "promote", "status": "ok", **decision.model_dump()}
 
@@ -285,9 +290,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run flows; without PREFECT_API_URL they need Prefect's temporary server.
+FLOW_COMMANDS = {"run", "grid", "demo", "promote"}
+
+
+_server_start: threading.Thread | None = None
+
+
+def start_temporary_server_early() -> None:
+    """Start Prefect's temporary server in the background while torch and the data load (it takes seconds).
+
+    The flow engine later finds the same (singleton) server already up; if this fails, it starts one itself.
+    """
+    global _server_start
+    if os.environ.get("PREFECT_API_URL") or _server_start is not None:
+        return
+
+    def start() -> None:
+        with contextlib.suppress(Exception):
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+
+    _server_start = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    _server_start.start()
+
+
+def temporary_server_ready() -> None:
+    """Wait for the early start: the server reports itself started before it answers."""
+    if _server_start is not None:
+        _server_start.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 1 anything else)."""
     args = build_parser().parse_args(argv)
+    if args.command in FLOW_COMMANDS:
+        start_temporary_server_early()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("adaptflow").setLevel(logging.INFO)
     stdout = sys.stdout

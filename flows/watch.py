@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,8 @@ def watch(folder: Path, once: bool, interval: float = 10.0, settle_seconds: floa
     """
     if not folder.is_dir():
         raise UserInputError(f"DIR: not a folder: {folder}")
+    if not os.environ.get("PREFECT_API_URL"):
+        log.warning("PREFECT_API_URL is not set: events go nowhere a deployment listens; point it at your server")
     changes = []
     while True:
         change = check(folder, settle_seconds)

@@ -53,13 +53,15 @@ def use_tracking(settings: TrackingSettings) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created on first use (with its artifacts beside the embedded store)."""
+    """The experiment's id, created on first use; with a SQLite store its artifacts go beside the database
+    (MLflow's default would be `./mlruns` in whatever the working directory happens to be)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = None
-    if client.tracking_uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (embedded_store() / "artifacts").as_uri()
+    if client.tracking_uri.startswith("sqlite:///"):
+        database = Path(client.tracking_uri.removeprefix("sqlite:///"))
+        location = (database.parent / "artifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # created meanwhile by a concurrent run

@@ -93,6 +93,7 @@ def test_run_registers_a_loadable_champion_and_a_worse_run_stays_challenger(
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= adapter
     reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {"reports/metrics.json", "reports/loss_curve.png"} <= reports
+    assert (tmp_path / "artifacts").is_dir() and not (tmp_path / "mlruns").exists(), "artifacts beside the store"
 
     predictions = mlflow.pyfunc.load_model("models:/e2e@champion").predict(["Once upon a time", "The cat"])
     assert len(predictions) == 2 and all(isinstance(p, str) and p for p in predictions)
