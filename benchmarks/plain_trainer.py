@@ -98,6 +98,7 @@ def main() -> None:
             per_device_train_batch_size=args.batch,
             learning_rate=args.lr,
             seed=0,
+            data_seed=0,
             save_strategy="no",
             report_to="none",
             logging_steps=10,

@@ -79,11 +79,15 @@ def adaptflow(args: list[str], work: Path) -> tuple[dict[str, Any], float]:
 
 
 def write_config(path: Path, model: str, method: str, steps: int, batch: int, max_length: int) -> Path:
+    """The pipeline's side of "the same work": all of SAMPLES for training (a separate eval file), so that
+    with the same seeds both sides see the same batches in the same order."""
+    eval_file = path.parent / "eval.jsonl"
+    eval_file.write_text("\n".join(SAMPLES.read_text().splitlines()[:40]) + "\n")
     path.write_text(
         json.dumps(
             {
                 "model": {"name_or_path": model},
-                "data": {"train": str(SAMPLES), "eval_fraction": 0.1, "max_length": max_length},
+                "data": {"train": str(SAMPLES), "eval": str(eval_file), "max_length": max_length},
                 "method": {"name": method},
                 "train": {"max_steps": steps, "batch_size": batch, "learning_rate": 3e-3, "save_steps": 10 * steps},
                 "registry": {"name": f"bench-{method}"},
@@ -207,7 +211,7 @@ def main() -> None:
     try:
         model = work / "bench-model"
         results["bench_model_params"] = build_bench_model(model)
-        steps = 10 if args.quick else 40
+        steps = 10 if args.quick else 100  # short runs are dominated by the first steps (allocations, caches)
         if "throughput" not in skip:
             rows = throughput(model, ["lora"] if args.quick else METHODS, steps, 8, 128, work)
             results["throughput"] = rows

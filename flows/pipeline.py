@@ -79,17 +79,7 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
         base_probe = stages.probe_base(source, config.task, config.bias_probe)
         probe_report = stages.bias_probe(trained, data, tokenized, config.bias_probe, base_probe, run)
         merged = stages.merge_model(trained, tokenized, run)
-        metrics = {
-            **tuned_metrics,
-            **base_metrics,
-            "trainable_params": adapted.trainable_params,
-            "total_params": adapted.total_params,
-            "train_seconds": trained.train_seconds,
-            "train_tokens_per_second": trained.train_tokens_per_second,
-            "peak_memory_mb": trained.peak_memory_mb,
-        }
-        if trained.tracking_failures:  # metrics were buffered and retried while the tracking server was away
-            metrics["tracking_failures"] = trained.tracking_failures
+        metrics = {**tuned_metrics, **base_metrics, **trained.metrics()}
         if merged.merge_max_abs_diff is not None:
             metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
         if merged.merged_eval_loss is not None:

@@ -109,14 +109,7 @@ def run_trial(
             run_dir=run.run_dir,
             error=error,
         )
-    metrics = {
-        **metrics,
-        "trainable_params": adapted.trainable_params,
-        "total_params": adapted.total_params,
-        "train_seconds": trained.train_seconds,
-        "train_tokens_per_second": trained.train_tokens_per_second,
-        "peak_memory_mb": trained.peak_memory_mb,
-    }
+    metrics = {**metrics, **trained.metrics()}
     log_metrics(run, metrics)
     end_run(run, "FINISHED")
     return TrialResult(

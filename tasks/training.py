@@ -49,6 +49,19 @@ class TrainedRef(BaseModel):
     resumed_from_step: int | None = None
     tracking_failures: int = 0
 
+    def metrics(self) -> dict[str, float]:
+        """What training measured, as the run's metrics (the same keys for runs and grid trials)."""
+        measured: dict[str, float] = {
+            "trainable_params": self.adapted.trainable_params,
+            "total_params": self.adapted.total_params,
+            "train_seconds": self.train_seconds,
+            "train_tokens_per_second": self.train_tokens_per_second,
+            "peak_memory_mb": self.peak_memory_mb,
+        }
+        if self.tracking_failures:  # metrics were buffered and retried while the tracking server was away
+            measured["tracking_failures"] = self.tracking_failures
+        return measured
+
 
 class _StopOnNonFinite(TrainerCallback):
     def __init__(self) -> None:
@@ -175,14 +188,5 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
         resumed_from_step=int(resume_from.name.split("-")[1]) if resume_from else None,
         tracking_failures=stream.failures,
     )
-    log_metrics(
-        run,
-        {
-            "train_seconds": trained.train_seconds,
-            "train_tokens_per_second": trained.train_tokens_per_second,
-            "peak_memory_mb": trained.peak_memory_mb,
-            "trainable_params": adapted.trainable_params,
-            "total_params": adapted.total_params,
-        },
-    )
+    log_metrics(run, trained.metrics())
     return trained

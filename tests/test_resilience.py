@@ -48,7 +48,7 @@ def run_config(tmp_path: Path, model: str, data: Path, **train: object) -> Path:
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(
     tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = run_config(tmp_path, tiny_model, stories_file, max_steps=300, save_steps=10)
+    config = run_config(tmp_path, tiny_model, stories_file, max_steps=150, save_steps=10)
     assert main(["run", str(config), "--json"]) == 0
     uninterrupted = last_json(capsys.readouterr().out)
 
@@ -77,7 +77,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     assert main(["run", str(config), "--resume", "--json"]) == 0
     resumed = last_json(capsys.readouterr().out)
     assert resumed["run_id"] == killed[0], "continues the same MLflow run"
-    assert 30 <= resumed["resumed_from_step"] < 300
+    assert 30 <= resumed["resumed_from_step"] < 150
     assert resumed["metrics"]["eval_loss"] == pytest.approx(uninterrupted["metrics"]["eval_loss"], rel=0.01)
     run = MlflowClient().get_run(killed[0])
     assert run.info.status == "FINISHED" and run.data.tags["adaptflow.resumed"] == "true"
