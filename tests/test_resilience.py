@@ -55,7 +55,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     # The same config in a separate process, SIGKILLed once it has checkpointed a few times.
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
     command = [str(Path(sys.executable).with_name("adaptflow")), "run", str(config)]
-    child = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     runs = tmp_path / "runs"
     deadline = time.monotonic() + 180
     try:
@@ -64,7 +66,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
                 break
             time.sleep(0.05)
     finally:
-        child.send_signal(signal.SIGKILL)
+        # The whole process group: a SIGKILLed run cannot stop its Prefect temporary server (a child process).
+        os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     killed = [
         p.parents[1].name
