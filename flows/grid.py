@@ -73,13 +73,6 @@ def trial_runner(grid: GridSettings) -> tuple[TaskRunner[Any], int | None]:
     return ProcessPoolTaskRunner(max_workers=grid.max_parallel), threads
 
 
-def _failed(spec: TrialSpec, error: BaseException) -> TrialResult:
-    """A trial whose worker died (killed, out of memory) before it could record its own failure."""
-    return TrialResult(
-        index=spec.index, name=spec.name, params=spec.params, status="failed", error=f"{type(error).__name__}: {error}"
-    )
-
-
 def run_trials(
     specs: list[TrialSpec], source: ModelSource, tokenized: TokenizedRef, parent: RunRef, grid: GridSettings
 ) -> list[TrialResult]:
@@ -98,8 +91,8 @@ def run_trials(
             spec = futures[future]
             try:
                 result = future.result()
-            except Exception as exc:
-                result = _failed(spec, exc)
+            except Exception as exc:  # the worker died before the trial could record its own failure
+                result = spec.outcome("failed", error=f"{type(exc).__name__}: {exc}")
             results.append(result)
             best = select_best(results, grid.select)
             metric = grid.select.metric
@@ -147,7 +140,8 @@ def lora_grid(config: RunConfig) -> GridResult:
             run_dir=best.run_dir,
         )
         metrics = {**best.metrics, **base_metrics}
-        metrics |= stages.report_evaluation(best.trained, data, tokenized, metrics, best_run)
+        base_texts = stages.base_generations(source, data, config.task)
+        metrics |= stages.report_evaluation(best.trained, data, tokenized, metrics, base_texts, best_run)
         base_probe = stages.probe_base(source, config.task, config.bias_probe)
         probe_report = stages.bias_probe(best.trained, data, tokenized, config.bias_probe, base_probe, best_run)
         merged = stages.merge_model(best.trained, tokenized, best_run)

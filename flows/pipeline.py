@@ -75,7 +75,10 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
         adapted = stages.apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
         trained = stages.train_model(adapted, tokenized, config.train, run)
         tuned_metrics = stages.evaluate_model(trained, tokenized, run)
-        tuned_metrics |= stages.report_evaluation(trained, data, tokenized, {**tuned_metrics, **base_metrics}, run)
+        base_texts = stages.base_generations(source, data, config.task)
+        tuned_metrics |= stages.report_evaluation(
+            trained, data, tokenized, {**tuned_metrics, **base_metrics}, base_texts, run
+        )
         base_probe = stages.probe_base(source, config.task, config.bias_probe)
         probe_report = stages.bias_probe(trained, data, tokenized, config.bias_probe, base_probe, run)
         merged = stages.merge_model(trained, tokenized, run)

@@ -102,6 +102,19 @@ probe_base = task(name="bias-probe-base", cache_key_fn=_base_probe_key, persist_
 )
 bias_probe = task(name="bias-probe", cache_policy=NO_CACHE)(probe.bias_probe)
 report_evaluation = task(name="evaluation-report", cache_policy=NO_CACHE)(reports.report_evaluation)
+
+
+def _base_generations_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    data: load.DataRef = parameters["data"]
+    settings = f"{reports.PROMPTS}-{reports.PROMPT_WORDS}-{reports.GREEDY.model_dump_json()}"
+    text = f"{_model_fingerprint(parameters['source'])}|{data.fingerprint}|{parameters['task']}|{settings}"
+    return "base-generations-" + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# Like the base eval and probe: deterministic, the same for every run on this model and data, cached.
+base_generations = task(
+    name="base-generations", cache_key_fn=_base_generations_key, persist_result=True, result_serializer="json"
+)(reports.base_generations)
 apply_method = task(name="apply-method", cache_policy=NO_CACHE)(adapting.apply_method)
 # Training never caches. A retry (transient failures only) continues from the run's last checkpoint.
 train_model = task(

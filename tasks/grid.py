@@ -30,6 +30,10 @@ class TrialSpec(BaseModel):
     params: dict[str, Any]
     config: RunConfig
 
+    def outcome(self, status: Literal["ok", "failed"], **fields: Any) -> TrialResult:
+        """This trial's result: its identity plus what happened."""
+        return TrialResult(index=self.index, name=self.name, params=self.params, status=status, **fields)
+
 
 class TrialResult(BaseModel):
     """What a trial produced; a failed trial keeps its error and has no trained model."""
@@ -100,28 +104,11 @@ def run_trial(
         client.set_tag(run.run_id, "adaptflow.error", error[:5000])
         (Path(run.run_dir) / "error.txt").write_text(traceback.format_exc())
         end_run(run, "FAILED")
-        return TrialResult(
-            index=spec.index,
-            name=spec.name,
-            params=spec.params,
-            status="failed",
-            run_id=run.run_id,
-            run_dir=run.run_dir,
-            error=error,
-        )
+        return spec.outcome("failed", run_id=run.run_id, run_dir=run.run_dir, error=error)
     metrics = {**metrics, **trained.metrics()}
     log_metrics(run, metrics)
     end_run(run, "FINISHED")
-    return TrialResult(
-        index=spec.index,
-        name=spec.name,
-        params=spec.params,
-        status="ok",
-        run_id=run.run_id,
-        run_dir=run.run_dir,
-        metrics=metrics,
-        trained=trained,
-    )
+    return spec.outcome("ok", run_id=run.run_id, run_dir=run.run_dir, metrics=metrics, trained=trained)
 
 
 def _score(result: TrialResult, select: SelectSettings) -> float | None:

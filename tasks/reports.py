@@ -18,7 +18,7 @@ from tasks.adapting import load_adapted, remember
 from tasks.config import ProbeSettings
 from tasks.evaluation import EVAL_BATCH_SIZE, predict_labels
 from tasks.load import DataRef
-from tasks.modeling import load_base_model, load_tokenizer
+from tasks.modeling import ModelSource, load_base_model, load_tokenizer
 from tasks.probe import generate
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import RunRef, log_metrics
@@ -33,6 +33,15 @@ def fixed_prompts(data: DataRef) -> list[str]:
     """The first eval texts, cut to their first words: the same prompts for every run on this data."""
     texts = data.splits()[1][data.text_column][:PROMPTS]
     return [" ".join(str(t).split()[:PROMPT_WORDS]) for t in texts]
+
+
+def base_generations(source: ModelSource, data: DataRef, task: str) -> list[str]:
+    """The untouched base model's greedy continuations of the fixed prompts (causal LM; deterministic)."""
+    if task != "causal_lm":
+        return []
+    tokenizer = load_tokenizer(source)
+    base = load_base_model(source, "causal_lm", tokenizer)
+    return [generate(base, tokenizer, prompt, GREEDY, 0) for prompt in fixed_prompts(data)]
 
 
 def plot_confusion(matrix: Any, names: list[str], path: Path) -> None:
@@ -79,10 +88,14 @@ def report_evaluation(
     data: DataRef,
     tokenized: TokenizedRef,
     metrics: dict[str, float],
+    base_texts: list[str],
     run: RunRef,
     batch_size: int = EVAL_BATCH_SIZE,
 ) -> dict[str, float]:
-    """Write `reports/eval_report.{json,md}` (and the confusion matrix); return the extra metrics."""
+    """Write `reports/eval_report.{json,md}` (and the confusion matrix); return the extra metrics.
+
+    `base_texts` are the base model's continuations of the same prompts (`base_generations`, cached).
+    """
     adapted = trained.adapted
     model: nn.Module = load_adapted(adapted, trained.adapter_dir)
     tokenizer = load_tokenizer(adapted.source)
@@ -94,14 +107,9 @@ def report_evaluation(
         report["metrics"] = {
             key: (metrics.get(key), metrics.get(f"base_{key}")) for key in ("eval_loss", "eval_perplexity")
         }
-        base = load_base_model(adapted.source, "causal_lm", tokenizer)
         report["generations"] = [
-            {
-                "prompt": prompt,
-                "tuned": generate(model, tokenizer, prompt, GREEDY, 0),
-                "base": generate(base, tokenizer, prompt, GREEDY, 0),
-            }
-            for prompt in fixed_prompts(data)
+            {"prompt": prompt, "tuned": generate(model, tokenizer, prompt, GREEDY, 0), "base": base}
+            for prompt, base in zip(fixed_prompts(data), base_texts, strict=True)
         ]
     else:
         names = adapted.label_names or []
