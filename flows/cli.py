@@ -6,14 +6,13 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flows import temporary_server
 from tasks.errors import RunFailed, UserInputError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
@@ -33,7 +32,7 @@ def _run_config(config_path: str, overrides: list[str], resume: bool = False) ->
 
     config = load_config(config_path, overrides)
     preflight(config)
-    temporary_server_ready()
+    temporary_server.ready()
     return run_method_flow(config, resume).model_dump()
 
 
@@ -72,7 +71,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
     if config.grid is None:
         config = config.model_copy(update={"grid": GridSettings()})
     preflight(config)
-    temporary_server_ready()
+    temporary_server.ready()
     result = lora_grid(config).model_dump()
 
     def human(r: dict[str, Any]) -> None:
@@ -90,7 +89,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
     from flows.promote import promote_newest
 
-    temporary_server_ready()
+    temporary_server.ready()
     decision = promote_newest(args.name)
     result = {"command": "promote", "status": "ok", **decision.model_dump()}
 
@@ -294,39 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
 FLOW_COMMANDS = {"run", "grid", "demo", "promote"}
 
 
-_server_start: threading.Thread | None = None
-
-
-def start_temporary_server_early() -> None:
-    """Start Prefect's temporary server in the background while torch and the data load (it takes seconds).
-
-    The flow engine later finds the same (singleton) server already up; if this fails, it starts one itself.
-    """
-    global _server_start
-    if os.environ.get("PREFECT_API_URL") or _server_start is not None:
-        return
-
-    def start() -> None:
-        with contextlib.suppress(Exception):
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
-
-    _server_start = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
-    _server_start.start()
-
-
-def temporary_server_ready() -> None:
-    """Wait for the early start: the server reports itself started before it answers."""
-    if _server_start is not None:
-        _server_start.join()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 1 anything else)."""
     args = build_parser().parse_args(argv)
     if args.command in FLOW_COMMANDS:
-        start_temporary_server_early()
+        temporary_server.start_early()  # before anything imports Prefect
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("adaptflow").setLevel(logging.INFO)
     stdout = sys.stdout

@@ -132,13 +132,16 @@ def _check_columns(table: Dataset, settings: DataSettings, classification: bool,
 def _clean(table: Dataset, text_column: str, label_column: str | None) -> Dataset:
     keep = [text_column] + ([label_column] if label_column else [])
     table = table.select_columns(keep)
-
-    def usable(row: dict[str, Any]) -> bool:
-        text = row[text_column]
-        ok = isinstance(text, str) and text.strip() != ""
-        return ok and (label_column is None or row[label_column] is not None)
-
-    return table.filter(usable)
+    texts = table[text_column]
+    labels = table[label_column] if label_column else [""] * len(texts)
+    # Rows picked here, not with Dataset.filter: that would hash a Python function with dill, which prints a
+    # disassembly that Prefect's log_prints turns into log lines.
+    usable = [
+        i
+        for i, (t, y) in enumerate(zip(texts, labels, strict=True))
+        if isinstance(t, str) and t.strip() and y is not None
+    ]
+    return table if len(usable) == len(table) else table.select(usable)
 
 
 def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sklearn.metrics import classification_report, confusion_matrix
 from torch import nn
 
 from tasks.adapting import load_adapted, remember
@@ -112,6 +111,8 @@ def report_evaluation(
             for prompt, base in zip(fixed_prompts(data), base_texts, strict=True)
         ]
     else:
+        from sklearn.metrics import classification_report, confusion_matrix  # scipy: a second to import
+
         names = adapted.label_names or []
         _, eval_split = tokenized.splits()
         predicted, truth, _ = predict_labels(model, eval_split, make_collator(tokenizer, "classification"), batch_size)

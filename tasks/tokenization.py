@@ -84,10 +84,6 @@ def _classify(
     return encode
 
 
-def _long_enough(row: dict[str, Any], minimum: int) -> bool:
-    return len(row["input_ids"]) >= minimum
-
-
 def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: int, cache_dir: Path) -> TokenizedRef:
     """Tokenize both splits into `cache_dir/<key>`; padding happens per batch in the collator."""
     tokenizer = load_tokenizer(source)
@@ -99,12 +95,21 @@ def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: 
         encode = _classify(tokenizer, data.text_column, data.label_column, names, max_length)
     else:
         encode = _causal(tokenizer, data.text_column, max_length)
-    folder = cache_dir / tokenize_key(data, source, task, max_length)
+    key = tokenize_key(data, source, task, max_length)
+    folder = cache_dir / key
     encoded = {}
+    minimum = 2 if task == "causal_lm" else 1  # a causal text needs two tokens to predict anything
     for split, table in (("train", train), ("eval", eval_)):
-        out = table.map(encode, batched=True, remove_columns=table.column_names, desc=f"tokenize {split}")
-        # A causal text needs two tokens to predict anything.
-        out = out.filter(_long_enough, fn_kwargs={"minimum": 2 if task == "causal_lm" else 1})
+        # Our own fingerprint: datasets would otherwise hash `encode` with dill (slow, and it prints).
+        out = table.map(
+            encode,
+            batched=True,
+            remove_columns=table.column_names,
+            desc=f"tokenize {split}",
+            new_fingerprint=f"{key}-{split}",
+        )
+        long_enough = [i for i, ids in enumerate(out["input_ids"]) if len(ids) >= minimum]
+        out = out if len(long_enough) == len(out) else out.select(long_enough)
         if len(out) == 0:
             raise UserInputError(f"data.{split}: no text left after tokenization (data.max_length={max_length})")
         encoded[split] = out

@@ -1,0 +1,137 @@
+"""Prefect's temporary server, started the moment the CLI starts instead of when the first flow asks for it.
+
+Prefect starts its temporary server (a `uvicorn` child running its API on SQLite) lazily, after the caller has
+imported Prefect, and a start takes ~6 s on a warm database. Started here, before torch and friends are imported
+(~10 s), it is ready by the time the first flow runs: the same command and environment Prefect uses, pointed to
+through PREFECT_API_URL. This module imports nothing heavy on purpose.
+
+Unlike Prefect's own, this child dies with the CLI even when the CLI is SIGKILLed (a parent-death signal).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tasks.errors import RunFailed
+
+log = logging.getLogger("adaptflow")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class TemporaryServer:
+    """One `uvicorn prefect.server.api.server:create_app` child on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.process = subprocess.Popen(self._command(), env=self._environment(), preexec_fn=_die_with_parent)
+
+    def _command(self) -> list[str]:
+        spec = importlib.util.find_spec("prefect")  # finds the package without importing it
+        assert spec is not None and spec.submodule_search_locations, "prefect is not installed"
+        app_dir = Path(next(iter(spec.submodule_search_locations))).parent
+        return [
+            sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
+            "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
+        ]  # fmt: skip
+
+    @staticmethod
+    def _environment() -> dict[str, str]:
+        # What Prefect's SubprocessASGIServer sets: no UI, ephemeral mode (no background services).
+        return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+    def healthy(self) -> bool:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+            return bool(response.status == 200)
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        """True once the API answers; False if the child died or the time ran out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            if self.healthy():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+_server: TemporaryServer | None = None
+
+
+def start_early() -> None:
+    """Start the server now and point Prefect at it, unless a Prefect API is configured or Prefect is loaded.
+
+    Prefect reads PREFECT_API_URL when it is imported: once it is (a caller that imported flows itself), it is
+    left to start its own temporary server as usual.
+    """
+    global _server
+    if _server is not None or os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return
+    _server = TemporaryServer()
+    os.environ["PREFECT_API_URL"] = _server.api_url
+    atexit.register(stop)
+
+
+def ready() -> None:
+    """Wait until the early server answers (a fresh database is migrated first); one retry on a new port."""
+    global _server
+    if _server is None:
+        return
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    if _server.wait(timeout):
+        log.info("Prefect: temporary server on %s (set PREFECT_API_URL to keep runs on a persistent one)", _server.api_url)
+        return
+    _server.stop()  # the port may have been taken between choosing and binding it: try another once
+    log.warning("Prefect's temporary server did not start on port %s; retrying on another port", _server.port)
+    _server = TemporaryServer()
+    os.environ["PREFECT_API_URL"] = _server.api_url
+    if not _server.wait(timeout):
+        code = _server.process.poll()
+        _server.stop()
+        state = f"exited with code {code}" if code is not None else f"did not answer within {timeout:.0f} s"
+        raise RunFailed(
+            f"Prefect's temporary server {state} (its log is above); raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a running server"
+        )
+
+
+def stop() -> None:
+    if _server is not None:
+        _server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
