@@ -10,10 +10,13 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows import temporary_server
 from tasks.errors import RunFailed, UserInputError
+
+if TYPE_CHECKING:
+    from tasks.config import RunConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 
@@ -32,8 +35,21 @@ def _run_config(config_path: str, overrides: list[str], resume: bool = False) ->
 
     config = load_config(config_path, overrides)
     preflight(config)
-    temporary_server.ready()
+    temporary_server.ready(while_waiting=_run_preparations(config))
     return run_method_flow(config, resume).model_dump()
+
+
+def _run_preparations(config: RunConfig) -> list[Callable[[], object]]:
+    """What every run does early anyway: open the MLflow store (imports, tables), import the plotting library."""
+    from tasks.tracking import use_tracking
+
+    def import_plotting() -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+
+    return [lambda: use_tracking(config.tracking), import_plotting]
 
 
 def _print_run(result: dict[str, Any]) -> None:
@@ -71,7 +87,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
     if config.grid is None:
         config = config.model_copy(update={"grid": GridSettings()})
     preflight(config)
-    temporary_server.ready()
+    temporary_server.ready(while_waiting=_run_preparations(config))
     result = lora_grid(config).model_dump()
 
     def human(r: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tasks.errors import RunFailed
@@ -97,14 +98,26 @@ def start_early() -> None:
     atexit.register(stop)
 
 
-def ready() -> None:
-    """Wait until the early server answers (a fresh database is migrated first); one retry on a new port."""
+def ready(while_waiting: Sequence[Callable[[], object]] = ()) -> None:
+    """Wait until the early server answers (a fresh database is migrated first); one retry on a new port.
+
+    `while_waiting`: work the run does anyway (imports, opening the store), done only while the server is still
+    starting: free time on a fresh database or a busy machine, no cost otherwise. Its errors are left for the
+    run itself to meet and report.
+    """
     global _server
     if _server is None:
         return
+    for work in while_waiting:
+        if _server.healthy():
+            break
+        with contextlib.suppress(Exception):
+            work()
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
     if _server.wait(timeout):
-        log.info("Prefect: temporary server on %s (set PREFECT_API_URL to keep runs on a persistent one)", _server.api_url)
+        log.info(
+            "Prefect: temporary server on %s (set PREFECT_API_URL to keep runs on a persistent one)", _server.api_url
+        )
         return
     _server.stop()  # the port may have been taken between choosing and binding it: try another once
     log.warning("Prefect's temporary server did not start on port %s; retrying on another port", _server.port)

@@ -222,10 +222,17 @@ def contains_word(text: str, word: str) -> bool:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompt: str, settings: ProbeSettings, sample: int) -> str:
-    """The continuation only (the prompt's tokens cut off): greedy, or seeded sampling for sample > 0."""
+def generate(model: nn.Module, tokenizer: Any, prompts: list[str], settings: ProbeSettings, sample: int) -> list[str]:
+    """The continuations only (the prompts' tokens cut off), batched: greedy, or seeded sampling for sample > 0.
+
+    Left padding, so that every prompt ends where its generation starts.
+    """
     model.eval()
-    batch = tokenizer(prompt, return_tensors="pt")
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
     batch = {k: v.to(_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     options: dict[str, Any] = {"do_sample": False}
     if settings.samples > 1:
@@ -234,37 +241,42 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, settings: ProbeSetti
     output = model.generate(  # type: ignore[operator]
         **batch, max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **options
     )
-    return str(tokenizer.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+    continuations = output[:, batch["input_ids"].shape[1] :]
+    return [str(text) for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]
 
 
 def score_rules(model: nn.Module, tokenizer: Any, rules: list[RuleCategory], settings: ProbeSettings) -> dict[str, Any]:
     """Pass rate per category: no forbidden word and the required words (any or all) in the continuation."""
+    cases = [(rule, prompt) for rule in rules for prompt in rule.prompts]
+    texts: dict[tuple[int, int], str] = {}  # (case, sample) -> continuation
+    chunks = [cases[i : i + settings.batch_size] for i in range(0, len(cases), settings.batch_size)]
+    progress = tqdm(total=len(chunks) * settings.samples, desc="rule cases", disable=len(cases) < 16, leave=False)
+    for sample in range(settings.samples):
+        for start, chunk in zip(range(0, len(cases), settings.batch_size), chunks, strict=True):
+            for offset, text in enumerate(generate(model, tokenizer, [p for _, p in chunk], settings, sample)):
+                texts[start + offset, sample] = text
+            progress.update()
+    progress.close()
     by_category: dict[str, Any] = {}
-    passed_total = cases_total = 0
-    for rule in tqdm(rules, desc="rule cases", disable=len(rules) < 4, mininterval=2, leave=False):
-        passed, failures = 0, list[dict[str, Any]]()
-        for prompt in rule.prompts:
-            for sample in range(settings.samples):
-                text = generate(model, tokenizer, prompt, settings, sample)
-                forbidden = [w for w in rule.forbidden_words if contains_word(text, w)]
-                present = [w for w in rule.required_words if contains_word(text, w)]
-                required_ok = not rule.required_words or (
-                    len(present) == len(rule.required_words) if rule.required == "all" else bool(present)
-                )
-                if not forbidden and required_ok:
-                    passed += 1
-                elif len(failures) < 3:
-                    failures.append({"prompt": prompt, "continuation": text, "forbidden_found": forbidden})
-        cases = len(rule.prompts) * settings.samples
-        by_category[rule.category] = {
-            "language": rule.language,
-            "pass_rate": passed / cases,
-            "cases": cases,
-            "failures": failures,
-        }
-        passed_total += passed
-        cases_total += cases
-    return {"pass_rate": passed_total / max(cases_total, 1), "cases": cases_total, "by_category": by_category}
+    for rule in rules:
+        by_category[rule.category] = {"language": rule.language, "passed": 0, "cases": 0, "failures": []}
+    for (case, _), text in sorted(texts.items()):
+        rule, prompt = cases[case]
+        forbidden = [w for w in rule.forbidden_words if contains_word(text, w)]
+        present = [w for w in rule.required_words if contains_word(text, w)]
+        required_ok = not rule.required_words or (
+            len(present) == len(rule.required_words) if rule.required == "all" else bool(present)
+        )
+        entry = by_category[rule.category]
+        entry["cases"] += 1
+        if not forbidden and required_ok:
+            entry["passed"] += 1
+        elif len(entry["failures"]) < 3:
+            entry["failures"].append({"prompt": prompt, "continuation": text, "forbidden_found": forbidden})
+    passed_total = sum(e["passed"] for e in by_category.values())
+    for entry in by_category.values():
+        entry["pass_rate"] = entry.pop("passed") / max(entry["cases"], 1)
+    return {"pass_rate": passed_total / max(len(texts), 1), "cases": len(texts), "by_category": by_category}
 
 
 def perturb(text: str, kind: str, rng: random.Random) -> str:

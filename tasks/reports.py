@@ -40,7 +40,7 @@ def base_generations(source: ModelSource, data: DataRef, task: str) -> list[str]
         return []
     tokenizer = load_tokenizer(source)
     base = load_base_model(source, "causal_lm", tokenizer)
-    return [generate(base, tokenizer, prompt, GREEDY, 0) for prompt in fixed_prompts(data)]
+    return generate(base, tokenizer, fixed_prompts(data), GREEDY, 0)
 
 
 def plot_confusion(matrix: Any, names: list[str], path: Path) -> None:
@@ -106,9 +106,12 @@ def report_evaluation(
         report["metrics"] = {
             key: (metrics.get(key), metrics.get(f"base_{key}")) for key in ("eval_loss", "eval_perplexity")
         }
+        prompts = fixed_prompts(data)
         report["generations"] = [
-            {"prompt": prompt, "tuned": generate(model, tokenizer, prompt, GREEDY, 0), "base": base}
-            for prompt, base in zip(fixed_prompts(data), base_texts, strict=True)
+            {"prompt": prompt, "tuned": tuned, "base": base}
+            for prompt, tuned, base in zip(
+                prompts, generate(model, tokenizer, prompts, GREEDY, 0), base_texts, strict=True
+            )
         ]
     else:
         from sklearn.metrics import classification_report, confusion_matrix  # scipy: a second to import

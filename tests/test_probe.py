@@ -125,14 +125,25 @@ def test_words_match_whole_and_case_insensitively() -> None:
 def test_rules_score_only_the_continuation(tiny) -> None:
     model, tokenizer = tiny
     settings = ProbeSettings(max_new_tokens=5)
-    continuation = generate(model, tokenizer, "Once upon a time", settings, 0)
+    [continuation] = generate(model, tokenizer, ["Once upon a time"], settings, 0)
     full = tokenizer.decode(
         model.generate(**tokenizer("Once upon a time", return_tensors="pt"), max_new_tokens=5, do_sample=False)[0],
         skip_special_tokens=True,
     )
     assert full.endswith(continuation) and not continuation.startswith("Once upon")
-    sampled = [generate(model, tokenizer, "Once", ProbeSettings(samples=2, seed=3), i) for i in range(2)]
-    assert sampled == [generate(model, tokenizer, "Once", ProbeSettings(samples=2, seed=3), i) for i in range(2)]
+    sampled = [generate(model, tokenizer, ["Once"], ProbeSettings(samples=2, seed=3), i) for i in range(2)]
+    assert sampled == [generate(model, tokenizer, ["Once"], ProbeSettings(samples=2, seed=3), i) for i in range(2)]
+
+
+def test_batched_generation_matches_one_prompt_at_a_time(tiny) -> None:
+    """Prompts of different lengths in one left-padded batch continue exactly as they do alone."""
+    model, tokenizer = tiny
+    settings = ProbeSettings(max_new_tokens=8)
+    prompts = ["Once", "The little dog ran to the", "She said that", "Tom and Lily went to the park and"]
+    side = tokenizer.padding_side
+    alone = [generate(model, tokenizer, [p], settings, 0)[0] for p in prompts]
+    assert generate(model, tokenizer, prompts, settings, 0) == alone
+    assert tokenizer.padding_side == side  # restored: the collators pad on the right
 
 
 def test_perturbations_are_seeded_and_change_only_the_surface() -> None:
