@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,43 +99,69 @@ def write_config(path: Path, model: str, method: str, steps: int, batch: int, ma
     return path
 
 
+def plain_script(
+    model: Path, data: Path, method: str, steps: int, batch: int, max_length: int, out: Path
+) -> tuple[dict[str, Any], float]:
+    """The plain HF Trainer + PEFT script in its own process; (its JSON, wall seconds)."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.plain_trainer", "--model", str(model), "--data", str(data),
+         "--method", method, "--steps", str(steps), "--batch", str(batch), "--max-length", str(max_length),
+         "--output", str(out)],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+
+
 def throughput(
-    model: Path, methods: list[str], steps: int, batch: int, max_length: int, work: Path
+    model: Path, methods: list[str], steps: int, batch: int, max_length: int, repeats: int, work: Path
 ) -> list[dict[str, Any]]:
-    """Per method: the pipeline's training throughput and peak memory over the plain script's, same work."""
+    """Per method: the pipeline's training throughput and peak memory over the plain script's, same work.
+
+    Plain and pipeline alternate `repeats` times and the medians are compared: on shared cores single runs
+    of ~10 s vary by about ±10%.
+    """
     rows = []
     for method in methods:
-        log(f"throughput: {method} (plain script, then the pipeline)")
-        plain = subprocess.run(
-            [sys.executable, "-m", "benchmarks.plain_trainer", "--model", str(model), "--data", str(SAMPLES),
-             "--method", method, "--steps", str(steps), "--batch", str(batch), "--max-length", str(max_length),
-             "--output", str(work / f"plain-{method}")],
-            capture_output=True, text=True, cwd=ROOT, check=True,
-        )  # fmt: skip
-        reference = json.loads(plain.stdout.strip().splitlines()[-1])
+        plain, ours = [], []
         config = write_config(work / f"{method}.json", str(model), method, steps, batch, max_length)
-        result, _ = adaptflow(["run", str(config)], work / method)
-        ours = result["metrics"]
+        for attempt in range(repeats):
+            log(f"throughput: {method} {attempt + 1}/{repeats} (plain script, then the pipeline)")
+            plain.append(plain_script(model, SAMPLES, method, steps, batch, max_length, work / f"plain-{method}")[0])
+            ours.append(adaptflow(["run", str(config)], work / method)[0]["metrics"])
+        ours_tps = [m["train_tokens_per_second"] for m in ours]
+        plain_tps = [r["train_tokens_per_second"] for r in plain]
+        ours_mb = statistics.median(m["peak_memory_mb"] for m in ours)
+        plain_mb = statistics.median(r["peak_memory_mb"] for r in plain)
         rows.append(
             {
                 "method": method,
-                "pipeline_tokens_per_second": round(ours["train_tokens_per_second"], 1),
-                "plain_tokens_per_second": round(reference["train_tokens_per_second"], 1),
-                "throughput_ratio": round(ours["train_tokens_per_second"] / reference["train_tokens_per_second"], 3),
-                "pipeline_peak_memory_mb": round(ours["peak_memory_mb"], 1),
-                "plain_peak_memory_mb": round(reference["peak_memory_mb"], 1),
-                "memory_ratio": round(ours["peak_memory_mb"] / reference["peak_memory_mb"], 3),
-                "total_params": ours["total_params"],
+                "repeats": repeats,
+                "pipeline_tokens_per_second": round(statistics.median(ours_tps), 1),
+                "plain_tokens_per_second": round(statistics.median(plain_tps), 1),
+                "throughput_ratio": round(statistics.median(ours_tps) / statistics.median(plain_tps), 3),
+                "throughput_ratio_range": [
+                    round(min(ours_tps) / max(plain_tps), 3),
+                    round(max(ours_tps) / min(plain_tps), 3),
+                ],
+                "pipeline_peak_memory_mb": round(ours_mb, 1),
+                "plain_peak_memory_mb": round(plain_mb, 1),
+                "memory_ratio": round(ours_mb / plain_mb, 3),
+                "total_params": ours[0]["total_params"],
             }
         )
     return rows
 
 
-def overhead(work: Path) -> dict[str, Any]:
-    """`adaptflow run` on the embedded defaults (the demo preset): wall time minus training and evaluation."""
-    log("overhead: adaptflow run deployments/demo.yaml, twice (a fresh store, then a warm one)")
+def overhead(work: Path, repeats: int) -> dict[str, Any]:
+    """`adaptflow run` on the embedded defaults (the demo preset): wall time minus training and evaluation,
+    on a fresh store and then warm; next to the plain script's own fixed cost (imports, model load) on the
+    same work, which no pipeline can avoid."""
+    from tasks.modeling import builtin_model_path
+
+    log("overhead: adaptflow run deployments/demo.yaml (a fresh store, then warm) and the plain script")
     runs = []
-    for attempt in ("fresh", "warm"):
+    for attempt in ["fresh"] + ["warm"] * repeats:
         result, wall = adaptflow(["run", str(ROOT / "deployments" / "demo.yaml")], work / "overhead")
         m = result["metrics"]
         runs.append(
@@ -146,7 +173,29 @@ def overhead(work: Path) -> dict[str, Any]:
                 "overhead_seconds": round(wall - m["train_seconds"] - m["eval_seconds"], 1),
             }
         )
-    return {"runs": runs}
+    demo = load_config(ROOT / "deployments" / "demo.yaml")
+    plain = []
+    for _ in range(repeats):
+        reference, wall = plain_script(
+            builtin_model_path("tiny"), SAMPLES, "lora", demo["train"]["max_steps"], demo["train"]["batch_size"],
+            demo["data"]["max_length"], work / "plain-demo",
+        )  # fmt: skip
+        plain.append({"wall_seconds": round(wall, 1), "fixed_seconds": round(wall - reference["train_seconds"], 1)})
+    warm = statistics.median(r["overhead_seconds"] for r in runs if r["store"] == "warm")
+    plain_fixed = statistics.median(r["fixed_seconds"] for r in plain)
+    return {
+        "runs": runs,
+        "plain_script": plain,
+        "warm_overhead_seconds": round(warm, 1),
+        "plain_fixed_seconds": round(plain_fixed, 1),
+        "pipeline_extra_seconds": round(warm - plain_fixed, 1),
+    }
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return dict(yaml.safe_load(path.read_text()))
 
 
 def grid(work: Path) -> list[dict[str, Any]]:
@@ -198,6 +247,7 @@ def mfu(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="LoRA only, fewer steps")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side for throughput and overhead")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,overhead,grid,memory")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -213,11 +263,12 @@ def main() -> None:
         results["bench_model_params"] = build_bench_model(model)
         steps = 10 if args.quick else 100  # short runs are dominated by the first steps (allocations, caches)
         if "throughput" not in skip:
-            rows = throughput(model, ["lora"] if args.quick else METHODS, steps, 8, 128, work)
+            repeats = 1 if args.quick else args.repeats
+            rows = throughput(model, ["lora"] if args.quick else METHODS, steps, 8, 128, repeats, work)
             results["throughput"] = rows
             results["mfu"] = mfu(rows)
         if "overhead" not in skip:
-            results["overhead"] = overhead(work)
+            results["overhead"] = overhead(work, 1 if args.quick else args.repeats)
         if "grid" not in skip and not args.quick:
             results["grid"] = grid(work)
         if "memory" not in skip and not args.quick:
@@ -235,20 +286,25 @@ def main() -> None:
 def print_tables(results: dict[str, Any]) -> None:
     print(f"machine: {results['machine']}; throughput model: {results['bench_model_params'] / 1e6:.1f}M parameters")
     if "throughput" in results:
-        print("\nmethod  pipeline tok/s  plain tok/s  ratio   pipeline MB  plain MB  ratio   MFU")
+        print("\nmethod  pipeline tok/s  plain tok/s  ratio (range)         pipeline MB  plain MB  ratio   MFU")
         for r in results["throughput"]:
             print(
                 f"{r['method']:7s} {r['pipeline_tokens_per_second']:14.0f} {r['plain_tokens_per_second']:12.0f} "
-                f"{r['throughput_ratio']:6.3f} {r['pipeline_peak_memory_mb']:12.0f} {r['plain_peak_memory_mb']:9.0f} "
+                f"{r['throughput_ratio']:6.3f} ({r['throughput_ratio_range'][0]:.2f}-{r['throughput_ratio_range'][1]:.2f}) {r['pipeline_peak_memory_mb']:12.0f} {r['plain_peak_memory_mb']:9.0f} "
                 f"{r['memory_ratio']:6.3f} {results['mfu']['by_method'][r['method']]:6.4f}"
             )
         print(f"(MFU against a measured fp32 matmul peak of {results['mfu']['matmul_peak_gflops']} GFLOP/s)")
     if "overhead" in results:
+        o = results["overhead"]
         print("\noverhead of `adaptflow run deployments/demo.yaml` (wall - train - eval):")
-        for r in results["overhead"]["runs"]:
+        for r in o["runs"]:
             print(
                 f"  {r['store']:5s} store: wall {r['wall_seconds']} s, train {r['train_seconds']} s, eval {r['eval_seconds']} s -> overhead {r['overhead_seconds']} s"
             )
+        print(
+            f"  the plain script on the same work: wall - train = {o['plain_fixed_seconds']} s (imports, model load)"
+            f"\n  pipeline beyond the plain script (warm, median): {o['pipeline_extra_seconds']} s"
+        )
     if "grid" in results:
         print("\ngrid (8 trials, deployments/grid.yaml):")
         for r in results["grid"]:

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ class TemporaryServer:
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.process = subprocess.Popen(self._command(), env=self._environment(), preexec_fn=_die_with_parent)
+        threading.Thread(target=self._warm_up, name="prefect-server-warm-up", daemon=True).start()
 
     def _command(self) -> list[str]:
         spec = importlib.util.find_spec("prefect")  # finds the package without importing it
@@ -54,6 +56,13 @@ class TemporaryServer:
     def _environment() -> dict[str, str]:
         # What Prefect's SubprocessASGIServer sets: no UI, ephemeral mode (no background services).
         return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+    def _warm_up(self) -> None:
+        """The API's first real request takes the server ~0.6 s (health checks do not count): make it while
+        the CLI is still importing. This thread only waits on sockets."""
+        if self.wait(timeout=300):
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api_url}/admin/version", timeout=30):
+                pass
 
     def healthy(self) -> bool:
         with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
@@ -134,8 +143,18 @@ def ready(while_waiting: Sequence[Callable[[], object]] = ()) -> None:
 
 
 def stop() -> None:
-    if _server is not None:
-        _server.stop()
+    """Stop the server, after sending it what Prefect still holds (exit handlers run newest first, so
+    logging's own flush would otherwise come after the server is gone, and wait 5 s on it)."""
+    if _server is None or _server.process.poll() is not None:
+        return
+    if "prefect" in sys.modules:
+        with contextlib.suppress(Exception):
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
+            EventsWorker.drain_all(timeout=5)
+    _server.stop()
 
 
 def _free_port() -> int:
