@@ -2,7 +2,7 @@
 memory per method and model FLOPs utilisation. Prints a table; the last stdout line is one JSON object, also
 written to benchmarks/results.json.
 
-    python -m benchmarks.run [--quick] [--skip grid,memory]
+    python -m benchmarks.run [--quick] [--skip grid,memory] [--repeats 3] [--methods lora,full]
 """
 
 from __future__ import annotations
@@ -247,6 +247,7 @@ def mfu(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="LoRA only, fewer steps")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods for throughput")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side for throughput and overhead")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,overhead,grid,memory")
     args = parser.parse_args()
@@ -264,7 +265,8 @@ def main() -> None:
         steps = 10 if args.quick else 100  # short runs are dominated by the first steps (allocations, caches)
         if "throughput" not in skip:
             repeats = 1 if args.quick else args.repeats
-            rows = throughput(model, ["lora"] if args.quick else METHODS, steps, 8, 128, repeats, work)
+            methods = ["lora"] if args.quick else args.methods.split(",")
+            rows = throughput(model, methods, steps, 8, 128, repeats, work)
             results["throughput"] = rows
             results["mfu"] = mfu(rows)
         if "overhead" not in skip:
