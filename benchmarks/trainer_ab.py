@@ -1,0 +1,98 @@
+"""The train stage's Trainer set-up against the plain script's, in one process, alternating: what is left of a
+throughput gap once the process (Prefect, MLflow, the temporary server) and the machine's noise are the same.
+
+    python -m benchmarks.trainer_ab [--method prefix] [--steps 60] [--repeats 4]
+Prints tokens/s per run for each side and the ratio of the best runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from adapters_impl import get_method
+from benchmarks.plain_trainer import peft_config
+from benchmarks.run import SAMPLES, build_bench_model
+from tasks.config import TrainSettings
+from tasks.training import MethodTrainer, training_arguments
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", default="prefix", choices=["full", "lora", "dora", "ia3", "prefix", "prompt"])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="adaptflow-ab-"))
+    build_bench_model(work / "model")
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    data = load_dataset("json", data_files=str(SAMPLES))["train"]
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        ids = tokenizer(row["text"], truncation=True, max_length=127)["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+
+    data = data.map(encode, remove_columns=data.column_names)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def model() -> Any:
+        from peft import get_peft_model
+
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+        config = peft_config(args.method)
+        return base if config is None else get_peft_model(base, config)
+
+    def plain() -> Trainer:
+        return Trainer(
+            model=model(),
+            args=TrainingArguments(
+                output_dir=str(work / "plain"),
+                max_steps=args.steps,
+                per_device_train_batch_size=8,
+                learning_rate=3e-3,
+                seed=0,
+                data_seed=0,
+                save_strategy="no",
+                report_to="none",
+                logging_steps=10,
+                use_cpu=not torch.cuda.is_available(),
+                include_num_input_tokens_seen="non_padding",
+                disable_tqdm=True,
+            ),
+            train_dataset=data,
+            data_collator=collator,
+        )
+
+    def ours() -> Trainer:
+        settings = TrainSettings(max_steps=args.steps, batch_size=8, learning_rate=3e-3, save_steps=10 * args.steps)
+        return MethodTrainer(
+            model=model(),
+            save_method=get_method(args.method).save,
+            args=training_arguments(settings, work / "ours"),
+            train_dataset=data,
+            data_collator=collator,
+        )
+
+    runs: dict[str, list[float]] = {"plain": [], "pipeline": []}
+    for _ in range(args.repeats):
+        for side, make in (("plain", plain), ("pipeline", ours)):
+            trainer = make()
+            started = time.perf_counter()
+            trainer.train()
+            runs[side].append(round(trainer.state.num_input_tokens_seen / (time.perf_counter() - started), 1))
+    print(
+        f"{args.method}: tokens/s {runs}; best pipeline / best plain = {max(runs['pipeline']) / max(runs['plain']):.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
