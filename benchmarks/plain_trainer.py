@@ -10,6 +10,7 @@ import argparse
 import json
 import resource
 import time
+from typing import Any
 
 import torch
 from datasets import load_dataset
@@ -52,6 +53,34 @@ def peft_config(method: str) -> object | None:
     }[method]
 
 
+def encode(tokenizer: Any, data: Any, max_length: int) -> Any:
+    """Token ids + eos, labels = ids (the collator pads them with -100)."""
+
+    def row_ids(row: dict) -> dict:
+        ids = tokenizer(row["text"], truncation=True, max_length=max_length - 1)["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+
+    return data.map(row_ids, remove_columns=data.column_names)
+
+
+def plain_arguments(output: str, steps: int, batch: int, lr: float) -> TrainingArguments:
+    """The TrainingArguments a user would write: no checkpoints, no reporting."""
+    return TrainingArguments(
+        output_dir=output,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        seed=0,
+        data_seed=0,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -69,13 +98,7 @@ def main() -> None:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     data = load_dataset("json", data_files=args.data)["train"]
 
-    def encode(row: dict) -> dict:
-        ids = tokenizer(row["text"], truncation=True, max_length=args.max_length - 1)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
-
-    data = data.map(encode, remove_columns=data.column_names)
+    data = encode(tokenizer, data, args.max_length)
     extra = {}
     if args.method == "qlora":
         extra["quantization_config"] = BitsAndBytesConfig(
@@ -92,20 +115,7 @@ def main() -> None:
         model = get_peft_model(model, config)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=args.output,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch,
-            learning_rate=args.lr,
-            seed=0,
-            data_seed=0,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=10,
-            use_cpu=not torch.cuda.is_available(),
-            include_num_input_tokens_seen="non_padding",
-            disable_tqdm=True,
-        ),
+        args=plain_arguments(args.output, args.steps, args.batch, args.lr),
         train_dataset=data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
     )

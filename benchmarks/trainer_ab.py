@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
 from adapters_impl import get_method
-from benchmarks.plain_trainer import peft_config
+from benchmarks.plain_trainer import encode, peft_config, plain_arguments
 from benchmarks.run import SAMPLES, build_bench_model
 from tasks.config import TrainSettings
 from tasks.training import MethodTrainer, training_arguments
@@ -36,11 +36,7 @@ def main() -> None:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     data = load_dataset("json", data_files=str(SAMPLES))["train"]
 
-    def encode(row: dict[str, Any]) -> dict[str, Any]:
-        ids = tokenizer(row["text"], truncation=True, max_length=127)["input_ids"] + [tokenizer.eos_token_id]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
-
-    data = data.map(encode, remove_columns=data.column_names)
+    data = encode(tokenizer, data, 128)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def model() -> Any:
@@ -54,20 +50,7 @@ def main() -> None:
     def plain() -> Trainer:
         return Trainer(
             model=model(),
-            args=TrainingArguments(
-                output_dir=str(work / "plain"),
-                max_steps=args.steps,
-                per_device_train_batch_size=8,
-                learning_rate=3e-3,
-                seed=0,
-                data_seed=0,
-                save_strategy="no",
-                report_to="none",
-                logging_steps=10,
-                use_cpu=not torch.cuda.is_available(),
-                include_num_input_tokens_seen="non_padding",
-                disable_tqdm=True,
-            ),
+            args=plain_arguments(str(work / "plain"), args.steps, 8, 3e-3),
             train_dataset=data,
             data_collator=collator,
         )
