@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flows import temporary_server
+from flows import process_tuning, temporary_server
 from tasks.errors import RunFailed, UserInputError
 
 if TYPE_CHECKING:
@@ -349,8 +349,10 @@ def entry() -> None:
 
     Finalizing an interpreter that has loaded torch, transformers, MLflow and Prefect takes ~3 s and does
     nothing a finished command needs; the exit handlers (Prefect's log and event flush, logging's flush, the
-    temporary server's stop) have all run by then.
+    temporary server's stop) have all run by then. Before anything imports torch, the process gets the
+    allocator and compile settings of `process_tuning`.
     """
+    process_tuning.tune_process()
     code = main()
     atexit._run_exitfuncs()
     sys.stdout.flush()
