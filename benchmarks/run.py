@@ -157,6 +157,25 @@ def throughput(
     return rows
 
 
+def control(model: Path, method: str, steps: int, batch: int, max_length: int, repeats: int, work: Path) -> dict:
+    """The A/A control: the plain script against itself, alternating exactly like the throughput rows. Its
+    spread is this machine's noise; a pipeline ratio inside it is no evidence of a difference either way."""
+    first, second = [], []
+    for attempt in range(repeats):
+        log(f"control: {method} {attempt + 1}/{repeats} (the plain script twice)")
+        for runs in (first, second):
+            result = plain_script(model, SAMPLES, method, steps, batch, max_length, work / f"control-{method}")[0]
+            runs.append(result["train_tokens_per_second"])
+    return {
+        "method": method,
+        "repeats": repeats,
+        "ratio": round(statistics.median(second) / statistics.median(first), 3),
+        "ratio_range": [round(min(second) / max(first), 3), round(max(second) / min(first), 3)],
+        "first_runs_tokens_per_second": [round(t, 1) for t in first],
+        "second_runs_tokens_per_second": [round(t, 1) for t in second],
+    }
+
+
 def overhead(work: Path, repeats: int) -> dict[str, Any]:
     """`adaptflow run` on the embedded defaults (the demo preset): wall time minus training and evaluation,
     on a fresh store and then warm; next to the plain script's own fixed cost (imports, model load) on the
@@ -185,6 +204,10 @@ def overhead(work: Path, repeats: int) -> dict[str, Any]:
             demo["data"]["max_length"], work / "plain-demo",
         )  # fmt: skip
         plain.append({"wall_seconds": round(wall, 1), "fixed_seconds": round(wall - reference["train_seconds"], 1)})
+    # The command's own settings (flows/process_tuning.py) apply to its imports too.
+    tuned = {**os.environ, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1")}
+    ours_imports = statistics.median(import_seconds(PIPELINE_IMPORTS, tuned) for _ in range(repeats))
+    plain_imports = statistics.median(import_seconds(PLAIN_IMPORTS) for _ in range(repeats))
     warm = statistics.median(r["overhead_seconds"] for r in runs if r["store"] == "warm")
     plain_fixed = statistics.median(r["fixed_seconds"] for r in plain)
     return {
@@ -193,7 +216,22 @@ def overhead(work: Path, repeats: int) -> dict[str, Any]:
         "warm_overhead_seconds": round(warm, 1),
         "plain_fixed_seconds": round(plain_fixed, 1),
         "pipeline_extra_seconds": round(warm - plain_fixed, 1),
+        "pipeline_import_seconds": round(ours_imports, 1),
+        "plain_import_seconds": round(plain_imports, 1),
+        "overhead_beyond_imports_seconds": round(warm - ours_imports, 1),
     }
+
+
+# What an `adaptflow run` imports (the flows, MLflow's SQL store, the plotting library), and the plain script.
+PIPELINE_IMPORTS = "import flows.finetune, mlflow.store.tracking.sqlalchemy_store, matplotlib.pyplot"
+PLAIN_IMPORTS = "import benchmarks.plain_trainer"
+
+
+def import_seconds(statement: str, env: dict[str, str] | None = None) -> float:
+    """Seconds a fresh interpreter takes to run `statement` (its imports): the floor under any run's overhead."""
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -273,6 +311,8 @@ def main() -> None:
             rows = throughput(model, methods, steps, 8, 128, repeats, work)
             results["throughput"] = rows
             results["mfu"] = mfu(rows)
+            if not args.quick:
+                results["control"] = control(model, methods[-1], steps, 8, 128, repeats, work)
         if "overhead" not in skip:
             results["overhead"] = overhead(work, 1 if args.quick else args.repeats)
         if "grid" not in skip and not args.quick:
@@ -300,6 +340,12 @@ def print_tables(results: dict[str, Any]) -> None:
                 f"{r['memory_ratio']:6.3f} {results['mfu']['by_method'][r['method']]:6.4f}"
             )
         print(f"(MFU against a measured fp32 matmul peak of {results['mfu']['matmul_peak_gflops']} GFLOP/s)")
+    if "control" in results:
+        c = results["control"]
+        print(
+            f"A/A control, the plain script against itself ({c['method']}, same alternation): ratio of medians "
+            f"{c['ratio']:.3f} ({c['ratio_range'][0]:.2f}-{c['ratio_range'][1]:.2f}); ratios this far from 1 are noise"
+        )
     if "overhead" in results:
         o = results["overhead"]
         print("\noverhead of `adaptflow run deployments/demo.yaml` (wall - train - eval):")
@@ -310,6 +356,9 @@ def print_tables(results: dict[str, Any]) -> None:
         print(
             f"  the plain script on the same work: wall - train = {o['plain_fixed_seconds']} s (imports, model load)"
             f"\n  pipeline beyond the plain script (warm, median): {o['pipeline_extra_seconds']} s"
+            f"\n  imports alone, in a fresh interpreter: pipeline {o['pipeline_import_seconds']} s, "
+            f"plain script {o['plain_import_seconds']} s"
+            f"\n  pipeline overhead beyond its imports (warm): {o['overhead_beyond_imports_seconds']} s"
         )
     if "grid" in results:
         print("\ngrid (8 trials, deployments/grid.yaml):")
