@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SAMPLES = ROOT / "tasks" / "builtin" / "sample_stories.jsonl"
 METHODS = ["lora", "full", "qlora", "ia3", "prefix"]
+# What an `adaptflow run` imports (the flows, MLflow's SQL store, the plotting library), and the plain script.
+PIPELINE_IMPORTS = "import flows.finetune, mlflow.store.tracking.sqlalchemy_store, matplotlib.pyplot"
+PLAIN_IMPORTS = "import benchmarks.plain_trainer"
 
 
 def log(message: str) -> None:
@@ -113,6 +116,12 @@ def plain_script(
     return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - started
 
 
+def ratios(ours: list[float], theirs: list[float]) -> tuple[float, list[float]]:
+    """Ratio of the medians, and the range of single-run ratios (worst pairing to best)."""
+    median = statistics.median(ours) / statistics.median(theirs)
+    return round(median, 3), [round(min(ours) / max(theirs), 3), round(max(ours) / min(theirs), 3)]
+
+
 def throughput(
     model: Path, methods: list[str], steps: int, batch: int, max_length: int, repeats: int, work: Path
 ) -> list[dict[str, Any]]:
@@ -133,17 +142,15 @@ def throughput(
         plain_tps = [r["train_tokens_per_second"] for r in plain]
         ours_mb = statistics.median(m["peak_memory_mb"] for m in ours)
         plain_mb = statistics.median(r["peak_memory_mb"] for r in plain)
+        ratio, spread = ratios(ours_tps, plain_tps)
         rows.append(
             {
                 "method": method,
                 "repeats": repeats,
                 "pipeline_tokens_per_second": round(statistics.median(ours_tps), 1),
                 "plain_tokens_per_second": round(statistics.median(plain_tps), 1),
-                "throughput_ratio": round(statistics.median(ours_tps) / statistics.median(plain_tps), 3),
-                "throughput_ratio_range": [
-                    round(min(ours_tps) / max(plain_tps), 3),
-                    round(max(ours_tps) / min(plain_tps), 3),
-                ],
+                "throughput_ratio": ratio,
+                "throughput_ratio_range": spread,
                 # Best of N per side, as timeit does: interference from other work only ever slows a run down.
                 "throughput_ratio_best": round(max(ours_tps) / max(plain_tps), 3),
                 "pipeline_runs_tokens_per_second": [round(t, 1) for t in ours_tps],
@@ -166,11 +173,12 @@ def control(model: Path, method: str, steps: int, batch: int, max_length: int, r
         for runs in (first, second):
             result = plain_script(model, SAMPLES, method, steps, batch, max_length, work / f"control-{method}")[0]
             runs.append(result["train_tokens_per_second"])
+    ratio, spread = ratios(second, first)
     return {
         "method": method,
         "repeats": repeats,
-        "ratio": round(statistics.median(second) / statistics.median(first), 3),
-        "ratio_range": [round(min(second) / max(first), 3), round(max(second) / min(first), 3)],
+        "ratio": ratio,
+        "ratio_range": spread,
         "first_runs_tokens_per_second": [round(t, 1) for t in first],
         "second_runs_tokens_per_second": [round(t, 1) for t in second],
     }
@@ -220,11 +228,6 @@ def overhead(work: Path, repeats: int) -> dict[str, Any]:
         "plain_import_seconds": round(plain_imports, 1),
         "overhead_beyond_imports_seconds": round(warm - ours_imports, 1),
     }
-
-
-# What an `adaptflow run` imports (the flows, MLflow's SQL store, the plotting library), and the plain script.
-PIPELINE_IMPORTS = "import flows.finetune, mlflow.store.tracking.sqlalchemy_store, matplotlib.pyplot"
-PLAIN_IMPORTS = "import benchmarks.plain_trainer"
 
 
 def import_seconds(statement: str, env: dict[str, str] | None = None) -> float:

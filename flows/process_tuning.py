@@ -7,7 +7,7 @@
   growing the heap in larger steps (top pad) and serving blocks below 256 MB from the heap cuts that to
   12-15 k at the same peak memory, and ~5% off a step: the knobs of MALLOC_TRIM_THRESHOLD_ and friends.
 - torch.compile: bitsandbytes wraps its fallback CPU kernels in `torch.compile` when it is imported, and peft
-  imports bitsandbytes for every method; that alone imports torch's inductor (~1 s). adaptflow never
+  imports bitsandbytes for every method; that alone imports torch's inductor (1.3 s). adaptflow never
   compiles, so dynamo is off unless TORCHDYNAMO_DISABLE says otherwise (bitsandbytes then runs those
   fallbacks eagerly; its native CPU and CUDA kernels are unaffected).
 

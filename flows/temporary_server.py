@@ -54,7 +54,7 @@ class TemporaryServer:
 
     @staticmethod
     def _environment() -> dict[str, str]:
-        # What Prefect's SubprocessASGIServer sets: no UI, ephemeral mode (no background services).
+        # What Prefect's SubprocessASGIServer sets: no UI, ephemeral mode (only the services it needs).
         return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
     def _warm_up(self) -> None:

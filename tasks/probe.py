@@ -249,11 +249,12 @@ def score_rules(model: nn.Module, tokenizer: Any, rules: list[RuleCategory], set
     """Pass rate per category: no forbidden word and the required words (any or all) in the continuation."""
     cases = [(rule, prompt) for rule in rules for prompt in rule.prompts]
     texts: dict[tuple[int, int], str] = {}  # (case, sample) -> continuation
-    chunks = [cases[i : i + settings.batch_size] for i in range(0, len(cases), settings.batch_size)]
-    progress = tqdm(total=len(chunks) * settings.samples, desc="rule cases", disable=len(cases) < 16, leave=False)
+    starts = range(0, len(cases), settings.batch_size)
+    progress = tqdm(total=len(starts) * settings.samples, desc="rule cases", disable=len(cases) < 16, leave=False)
     for sample in range(settings.samples):
-        for start, chunk in zip(range(0, len(cases), settings.batch_size), chunks, strict=True):
-            for offset, text in enumerate(generate(model, tokenizer, [p for _, p in chunk], settings, sample)):
+        for start in starts:
+            prompts = [prompt for _, prompt in cases[start : start + settings.batch_size]]
+            for offset, text in enumerate(generate(model, tokenizer, prompts, settings, sample)):
                 texts[start + offset, sample] = text
             progress.update()
     progress.close()
