@@ -77,6 +77,11 @@ class Method:
         return self.merge is not None
 
     @property
+    def flow_name(self) -> str:
+        """The name of the method's Prefect flow (and of its deployment entrypoint in flows/finetune.py)."""
+        return f"{self.name}_finetune"
+
+    @property
     def tasks(self) -> tuple[TaskName, ...]:
         return tuple(t for t in TASKS if t not in self.unsupported)
 

@@ -234,7 +234,7 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "name": method.name,
                 "summary": method.summary,
-                "flow": f"{method.name}_finetune",
+                "flow": method.flow_name,
                 "tasks": list(method.tasks),
                 "not_supported": dict(method.unsupported),
                 "mergeable": method.mergeable,

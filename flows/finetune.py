@@ -1,141 +1,59 @@
-"""One Prefect flow per adaptation method, typed with that method's settings (a form in the Prefect UI).
+"""One Prefect flow per adaptation method, built from the method registry (`adapters_impl.METHODS`).
 
-They share one pipeline (`flows.pipeline.finetune`); each flow only fixes which method's settings it accepts.
+Each flow is a real, named Prefect flow (`<method>_finetune`) whose `config` parameter is typed with that method's
+settings, so the Prefect UI shows the method's own form. They all run one pipeline (`flows.pipeline.finetune`).
+Adding a method to the registry adds its flow here; nothing in this module names a method.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from prefect import Flow, flow
 
-from adapters_impl.adapter import AdapterSettings
-from adapters_impl.dora import DoraSettings
-from adapters_impl.full import FullSettings
-from adapters_impl.head import HeadSettings
-from adapters_impl.ia3 import IA3Settings
-from adapters_impl.lora import LoraSettings
-from adapters_impl.prefix import PrefixSettings
-from adapters_impl.prompt import PromptSettings
-from adapters_impl.qlora import QLoraSettings
+from adapters_impl import METHODS, Method
 from flows.pipeline import RunResult, finetune
 from tasks.config import RunConfig
 
 
-class FullRunConfig(RunConfig):
-    default_method: ClassVar[str] = "full"
-    method: FullSettings = FullSettings()
+def method_config_type(method: Method) -> type[RunConfig]:
+    """`RunConfig` narrowed to one method: its `method` section is that method's settings (defaults included)."""
+    namespace = {
+        "__module__": __name__,
+        "__doc__": f"A run of the '{method.name}' method.",
+        "__annotations__": {"method": method.settings},
+        "method": method.settings(name=method.name),
+        "default_method": method.name,  # a ClassVar of RunConfig: the name an unnamed `method:` section gets
+    }
+    return type(method.settings.__name__.removesuffix("Settings") + "RunConfig", (RunConfig,), namespace)
 
 
-class HeadRunConfig(RunConfig):
-    default_method: ClassVar[str] = "head"
-    method: HeadSettings = HeadSettings()
+def method_flow(method: Method) -> Flow[Any, RunResult]:
+    """The method's flow: its typed config in, the pipeline's `RunResult` out."""
+    config_type = method_config_type(method)
+
+    def run(config: RunConfig, resume: bool = False) -> RunResult:
+        return finetune(config, resume)
+
+    run.__name__ = run.__qualname__ = method.flow_name
+    run.__module__ = __name__
+    run.__doc__ = f"{method.summary}. Evaluate against the base, probe, merge, register and promote."
+    run.__annotations__ = {"config": config_type, "resume": bool, "return": RunResult}
+    return flow(name=method.flow_name, log_prints=True)(run)
 
 
-class LoraRunConfig(RunConfig):
-    default_method: ClassVar[str] = "lora"
-    method: LoraSettings = LoraSettings()
+# method name -> its flow; the flow's `config` parameter type is `FLOWS[name].fn.__annotations__["config"]`.
+FLOWS: dict[str, Flow[Any, RunResult]] = {name: method_flow(method) for name, method in METHODS.items()}
+# Module attributes too (`flows/finetune.py:lora_finetune`), the entrypoints deployments and workers import.
+globals().update({f.fn.__name__: f for f in FLOWS.values()})
 
 
-class DoraRunConfig(RunConfig):
-    default_method: ClassVar[str] = "dora"
-    method: DoraSettings = DoraSettings()
-
-
-class QLoraRunConfig(RunConfig):
-    default_method: ClassVar[str] = "qlora"
-    method: QLoraSettings = QLoraSettings()
-
-
-class IA3RunConfig(RunConfig):
-    default_method: ClassVar[str] = "ia3"
-    method: IA3Settings = IA3Settings()
-
-
-class AdapterRunConfig(RunConfig):
-    default_method: ClassVar[str] = "adapter"
-    method: AdapterSettings = AdapterSettings()
-
-
-class PrefixRunConfig(RunConfig):
-    default_method: ClassVar[str] = "prefix"
-    method: PrefixSettings = PrefixSettings()
-
-
-class PromptRunConfig(RunConfig):
-    default_method: ClassVar[str] = "prompt"
-    method: PromptSettings = PromptSettings()
-
-
-@flow(name="full_finetune", log_prints=True)
-def full_finetune(config: FullRunConfig, resume: bool = False) -> RunResult:
-    """Fine-tune every weight, evaluate against the base, register and promote."""
-    return finetune(config, resume)
-
-
-@flow(name="head_finetune", log_prints=True)
-def head_finetune(config: HeadRunConfig, resume: bool = False) -> RunResult:
-    """Train a classification head on the frozen base, evaluate against the majority class, register, promote."""
-    return finetune(config, resume)
-
-
-@flow(name="lora_finetune", log_prints=True)
-def lora_finetune(config: LoraRunConfig, resume: bool = False) -> RunResult:
-    """Fine-tune with LoRA, evaluate against the base, merge, register and promote."""
-    return finetune(config, resume)
-
-
-@flow(name="dora_finetune", log_prints=True)
-def dora_finetune(config: DoraRunConfig, resume: bool = False) -> RunResult:
-    """Fine-tune with DoRA, evaluate against the base, merge, register and promote."""
-    return finetune(config, resume)
-
-
-@flow(name="qlora_finetune", log_prints=True)
-def qlora_finetune(config: QLoraRunConfig, resume: bool = False) -> RunResult:
-    """LoRA on a 4-bit base; merge into the full-precision base and report the gap; register and promote."""
-    return finetune(config, resume)
-
-
-@flow(name="ia3_finetune", log_prints=True)
-def ia3_finetune(config: IA3RunConfig, resume: bool = False) -> RunResult:
-    """Fine-tune with IA3, evaluate against the base, merge, register and promote."""
-    return finetune(config, resume)
-
-
-@flow(name="adapter_finetune", log_prints=True)
-def adapter_finetune(config: AdapterRunConfig, resume: bool = False) -> RunResult:
-    """Train bottleneck adapters, evaluate against the base, register adapter-only and promote."""
-    return finetune(config, resume)
-
-
-@flow(name="prefix_finetune", log_prints=True)
-def prefix_finetune(config: PrefixRunConfig, resume: bool = False) -> RunResult:
-    """Train prefixes, evaluate against the base, register adapter-only and promote."""
-    return finetune(config, resume)
-
-
-@flow(name="prompt_finetune", log_prints=True)
-def prompt_finetune(config: PromptRunConfig, resume: bool = False) -> RunResult:
-    """Train a soft prompt, evaluate against the base, register adapter-only and promote."""
-    return finetune(config, resume)
-
-
-# method name -> (its flow, the config type that flow takes)
-FLOWS: dict[str, tuple[Flow[Any, RunResult], type[RunConfig]]] = {
-    "full": (full_finetune, FullRunConfig),
-    "head": (head_finetune, HeadRunConfig),
-    "lora": (lora_finetune, LoraRunConfig),
-    "dora": (dora_finetune, DoraRunConfig),
-    "qlora": (qlora_finetune, QLoraRunConfig),
-    "ia3": (ia3_finetune, IA3RunConfig),
-    "adapter": (adapter_finetune, AdapterRunConfig),
-    "prefix": (prefix_finetune, PrefixRunConfig),
-    "prompt": (prompt_finetune, PromptRunConfig),
-}
+def config_type_of(method_name: str) -> type[RunConfig]:
+    """The config type the method's flow takes."""
+    return FLOWS[method_name].fn.__annotations__["config"]  # type: ignore[no-any-return]
 
 
 def run_method_flow(config: RunConfig, resume: bool = False) -> RunResult:
     """Run the configured method's own flow with the config narrowed to its type."""
-    method_flow, config_type = FLOWS[config.method.name]
-    return method_flow(config_type.model_validate(config.model_dump()), resume)
+    method_name = config.method.name
+    return FLOWS[method_name](config_type_of(method_name).model_validate(config.model_dump()), resume)

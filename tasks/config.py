@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters_impl import METHODS
+from adapters_impl.lora import LowRankSettings
 from tasks.errors import UserInputError
 
 BUILTIN_PREFIX = "builtin:"
@@ -104,8 +105,9 @@ def _default_target_sets() -> list[list[str] | Literal["all-linear"]]:
     return [["q_proj", "v_proj"], "all-linear"]
 
 
-# The low-rank methods: the ones a grid over rank, alpha and target modules applies to.
-GRID_METHODS = ("lora", "dora", "qlora")
+# The low-rank methods (their settings have r, alpha, target_modules): the ones a grid over those applies to.
+GRID_METHODS = tuple(name for name, m in METHODS.items() if issubclass(m.settings, LowRankSettings))
+GridMethod: Any = Literal[GRID_METHODS]  # type: ignore[valid-type]
 
 
 class GridSettings(Section):
@@ -116,9 +118,7 @@ class GridSettings(Section):
     target_modules: list[list[str] | Literal["all-linear"]] = Field(
         default_factory=lambda: _default_target_sets(), min_length=1
     )
-    method: list[Literal["lora", "dora", "qlora"]] | None = Field(
-        None, description="low-rank methods to compare (null: the config's method)"
-    )
+    method: list[GridMethod] | None = Field(None, description="low-rank methods to compare (null: the config's method)")
     select: SelectSettings = SelectSettings()
     runner: Literal["local", "dask"] = "local"
     max_parallel: int = Field(2, ge=1, description="trials at once (local processes or Dask workers)")
