@@ -13,7 +13,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import BaseModel
 
 from flows import stages
-from flows.pipeline import tracked_run
+from flows.pipeline import finish, tracked_run
 from tasks.config import GridSettings, RunConfig
 from tasks.errors import RunFailed
 from tasks.grid import TrialResult, TrialSpec, expand_grid, select_best
@@ -123,7 +123,7 @@ def lora_grid(config: RunConfig) -> GridResult:
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}") as parent:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
         tokenized = stages.tokenize_dataset(data, source, config.task, config.data.max_length, cache_dir / "tokenized")
-        base_metrics = stages.evaluate_base(source, tokenized, batch_size=config.train.eval_batch_size or 16)
+        base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)
         specs = expand_grid(config)
         results = run_trials(specs, source, tokenized, parent, grid)
         table = stages.report_grid(results, grid.select, parent)
@@ -132,38 +132,30 @@ def lora_grid(config: RunConfig) -> GridResult:
             errors = "; ".join(f"trial {r.index} ({r.name}): {r.error}" for r in results)
             raise GridFailed(f"all {len(results)} trials failed: {errors}")
         assert best.trained is not None and best.run_id and best.run_dir
-        best_config = specs[best.index].config
         best_run = RunRef(
             run_id=best.run_id,
             experiment_id=parent.experiment_id,
             tracking_uri=parent.tracking_uri,
             run_dir=best.run_dir,
         )
-        metrics = {**best.metrics, **base_metrics}
-        base_texts = stages.base_generations(source, data, config.task)
-        metrics |= stages.report_evaluation(best.trained, data, tokenized, metrics, base_texts, best_run)
-        base_probe = stages.probe_base(source, config.task, config.bias_probe)
-        probe_report = stages.bias_probe(best.trained, data, tokenized, config.bias_probe, base_probe, best_run)
-        merged = stages.merge_model(best.trained, tokenized, best_run)
-        if merged.merge_max_abs_diff is not None:
-            metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
         lineage = {"grid_parent_run_id": parent.run_id, "grid_trial": str(best.index)}
         lineage |= {f"param.{k}": str(v) for k, v in best.params.items()}
-        registered = stages.register_model(best_config, data, best_run, best.trained, merged, metrics, lineage)
-        decision = stages.promote(registered, best_run, config, data, probe_report)
-        stages.log_metrics(parent, {f"best_{k}": v for k, v in metrics.items()})
+        best_config = specs[best.index].config
+        metrics = {**best.metrics, **base_metrics}
+        done = finish(best_config, source, data, tokenized, best_run, best.trained, metrics, lineage)
+        stages.log_metrics(parent, {f"best_{k}": v for k, v in done.metrics.items()})
     return GridResult(
         parent_run_id=parent.run_id,
         select=grid.select.model_dump(),
         trials=[r.public() for r in results],
         best=best.public(),
-        model_name=registered.name,
-        model_version=registered.version,
-        model_uri=registered.model_uri,
-        promoted=decision.promoted,
-        champion_version=decision.champion_version,
-        aliases=[decision.alias] if decision.alias else [],
-        promotion=decision.reason,
-        bias_probe=probe_report.public(),
+        model_name=done.registered.name,
+        model_version=done.registered.version,
+        model_uri=done.registered.model_uri,
+        promoted=done.decision.promoted,
+        champion_version=done.decision.champion_version,
+        aliases=[done.decision.alias] if done.decision.alias else [],
+        promotion=done.decision.reason,
+        bias_probe=done.probe_report.public(),
         table=table,
     )

@@ -1,4 +1,5 @@
-"""The fine-tuning pipeline every method flow runs: load -> tokenize -> apply -> train -> evaluate -> merge -> register."""
+"""The fine-tuning pipeline every method flow runs: load -> tokenize -> apply -> train -> evaluate -> report -> probe
+-> merge -> register -> promote. `finish` is the part after training, shared with the grid's best trial."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from pydantic import BaseModel
 
 from flows import stages
 from tasks.config import RunConfig
+from tasks.load import DataRef
+from tasks.modeling import ModelSource
+from tasks.probe import ProbeReport
+from tasks.promotion import Decision
+from tasks.registry import RegisteredRef
+from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef
+from tasks.training import TrainedRef
 
 
 class RunResult(BaseModel):
@@ -61,47 +69,74 @@ def preflight(config: RunConfig) -> None:
     resolve_model(config.model)
 
 
+class Finished(BaseModel):
+    """A trained model taken through the stages after training: its metrics, probe, version and promotion."""
+
+    metrics: dict[str, float | int]
+    probe_report: ProbeReport
+    registered: RegisteredRef
+    decision: Decision
+
+
+def finish(
+    config: RunConfig,
+    source: ModelSource,
+    data: DataRef,
+    tokenized: TokenizedRef,
+    run: RunRef,
+    trained: TrainedRef,
+    metrics: dict[str, float],
+    lineage: dict[str, str] | None = None,
+) -> Finished:
+    """report -> probe -> merge -> register -> promote a trained and evaluated model: the one order for runs and
+    for a grid's best trial. `metrics` holds the tuned and base evaluations; this adds the report's, the merge's
+    and training's own."""
+    metrics = {**metrics, **trained.metrics()}
+    base_texts = stages.base_generations(source, data, config.task)
+    metrics |= stages.report_evaluation(
+        trained, data, tokenized, metrics, base_texts, run, config.train.eval_batch_size
+    )
+    base_probe = stages.probe_base(source, config.task, config.bias_probe)
+    probe_report = stages.bias_probe(trained, data, tokenized, config.bias_probe, base_probe, run)
+    merged = stages.merge_model(trained, tokenized, run, config.train.eval_batch_size)
+    if merged.merge_max_abs_diff is not None:
+        metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
+    if merged.merged_eval_loss is not None:  # a lossy merge: what serving the merged model costs
+        metrics["merged_eval_loss"] = merged.merged_eval_loss
+        metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - metrics["eval_loss"]
+    registered = stages.register_model(config, data, run, trained, merged, metrics, lineage)
+    decision = stages.promote(registered, run, config, data, probe_report)
+    return Finished(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
+
+
 def finetune(config: RunConfig, resume: bool = False) -> RunResult:
     """Run the pipeline for one configured method; the method flows are thin, typed entries into this.
 
     With `resume`, the newest unfinished run of this config continues from its last checkpoint.
     """
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
+    eval_batch = config.train.eval_batch_size
     source = stages.resolve_model(config.model)
     with tracked_run(config, resume=resume) as run:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
         tokenized = stages.tokenize_dataset(data, source, config.task, config.data.max_length, cache_dir / "tokenized")
-        base_metrics = stages.evaluate_base(source, tokenized, batch_size=config.train.eval_batch_size or 16)
+        base_metrics = stages.evaluate_base(source, tokenized, eval_batch)
         adapted = stages.apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
         trained = stages.train_model(adapted, tokenized, config.train, run)
-        tuned_metrics = stages.evaluate_model(trained, tokenized, run)
-        base_texts = stages.base_generations(source, data, config.task)
-        tuned_metrics |= stages.report_evaluation(
-            trained, data, tokenized, {**tuned_metrics, **base_metrics}, base_texts, run
-        )
-        base_probe = stages.probe_base(source, config.task, config.bias_probe)
-        probe_report = stages.bias_probe(trained, data, tokenized, config.bias_probe, base_probe, run)
-        merged = stages.merge_model(trained, tokenized, run)
-        metrics = {**tuned_metrics, **base_metrics, **trained.metrics()}
-        if merged.merge_max_abs_diff is not None:
-            metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
-        if merged.merged_eval_loss is not None:
-            metrics["merged_eval_loss"] = merged.merged_eval_loss
-            metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - tuned_metrics["eval_loss"]
-        registered = stages.register_model(config, data, run, trained, merged, metrics)
-        decision = stages.promote(registered, run, config, data, probe_report)
+        tuned_metrics = stages.evaluate_model(trained, tokenized, run, eval_batch)
+        done = finish(config, source, data, tokenized, run, trained, {**tuned_metrics, **base_metrics})
     return RunResult(
         run_id=run.run_id,
         method=config.method.name,
         task=config.task,
-        metrics=metrics,
-        model_name=registered.name,
-        model_version=registered.version,
-        model_uri=registered.model_uri,
-        aliases=[decision.alias] if decision.alias else [],
-        bias_probe=probe_report.public(),
+        metrics=done.metrics,
+        model_name=done.registered.name,
+        model_version=done.registered.version,
+        model_uri=done.registered.model_uri,
+        aliases=[done.decision.alias] if done.decision.alias else [],
+        bias_probe=done.probe_report.public(),
         mergeable=adapted.mergeable,
-        promotion=decision.reason,
+        promotion=done.decision.reason,
         run_dir=run.run_dir,
         resumed_from_step=trained.resumed_from_step,
     )

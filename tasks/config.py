@@ -39,7 +39,9 @@ class TrainSettings(Section):
     max_steps: int | None = Field(200, gt=0)
     epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
-    eval_batch_size: int | None = Field(None, gt=0)
+    eval_batch_size: int = Field(
+        16, gt=0, description="batch size of every evaluation pass: base, tuned, merge, reports"
+    )
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)

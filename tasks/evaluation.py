@@ -20,7 +20,7 @@ from tasks.tokenization import IGNORE_INDEX, TokenizedRef, make_collator
 from tasks.tracking import RunRef, log_metrics
 from tasks.training import TrainedRef
 
-EVAL_BATCH_SIZE = 16
+EVAL_BATCH_SIZE = 16  # train.eval_batch_size's default, for callers outside a configured run
 
 
 def _batches(dataset: Dataset, collator: Any, batch_size: int, device: torch.device) -> Any:

@@ -98,7 +98,7 @@ def run_trial(
     try:
         adapted = apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
         trained = train_model(adapted, tokenized, config.train, run)
-        metrics = evaluate_model(trained, tokenized, run)
+        metrics = evaluate_model(trained, tokenized, run, config.train.eval_batch_size)
     except Exception as exc:  # isolation: the grid goes on with the other trials
         error = f"{type(exc).__name__}: {exc}".strip()
         client.set_tag(run.run_id, "adaptflow.error", error[:5000])

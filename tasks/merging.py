@@ -41,7 +41,9 @@ def _logits(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[to
     return outputs
 
 
-def merge_model(trained: TrainedRef, tokenized: TokenizedRef, run: RunRef) -> MergedRef:
+def merge_model(
+    trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int = EVAL_BATCH_SIZE
+) -> MergedRef:
     """Merge when the method allows it; methods that cannot merge register adapter-only."""
     adapted = trained.adapted
     method = get_method(adapted.method_name)
@@ -51,7 +53,7 @@ def merge_model(trained: TrainedRef, tokenized: TokenizedRef, run: RunRef) -> Me
     tokenizer = load_tokenizer(adapted.source)
     _, eval_split = tokenized.splits()
     collator = make_collator(tokenizer, tokenized.task)
-    batches = list(islice(_batches(eval_split, collator, 8, model_device(model)), CHECK_BATCHES))
+    batches = list(islice(_batches(eval_split, collator, batch_size, model_device(model)), CHECK_BATCHES))
     before = _logits(model, batches)
     merged = method.merge(model, lambda: load_full_precision_base(adapted))
     after = _logits(merged, batches)
@@ -61,6 +63,6 @@ def merge_model(trained: TrainedRef, tokenized: TokenizedRef, run: RunRef) -> Me
     tokenizer.save_pretrained(str(folder))
     metrics = {"merge_max_abs_diff": diff}
     if method.lossy_merge:  # what users lose by serving the merged model instead of the adapted one
-        metrics["merged_eval_loss"] = eval_loss(merged, eval_split, collator, EVAL_BATCH_SIZE, tokenized.task)
+        metrics["merged_eval_loss"] = eval_loss(merged, eval_split, collator, batch_size, tokenized.task)
     log_metrics(run, metrics)
     return MergedRef(merged_dir=str(folder), merge_max_abs_diff=diff, merged_eval_loss=metrics.get("merged_eval_loss"))

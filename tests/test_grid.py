@@ -158,10 +158,13 @@ def test_grid_locally_and_on_dask_registers_the_true_best_and_promotes_only_a_wi
     assert comparable(dask) == comparable(local)
     assert dask["aliases"] == ["challenger"] and not dask["promoted"]
 
-    # A deliberately worse grid: registered, @challenger, the champion stays.
+    # A deliberately worse QLoRA grid: registered, @challenger, the champion stays; its winner went through the
+    # same stages as a run (a lossy merge reports what serving the merged model costs).
     worse = ["--set", "train.learning_rate=1e-7", "--set", "grid.r=[2]", "--set", "grid.max_parallel=1"]
-    assert main(["grid", str(config), *worse, "--json"]) == 0
+    assert main(["grid", str(config), *worse, "--set", "grid.method=[qlora]", "--json"]) == 0
     result = last_json(capsys.readouterr().out)
+    best_metrics = client.get_run(result["parent_run_id"]).data.metrics
+    assert {"best_merged_eval_loss", "best_merge_eval_loss_gap", "best_merge_max_abs_diff"} <= set(best_metrics)
     assert result["aliases"] == ["challenger"] and result["champion_version"] == local["model_version"]
     assert str(client.get_model_version_by_alias("grid", "champion").version) == local["model_version"]
 
