@@ -184,6 +184,55 @@ def control(model: Path, method: str, steps: int, batch: int, max_length: int, r
     }
 
 
+SHARED = ROOT.parent / "shared"
+USER_STEPS, USER_BATCH, USER_MAX_LENGTH = 150, 16, 128
+
+
+def whole_run(bench_model: Path, repeats: int, work: Path) -> dict[str, Any]:
+    """What users compare: `adaptflow run` with a user's config (default checkpointing and logging, LoRA r8 q,v,
+    150 steps, batch 16, max length 128) against the plain script on the same data, alternated. On the team's
+    stories260k and Goodreads quotes when ../shared is there, else on the bench model and the sample stories.
+
+    Ratios are plain / pipeline train seconds (>= 1: the pipeline's Trainer call is no slower, its checkpoint
+    saves included) and pipeline / plain tokens per second (checkpoint saves excluded, reported apart)."""
+    model, data = bench_model, SAMPLES
+    if (SHARED / "models" / "stories260k").is_dir():
+        model, data = SHARED / "models" / "stories260k", SHARED / "data" / "quotes" / "goodreads_quotes.jsonl"
+    config = work / "user.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": str(model)},
+                "data": {"train": str(data), "eval_fraction": 0.1, "max_length": USER_MAX_LENGTH},
+                "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+                "train": {"max_steps": USER_STEPS, "batch_size": USER_BATCH, "learning_rate": 3e-3},
+                "registry": {"name": "bench-user"},
+            }
+        )
+    )
+    plain, ours = [], []
+    for attempt in range(repeats):
+        log(f"whole run: {attempt + 1}/{repeats} (plain script, then adaptflow run)")
+        plain.append(plain_script(model, data, "lora", USER_STEPS, USER_BATCH, USER_MAX_LENGTH, work / "plain-user")[0])
+        ours.append(adaptflow(["run", str(config)], work / "user")[0]["metrics"])
+    seconds_ratio, seconds_range = ratios([r["train_seconds"] for r in plain], [m["train_seconds"] for m in ours])
+    tps_ratio, tps_range = ratios(
+        [m["train_tokens_per_second"] for m in ours], [r["train_tokens_per_second"] for r in plain]
+    )
+    return {
+        "model": model.name,
+        "data": data.name,
+        "repeats": repeats,
+        "pipeline_train_seconds": [round(m["train_seconds"], 2) for m in ours],
+        "pipeline_checkpoint_seconds": [round(m["checkpoint_seconds"], 2) for m in ours],
+        "plain_train_seconds": [round(r["train_seconds"], 2) for r in plain],
+        "train_seconds_ratio": seconds_ratio,
+        "train_seconds_ratio_range": seconds_range,
+        "tokens_per_second_ratio": tps_ratio,
+        "tokens_per_second_ratio_range": tps_range,
+    }
+
+
 def overhead(work: Path, repeats: int) -> dict[str, Any]:
     """`adaptflow run` on the embedded defaults (the demo preset): wall time minus training and evaluation,
     on a fresh store and then warm; next to the plain script's own fixed cost (imports, model load) on the
@@ -294,7 +343,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="LoRA only, fewer steps")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods for throughput")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side for throughput and overhead")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,overhead,grid,memory")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated sections to skip: throughput,whole_run,overhead,grid,memory"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     import torch
@@ -316,6 +367,8 @@ def main() -> None:
             results["mfu"] = mfu(rows)
             if not args.quick:
                 results["control"] = control(model, methods[-1], steps, 8, 128, repeats, work)
+        if "whole_run" not in skip and not args.quick:
+            results["whole_run"] = whole_run(model, args.repeats, work)
         if "overhead" not in skip:
             results["overhead"] = overhead(work, 1 if args.quick else args.repeats)
         if "grid" not in skip and not args.quick:
@@ -348,6 +401,17 @@ def print_tables(results: dict[str, Any]) -> None:
         print(
             f"A/A control, the plain script against itself ({c['method']}, same alternation): ratio of medians "
             f"{c['ratio']:.3f} ({c['ratio_range'][0]:.2f}-{c['ratio_range'][1]:.2f}); ratios this far from 1 are noise"
+        )
+    if "whole_run" in results:
+        w = results["whole_run"]
+        print(
+            f"\nwhole `adaptflow run` vs the plain script ({w['model']}, {w['data']}, LoRA, {USER_STEPS} steps, "
+            f"alternated x{w['repeats']}):\n  train seconds pipeline {w['pipeline_train_seconds']} "
+            f"(checkpoint saves {w['pipeline_checkpoint_seconds']}), plain {w['plain_train_seconds']}"
+            f"\n  plain/pipeline train seconds {w['train_seconds_ratio']:.3f} "
+            f"({w['train_seconds_ratio_range'][0]:.2f}-{w['train_seconds_ratio_range'][1]:.2f}); "
+            f"pipeline/plain tokens/s {w['tokens_per_second_ratio']:.3f} "
+            f"({w['tokens_per_second_ratio_range'][0]:.2f}-{w['tokens_per_second_ratio_range'][1]:.2f})"
         )
     if "overhead" in results:
         o = results["overhead"]

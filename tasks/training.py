@@ -42,8 +42,9 @@ class TrainedRef(BaseModel):
     adapter_dir: str
     steps: int
     train_loss: float
-    train_seconds: float
-    train_tokens_per_second: float
+    train_seconds: float  # the whole trainer.train() call, checkpoints included
+    train_tokens_per_second: float  # real tokens per second of training, checkpoint saves excluded
+    checkpoint_seconds: float = 0.0
     peak_memory_mb: float
     loss_history: list[tuple[int, float]]
     resumed_from_step: int | None = None
@@ -56,6 +57,7 @@ class TrainedRef(BaseModel):
             "total_params": self.adapted.total_params,
             "train_seconds": self.train_seconds,
             "train_tokens_per_second": self.train_tokens_per_second,
+            "checkpoint_seconds": self.checkpoint_seconds,
             "peak_memory_mb": self.peak_memory_mb,
         }
         if self.tracking_failures:  # metrics were buffered and retried while the tracking server was away
@@ -84,6 +86,19 @@ class MethodTrainer(Trainer):
     def __init__(self, *args: Any, save_method: SaveFn, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.save_method = save_method
+        self.checkpoint_seconds = 0.0  # inside trainer.train(), reported apart from the training throughput
+        self.tokens_seen: torch.Tensor | int = 0  # real (non-padding) tokens trained on in this call
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Count real tokens on the batch's device, read once after training: the Trainer's own count
+        (`include_num_input_tokens_seen`) copies it to the host every step, a device sync per step on a GPU."""
+        mask = inputs.get("attention_mask")
+        self.tokens_seen = self.tokens_seen + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        started = time.perf_counter()
+        super()._save_checkpoint(model, trial)
+        self.checkpoint_seconds += time.perf_counter() - started
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Nothing to do: on resume the model was already built from the checkpoint by the method's own `load`
@@ -129,7 +144,10 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> Trainin
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="no",  # MethodTrainer counts them without a per-step device sync
+        # The filter reads every step's loss on the host (a device sync per step) and hides a NaN behind the
+        # average of earlier losses; unfiltered, a NaN reaches the logged loss and _StopOnNonFinite stops the run.
+        logging_nan_inf_filter=False,
         disable_tqdm=False,
     )
 
@@ -174,7 +192,8 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
     folder = Path(run.run_dir) / "adapter"
     method.save(model, folder)
     remember(folder, model)
-    tokens = trainer.state.num_input_tokens_seen or 0
+    tokens = int(trainer.tokens_seen)
+    training_only = seconds - trainer.checkpoint_seconds
     history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     trained = TrainedRef(
         adapted=adapted,
@@ -182,7 +201,8 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
         steps=trainer.state.global_step,
         train_loss=float(output.training_loss),
         train_seconds=seconds,
-        train_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        train_tokens_per_second=tokens / training_only if training_only > 0 else 0.0,
+        checkpoint_seconds=trainer.checkpoint_seconds,
         peak_memory_mb=peak_memory_mb(),
         loss_history=history,
         resumed_from_step=int(resume_from.name.split("-")[1]) if resume_from else None,
