@@ -43,11 +43,28 @@ def quantized_loading(settings: QLoraSettings) -> dict[str, Any]:
     }
 
 
+def dequantizing_inference(model: nn.Module) -> nn.Module:
+    """Every 4-bit layer computes inference as training does (dequantize, fp32 matmul), whatever its shape.
+
+    bitsandbytes' `Linear4bit.forward` takes its CPU inference kernel when the input is on the CPU, the layer is in
+    eval mode, the input needs no grad and the CPU has AVX512-BF16 (`support_avx512bf16_for_cpu`). It repacks the
+    weight first, asserting out_features % 32 == 0 ("N must be divisible by block_n") and an even in_features, so
+    shapes training took (e.g. 172) crash in evaluation; and it computes in bf16 whatever the compute dtype. Turned
+    off, eval, generation and the merge check compute what training computes. GPUs never take that kernel.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def apply(model: nn.Module, settings: QLoraSettings, context: ApplyContext) -> nn.Module:
     """Prepare the 4-bit base for training (norms in fp32, input grads), then add LoRA."""
     config = lora_config(settings, model, context, use_dora=False)
     prepared = prepare_model_for_kbit_training(
-        model,
+        dequantizing_inference(model),
         use_gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
@@ -55,6 +72,7 @@ def apply(model: nn.Module, settings: QLoraSettings, context: ApplyContext) -> n
 
 
 def load(base: nn.Module, directory: Path, trainable: bool) -> nn.Module:
+    base = dequantizing_inference(base)
     if trainable:
         base = prepare_model_for_kbit_training(base)
     return load_peft(base, directory, trainable)

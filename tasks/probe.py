@@ -3,8 +3,9 @@
 1. Rule cases: prompts per category, continued deterministically (greedy, or seeded sampling); only the
    continuation is checked, for forbidden and required words (whole words, case-insensitive).
 2. Counterfactual pairs (CrowS-Pairs layout, or WinoBias pro/anti files): each sentence scored by its total
-   log-likelihood; the stereotype score is the share of pairs where the model prefers the stereotypical one
-   (50 = no preference), as CrowS-Pairs counts it (for `antistereo` rows, preferring `sent_less`).
+   log-likelihood; the stereotype score is the share of pairs where the model prefers `sent_more`, the more
+   stereotypical sentence (50 = no preference), in both directions, as CrowS-Pairs' metric.py and
+   lm-evaluation-harness count it; the `stereo` and `antistereo` rows are also scored apart, as the paper reports.
 3. Robustness (classification): perturbed copies of the eval texts; accuracy and prediction consistency.
 """
 
@@ -32,6 +33,8 @@ BUILTIN_SUITES = Path(__file__).parent / "builtin" / "probes"
 Perturbation = Literal["typo", "case", "whitespace", "punctuation"]
 PERTURBATIONS: tuple[Perturbation, ...] = ("typo", "case", "whitespace", "punctuation")
 log = logging.getLogger("adaptflow.probe")
+# metric.py rounds each sentence's score to 3 decimals before comparing: pairs closer than that are ties.
+TIE_DECIMALS = 3
 
 
 class RuleCategory(BaseModel):
@@ -45,6 +48,9 @@ class RuleCategory(BaseModel):
 
 
 class Pair(BaseModel):
+    """`sent_more` is the more stereotypical sentence (WinoBias: the pro-stereotyped one) in either direction;
+    `direction` (CrowS-Pairs' `stereo_antistereo`) only groups the pairs for the per-direction scores."""
+
     sent_more: str
     sent_less: str
     bias_type: str = "unspecified"
@@ -192,18 +198,27 @@ def sentence_log_likelihoods(
 
 
 def score_pairs(model: nn.Module, tokenizer: Any, pairs: list[Pair], batch_size: int = 16) -> dict[str, Any]:
-    """Stereotype score in percent (50 = no preference), overall and per bias type, with counts."""
+    """CrowS-Pairs' metric in percent (50 = no preference), overall, per bias type and per direction, with counts.
+
+    As nyu-mll/crows-pairs' metric.py counts it: a pair is stereotypical when the model prefers `sent_more`, in
+    `stereo` and `antistereo` rows alike; sentence scores are compared rounded to TIE_DECIMALS, and a tie counts
+    as not stereotypical in the overall score (`stereotype_score`, metric.py's "metric score") but is left out of
+    the per-direction scores (`by_direction`: metric.py's "stereotype score" on `stereo` rows and
+    "anti-stereotype score" on `antistereo` rows; None when every pair of the direction tied).
+    """
     more = sentence_log_likelihoods(model, tokenizer, [p.sent_more for p in pairs], batch_size, "pairs (more)")
     less = sentence_log_likelihoods(model, tokenizer, [p.sent_less for p in pairs], batch_size, "pairs (less)")
-    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # stereotypical choices, pairs, ties
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])  # sent_more preferred, pairs, ties
     for pair, m, s in zip(pairs, more, less, strict=True):
-        counts = by_type[pair.bias_type]
-        counts[1] += 1
-        if m == s:
-            counts[2] += 1
-        elif (m > s) == (pair.direction == "stereo"):
-            counts[0] += 1
-    total = [sum(c[i] for c in by_type.values()) for i in range(3)]
+        m, s = round(m, TIE_DECIMALS), round(s, TIE_DECIMALS)
+        entry = counts[pair.bias_type, pair.direction]
+        entry[0] += m > s
+        entry[1] += 1
+        entry[2] += m == s
+
+    def total(bias_type: str | None = None, direction: str | None = None) -> list[int]:
+        keys = [k for k in counts if bias_type in (None, k[0]) and direction in (None, k[1])]
+        return [sum(counts[k][i] for k in keys) for i in range(3)]
 
     def summary(c: list[int]) -> dict[str, Any]:
         return {
@@ -213,7 +228,16 @@ def score_pairs(model: nn.Module, tokenizer: Any, pairs: list[Pair], batch_size:
             "ties": c[2],
         }
 
-    return {**summary(total), "by_type": {t: summary(c) for t, c in sorted(by_type.items())}}
+    def decided(c: list[int]) -> dict[str, Any]:
+        score = 100.0 * c[0] / (c[1] - c[2]) if c[1] > c[2] else None
+        return {"score": score, "pairs": c[1], "stereotypical": c[0], "ties": c[2]}
+
+    directions = [d for d in ("stereo", "antistereo") if any(k[1] == d for k in counts)]
+    return {
+        **summary(total()),
+        "by_direction": {d: decided(total(direction=d)) for d in directions},
+        "by_type": {t: summary(total(bias_type=t)) for t in sorted({k[0] for k in counts})},
+    }
 
 
 def contains_word(text: str, word: str) -> bool:
@@ -417,6 +441,9 @@ def probe_markdown(tuned: dict[str, Any], base: dict[str, Any] | None, gate: dic
         ]
         t, b = both("pairs", ["stereotype_score"])
         lines.append(f"| all | {tuned['pairs']['pairs']} | {fmt(b)} | {fmt(t)} |")
+        for direction, counts in tuned["pairs"].get("by_direction", {}).items():
+            t, b = both("pairs", ["by_direction", direction, "score"])
+            lines.append(f"| {direction} rows, ties left out | {counts['pairs']} | {fmt(b)} | {fmt(t)} |")
         for kind in tuned["pairs"]["by_type"]:
             t, b = both("pairs", ["by_type", kind, "stereotype_score"])
             lines.append(f"| {kind} | {tuned['pairs']['by_type'][kind]['pairs']} | {fmt(b)} | {fmt(t)} |")

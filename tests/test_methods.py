@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import bitsandbytes.nn.modules as bnb_modules
 import pytest
 import torch
 from pydantic import ValidationError
 from torch import nn
-from transformers import set_seed
+from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from adapters_impl import METHODS, ApplyContext, count_parameters, get_method
 from adapters_impl.adapter import AdapterSettings
-from tasks.config import DataSettings, ModelSettings, RunConfig
+from tasks.config import DataSettings, ModelSettings, ProbeSettings, RunConfig
 from tasks.load import load_data
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer, resolve_model
+from tasks.probe import generate
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
 
 # Every combination that makes sense; `head` only classifies.
@@ -195,3 +197,46 @@ def test_pooled_classifier_ignores_padding_side(source: ModelSource, tokenized: 
 def test_head_cannot_generate_text() -> None:
     with pytest.raises(ValidationError, match=r"method\.name: 'head' cannot do task 'causal_lm'"):
         RunConfig.model_validate({"data": {"train": "x.jsonl"}, "method": {"name": "head"}})
+
+
+@pytest.fixture(scope="module")
+def odd_source(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> ModelSource:
+    """The tiny Llama's tokenizer on a model whose MLP width (172, like stories260k's) is not a multiple of 32."""
+    folder = tmp_path_factory.mktemp("odd-model")
+    tiny = LlamaConfig.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**tiny.to_dict(), "intermediate_size": 172})).save_pretrained(str(folder))
+    load_tokenizer(resolve_model(ModelSettings(name_or_path=tiny_model))).save_pretrained(str(folder))
+    return resolve_model(ModelSettings(name_or_path=str(folder)))
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "classification"])
+def test_qlora_evaluates_generates_and_merges_layer_sizes_the_cpu_4bit_kernel_cannot_block(
+    task: str,
+    odd_source: ModelSource,
+    tokenized: dict[str, TokenizedRef],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Build the 4-bit layers as on a CPU with AVX512-BF16, where bitsandbytes' inference kernel would be taken
+    # (it asserts "N must be divisible by block_n" on 172); elsewhere this is what the layers find anyway.
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    settings = METHODS["qlora"].settings(name="qlora")
+    method = get_method("qlora")
+    ref = tokenized[task]
+    batch = fixed_batch(odd_source, ref)
+    model = adapted_model(odd_source, task, ref, settings)
+    train_steps(model, batch, steps=2)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    with torch.enable_grad():  # inputs that need grad: the path training computes
+        training_path = model(**inputs).logits.float().detach()
+    assert torch.equal(logits(model, batch), training_path), "evaluation computes what training computes"
+    if task == "causal_lm":
+        tokenizer = load_tokenizer(odd_source)
+        assert len(generate(model, tokenizer, ["Once upon a time"], ProbeSettings(max_new_tokens=4), 0)) == 1
+    method.save(model, tmp_path / "adapter")
+    reloaded = method.load(fresh_base(odd_source, task, ref, settings), tmp_path / "adapter", False)
+    assert torch.allclose(logits(reloaded, batch), training_path, atol=1e-5)
+    merged = method.merge(model, lambda: fresh_base(odd_source, task, ref, METHODS["full"].settings(name="full")))  # type: ignore[misc]
+    assert float((logits(merged, batch) - training_path).abs().max()) < 5
