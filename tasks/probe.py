@@ -20,12 +20,11 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from tasks.config import GateSettings, ProbeSettings
+from tasks.config import GateSettings, ProbeSettings, read_yaml
 from tasks.errors import UserInputError
 
 BUILTIN_SUITES = Path(__file__).parent / "builtin" / "probes"
@@ -147,10 +146,7 @@ def load_suite(name_or_path: str, key: str = "bias_probe.suite") -> Suite:
         raise UserInputError(f"{key}: {name_or_path!r} is neither a builtin suite ({', '.join(names)}) nor a path")
     if path.is_dir() or path.suffix in {".csv", ".tsv", ".jsonl", ".json"}:
         return Suite(name=path.name, pairs=_pairs_source(str(path), path.parent, key))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"{key}: {path} is not valid YAML ({exc.__class__.__name__})") from None
+    raw = read_yaml(path, f"{key}: {path}") or {}
     if not isinstance(raw, dict):
         raise UserInputError(f"{key}: {path} must be a mapping with rules, pairs and/or robustness")
     pairs = _pairs_source(raw.pop("pairs"), path.parent, f"{key} (pairs)") if "pairs" in raw else []
