@@ -109,6 +109,9 @@ class ModelSettings(Section):
     name_or_path: str = Field("builtin:tiny", description="hub id, local folder, or builtin:tiny")
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(
+        False, description="also load pickle weights (pytorch_model.bin); unpickling a file can run code"
+    )
 
 
 class DataSettings(Section):

@@ -513,11 +513,21 @@ def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Modu
         return served.model, served.tokenizer, served.info["task"]  # type: ignore[attr-defined]
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from tasks.modeling import pickle_only
+
+    pickles = pickle_only(Path(model)) if Path(model).is_dir() else []
+    if pickles:
+        raise UserInputError(
+            f"MODEL: {model} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors"
+        )
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-        loaded = auto.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        loaded = auto.from_pretrained(
+            model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserInputError(f"MODEL: {model!r} is not a loadable model ({str(exc).splitlines()[0][:200]})") from None
