@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tasks.config import GateSettings, ProbeSettings, read_yaml
-from tasks.errors import UserInputError
+from tasks.errors import UserInputError, capped
 
 BUILTIN_SUITES = Path(__file__).parent / "builtin" / "probes"
 Perturbation = Literal["typo", "case", "whitespace", "punctuation"]
@@ -547,5 +547,5 @@ def labelled_texts(path: Path, model: nn.Module, text_column: str, label_column:
     label2id = {str(k): int(v) for k, v in model.config.label2id.items()}  # type: ignore[union-attr,operator]
     unknown = sorted({str(v) for v in table[label_column]} - set(label2id))
     if unknown:
-        raise UserInputError(f"--data: labels {unknown} are not among the model's: {sorted(label2id)}")
+        raise UserInputError(f"--data: labels {capped(unknown)} are not among the model's: {capped(sorted(label2id))}")
     return [str(t) for t in table[text_column]], [label2id[str(v)] for v in table[label_column]]
