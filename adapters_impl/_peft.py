@@ -19,6 +19,8 @@ ALL_LINEAR = "all-linear"
 _OUTPUT_LAYERS = {"lm_head", *HEAD_NAMES}
 PEFT_TASK = {"causal_lm": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS}
 HEAD_FILE = "head.safetensors"
+# What peft saves with safe_serialization; without it, peft would load adapter_model.bin with torch.load.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -74,7 +76,9 @@ def save_peft(model: nn.Module, directory: Path) -> None:
 
 
 def load_peft(base: nn.Module, directory: Path, trainable: bool) -> nn.Module:
-    """The saved adapter on a fresh base model."""
+    """The saved adapter on a fresh base model (from safetensors only: peft would fall back to a pickle)."""
+    if not (directory / ADAPTER_WEIGHTS).exists():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS}; adaptflow loads saved weights only as safetensors")
     if (directory / HEAD_FILE).exists():
         head = output_head(base)
         head.load_state_dict(load_file(str(directory / HEAD_FILE)))

@@ -28,8 +28,8 @@ def save(model: nn.Module, directory: Path) -> None:
 
 
 def load(base: nn.Module, directory: Path, trainable: bool) -> nn.Module:
-    """The saved model replaces the base entirely (same class, its own weights)."""
-    model = type(base).from_pretrained(str(directory), dtype=torch.float32)  # type: ignore[attr-defined]
+    """The saved model replaces the base entirely (same class, its own weights, from safetensors only)."""
+    model = type(base).from_pretrained(str(directory), dtype=torch.float32, use_safetensors=True)  # type: ignore[attr-defined]
     model.requires_grad_(trainable)
     return model  # type: ignore[no-any-return]
 

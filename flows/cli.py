@@ -307,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class QuietInputErrors(logging.Filter):
+    """Prefect logs a task's or flow's exception with its traceback at ERROR; for a UserInputError that reads as
+    a crash before the one clean message `main` prints. Such records become DEBUG: shown (traceback and all)
+    only when Prefect's run loggers are at DEBUG (PREFECT_LOGGING_LEVEL=DEBUG), else dropped."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.logger.isEnabledFor(logging.DEBUG)
+        return True
+
+
+# Prefect's loggers of flow and task runs: where it logs a run's exception.
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
 # Commands that run flows; without PREFECT_API_URL they need Prefect's temporary server.
 FLOW_COMMANDS = {"run", "grid", "demo", "promote"}
 
@@ -318,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         temporary_server.start_early()  # before anything imports Prefect
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("adaptflow").setLevel(logging.INFO)
+    for name in PREFECT_RUN_LOGGERS:  # logging.config (Prefect's setup) keeps a logger's filters
+        logger = logging.getLogger(name)
+        logger.addFilter(QuietInputErrors(logger))
     stdout = sys.stdout
     outcome: dict[str, Any]
     code = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import TypeAdapter
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +18,9 @@ PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
 
 def read_deployments(prefect_file: Path = PREFECT_FILE) -> list[dict[str, Any]]:
     """The deployment entries of a prefect.yaml (YAML anchors and merges resolved)."""
-    return list(yaml.safe_load(prefect_file.read_text())["deployments"])
+    from tasks.config import read_yaml
+
+    return list(read_yaml(prefect_file)["deployments"])
 
 
 def build_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:

@@ -2,17 +2,104 @@
 
 from __future__ import annotations
 
+import os
+import posixpath
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapters_impl import METHODS
 from adapters_impl.lora import LowRankSettings
 from tasks.errors import UserInputError
 
 BUILTIN_PREFIX = "builtin:"
+
+# Bounds on any YAML the CLI reads: configs, --set values, probe suites are a few kB and a few hundred values.
+# Aliases share nodes, so a small file can stand for billions of values ("billion laughs"); validating it would
+# expand them all.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
+class _YamlTooBig(Exception):
+    pass
+
+
+def _count_values(root: yaml.Node) -> int:
+    """The number of values `root` stands for with every alias expanded; stops past MAX_YAML_VALUES.
+
+    Shared nodes are counted once per reference (memoized, so the walk is linear in the file), cycles raise.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative: a deeply nested file must not exhaust the Python stack here
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if children_done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise _YamlTooBig(f"more than {MAX_YAML_VALUES} values once its aliases are expanded")
+            continue
+        if id(node) in on_path:
+            raise _YamlTooBig("an alias refers to itself (a recursive structure)")
+        on_path.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                raise _YamlTooBig("an alias refers to itself (a recursive structure)")
+            stack.append((child, False))
+    return sizes[id(root)]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Safe-load YAML text, bounded in size and alias expansion.
+
+    Raises:
+        UserInputError: "{source}: ..." when the text is not valid YAML, too large, or expands too far.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise UserInputError(f"{source}: larger than {MAX_YAML_BYTES >> 20} MiB; a config is a few kB")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_values(node)
+        return loader.construct_document(node)
+    except _YamlTooBig as exc:
+        raise UserInputError(f"{source}: refused: {exc} (nested YAML aliases?)") from None
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise UserInputError(f"{source}: refused: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path, source: str | None = None) -> Any:
+    """A YAML file through `parse_yaml`; its size is checked before it is read.
+
+    Raises:
+        UserInputError: naming `source` (default: the path).
+    """
+    source = source or str(path)
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UserInputError(f"{source}: larger than {MAX_YAML_BYTES >> 20} MiB; a config is a few kB")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{source}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    return parse_yaml(text, source)
 
 
 class Section(BaseModel):
@@ -23,6 +110,9 @@ class ModelSettings(Section):
     name_or_path: str = Field("builtin:tiny", description="hub id, local folder, or builtin:tiny")
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(
+        False, description="also load pickle weights (pytorch_model.bin); unpickling a file can run code"
+    )
 
 
 class DataSettings(Section):
@@ -70,9 +160,38 @@ class PromoteSettings(Section):
     min_delta: float = Field(0.0, ge=0)
 
 
+def registered_model_name_problem(name: str) -> str | None:
+    """Why MLflow would refuse `name` as a registered model name, or None.
+
+    Mirrors MLflow 3's checks (`mlflow.utils.validation._validate_model_name` plus the file store's
+    `_validate_model_name`, the strictest store), so a name fails here, not after training; importing MLflow
+    for this would put its import on every config load. tests/test_config.py checks the mirror against MLflow.
+    """
+    if not name.strip():
+        return "must not be empty"
+    if "/" in name or ":" in name:
+        return "must not contain '/' or ':'"
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(("..", "/")):
+        return f"must not read as a file path that resolves to another name (it resolves to {norm!r})"
+    if any(sep in name for sep in (os.sep, os.altsep) if sep):
+        return "must not contain a path separator"
+    if "%" in name:
+        return "must not contain '%'"
+    return None
+
+
 class RegistrySettings(Section):
-    name: str = Field("adaptflow-model", min_length=1)
+    name: str = Field("adaptflow-model", min_length=1, description="registered model name (MLflow's rules)")
     promote: PromoteSettings = PromoteSettings()
+
+    @field_validator("name")
+    @classmethod
+    def _mlflow_name(cls, name: str) -> str:
+        problem = registered_model_name_problem(name)
+        if problem:
+            raise ValueError(f"not a valid MLflow registered model name: {problem}")
+        return name
 
 
 class GateSettings(Section):
@@ -201,9 +320,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set method.r=16")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            problems.append(f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})")
+            value = parse_yaml(text, f"--set {key}") if text.strip() else None
+        except UserInputError as exc:
+            problems.append(str(exc))
             continue
         node = raw
         parts = key.split(".")
@@ -292,10 +411,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise UserInputError(f"{path}: expected a YAML mapping of sections (model, task, data, method, ...)")
     raw = apply_overrides(raw, overrides or [])

@@ -22,6 +22,12 @@ class UserInputError(Exception):
         return cls(f"{header}\n{body}", problems)
 
 
+def capped(values: list[str], limit: int = 20) -> str:
+    """A list for a message, cut after `limit` items: "['a', 'b'] … 5 more" (200 labels would bury the point)."""
+    shown = repr(values[:limit])
+    return shown if len(values) <= limit else f"{shown} … {len(values) - limit} more"
+
+
 class RunFailed(RuntimeError):
     """The run could not finish for a reason its message explains (exit code 1, no traceback)."""
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
+import math
+import random
 import shutil
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,16 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE}),
     ".parquet": ("parquet", {}),
     ".txt": ("text", {}),
+}
+
+# What a file of each format must hold, for the message about an empty one.
+EXPECTED = {
+    ".jsonl": "one JSON object per line",
+    ".json": "a JSON array of objects (or one object per line)",
+    ".csv": "a header row, then one row per example",
+    ".tsv": "a tab-separated header row, then one row per example",
+    ".parquet": "a Parquet table with a row per example",
+    ".txt": "one text per line",
 }
 
 
@@ -85,6 +99,42 @@ def check_source(value: str, key: str) -> None:
         raise UserInputError(f"{key}: file not found: {value}")
 
 
+def _hash_checked(file: Path, key: str, digest: Any) -> None:
+    """Feed a data file to `digest`, refusing an empty file and, for text formats, one that is not UTF-8.
+
+    The datasets builders report either without naming the file, the encoding or where the bad byte is.
+    """
+    text = file.suffix != ".parquet"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            blank = blank and not block.strip()
+            if text:
+                pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as exc:
+                    _not_utf8(file, key, offset - pending + exc.start)
+            offset += len(block)
+    if text:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            _not_utf8(file, key, offset - len(exc.object) + exc.start)
+    empty = blank if text else offset == 0
+    if empty:
+        raise UserInputError(f"{key}: {file} is empty; expected {EXPECTED[file.suffix]}")
+
+
+def _not_utf8(file: Path, key: str, offset: int) -> None:
+    raise UserInputError(
+        f"{key}: {file}: not UTF-8 text (invalid byte at byte offset {offset}); data files must be UTF-8 "
+        "(re-save the file as UTF-8)"
+    )
+
+
 def read_table(value: str, key: str) -> tuple[Dataset, str]:
     """A file, a folder of files, or a hub dataset id as one Dataset, with a fingerprint of its content.
 
@@ -97,9 +147,7 @@ def read_table(value: str, key: str) -> tuple[Dataset, str]:
         builder, options = FORMATS[files[0].suffix]
         digest = hashlib.sha256()
         for file in files:
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+            _hash_checked(file, key, digest)
         try:
             table = load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
         except Exception as exc:  # the builders raise many kinds of parse errors
@@ -144,6 +192,36 @@ def _clean(table: Dataset, text_column: str, label_column: str | None) -> Datase
     return table if len(usable) == len(table) else table.select(usable)
 
 
+def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]] | None:
+    """Train and eval row indices, each class in proportion and every eval class also in train.
+
+    None when there is nothing to stratify (no labels) or a class has fewer than 2 rows (it cannot be in both).
+    Eval gets ceil(fraction * rows) rows, as `Dataset.train_test_split` gives, unless keeping a row of every
+    class in train leaves fewer. Deterministic for a seed; rows shuffled like the random split's.
+    """
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        rows[label].append(i)
+    if not rows or min(len(r) for r in rows.values()) < 2:
+        return None
+    rng = random.Random(seed)
+    wanted = math.ceil(fraction * len(labels))
+    classes = list(rows)
+    rng.shuffle(classes)  # the seed, not the label order, breaks ties below
+    quota = {c: len(rows[c]) * wanted / len(labels) for c in classes}
+    take = {c: min(math.floor(quota[c]), len(rows[c]) - 1) for c in classes}
+    order = sorted(classes, key=lambda c: quota[c] - math.floor(quota[c]), reverse=True)  # largest remainder first
+    while (missing := wanted - sum(take.values())) > 0:
+        room = [c for c in order if take[c] < len(rows[c]) - 1]
+        if not room:
+            break
+        for c in room[:missing]:
+            take[c] += 1
+    held_out = {i for c in classes for i in rng.sample(rows[c], take[c])}
+    shuffled = rng.sample(range(len(labels)), len(labels))
+    return [i for i in shuffled if i not in held_out], [i for i in shuffled if i in held_out]
+
+
 def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
     """Read train (and eval) data, split off eval when no eval file is given, and save both splits.
 
@@ -165,9 +243,16 @@ def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
     else:
         if len(train) < 2:
             raise UserInputError(f"data.train: {settings.train} has {len(train)} usable rows; need at least 2")
-        split = train.train_test_split(test_size=settings.eval_fraction, seed=settings.split_seed)
-        train, eval_ = split["train"], split["test"]
-        digests["split"] = f"{settings.eval_fraction}:{settings.split_seed}"
+        strata = stratified_split(
+            [str(y) for y in train[label_column]] if label_column else [], settings.eval_fraction, settings.split_seed
+        )
+        if strata is None:
+            split = train.train_test_split(test_size=settings.eval_fraction, seed=settings.split_seed)
+            train, eval_ = split["train"], split["test"]
+            digests["split"] = f"{settings.eval_fraction}:{settings.split_seed}"
+        else:
+            train, eval_ = train.select(strata[0]), train.select(strata[1])
+            digests["split"] = f"{settings.eval_fraction}:{settings.split_seed}:stratified"
     for name, table, key in (("train", train, "data.train"), ("eval", eval_, "data.eval")):
         if len(table) == 0:
             raise UserInputError(f"{key}: the {name} split has no usable rows (empty text is dropped)")

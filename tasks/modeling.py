@@ -36,6 +36,7 @@ class ModelSource(BaseModel):
     name_or_path: str
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False
     display_name: str
     tokenizer_fingerprint: str
 
@@ -109,6 +110,18 @@ def _tokenizer_fingerprint(name_or_path: str, revision: str | None) -> str:
     return digest.hexdigest()[:16]
 
 
+# Weight files that are pickles: loading one can run code (torch's restricted loader is the only guard).
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+PICKLE_HINT = "set model.allow_pickle: true to load them (only for files you trust), or convert them to safetensors"
+
+
+def pickle_only(folder: Path) -> list[str]:
+    """The pickle weight files of a model folder that has no safetensors weights (else [])."""
+    if any(folder.glob("*.safetensors")):
+        return []
+    return sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+
+
 def resolve_model(settings: ModelSettings) -> ModelSource:
     """Turn `model.*` into a loadable source, checking early that it exists and is a model.
 
@@ -127,6 +140,12 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
             raise UserInputError(
                 f"model.name_or_path: {value} has no config.json; expected a Hugging Face model folder"
             )
+        pickles = pickle_only(local) if local.is_dir() and not settings.allow_pickle else []
+        if pickles:
+            raise UserInputError(
+                f"model.name_or_path: {value} holds only pickle weights ({', '.join(pickles)}), which can run code "
+                f"when loaded; {PICKLE_HINT}"
+            )
         try:
             AutoConfig.from_pretrained(path, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -138,6 +157,7 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
         name_or_path=path,
         revision=settings.revision,
         trust_remote_code=settings.trust_remote_code,
+        allow_pickle=settings.allow_pickle,
         display_name=value,
         tokenizer_fingerprint=_tokenizer_fingerprint(path, settings.revision),
     )
@@ -177,19 +197,35 @@ def load_base_model(
     label_names: list[str] | None = None,
     **extra: Any,
 ) -> nn.Module:
-    """The base model for the task, in fp32 unless `extra` says otherwise (e.g. a quantization config)."""
-    kwargs: dict[str, Any] = {"dtype": torch.float32, **source.kwargs(), **extra}
-    if task == "classification":
-        assert label_names, "classification needs label names"
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source.name_or_path,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-            **kwargs,
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
+    """The base model for the task, in fp32 unless `extra` says otherwise (e.g. a quantization config).
+
+    Safetensors weights only, unless the source allows pickles (`model.allow_pickle`).
+
+    Raises:
+        UserInputError: the model has no safetensors weights and pickles are not allowed.
+    """
+    # None: transformers' default, safetensors first, then pickles.
+    safetensors_only = None if source.allow_pickle else True
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": safetensors_only, **source.kwargs(), **extra}
+    try:
+        if task == "classification":
+            assert label_names, "classification needs label names"
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source.name_or_path,
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={n: i for i, n in enumerate(label_names)},
+                **kwargs,
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
+    except OSError as exc:
+        if source.allow_pickle or "safetensors" not in str(exc):
+            raise
+        raise UserInputError(
+            f"model.name_or_path: {source.display_name} has no safetensors weights "
+            f"({str(exc).splitlines()[0][:200]}); {PICKLE_HINT}"
+        ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

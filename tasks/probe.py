@@ -21,13 +21,12 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from tasks.config import GateSettings, ProbeSettings
-from tasks.errors import UserInputError
+from tasks.config import GateSettings, ProbeSettings, read_yaml
+from tasks.errors import UserInputError, capped
 
 BUILTIN_SUITES = Path(__file__).parent / "builtin" / "probes"
 Perturbation = Literal["typo", "case", "whitespace", "punctuation"]
@@ -153,10 +152,7 @@ def load_suite(name_or_path: str, key: str = "bias_probe.suite") -> Suite:
         raise UserInputError(f"{key}: {name_or_path!r} is neither a builtin suite ({', '.join(names)}) nor a path")
     if path.is_dir() or path.suffix in {".csv", ".tsv", ".jsonl", ".json"}:
         return Suite(name=path.name, pairs=_pairs_source(str(path), path.parent, key))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"{key}: {path} is not valid YAML ({exc.__class__.__name__})") from None
+    raw = read_yaml(path, f"{key}: {path}") or {}
     if not isinstance(raw, dict):
         raise UserInputError(f"{key}: {path} must be a mapping with rules, pairs and/or robustness")
     pairs = _pairs_source(raw.pop("pairs"), path.parent, f"{key} (pairs)") if "pairs" in raw else []
@@ -544,11 +540,21 @@ def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Modu
         return served.model, served.tokenizer, served.info["task"]  # type: ignore[attr-defined]
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from tasks.modeling import pickle_only
+
+    pickles = pickle_only(Path(model)) if Path(model).is_dir() else []
+    if pickles:
+        raise UserInputError(
+            f"MODEL: {model} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors"
+        )
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-        loaded = auto.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        loaded = auto.from_pretrained(
+            model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserInputError(f"MODEL: {model!r} is not a loadable model ({str(exc).splitlines()[0][:200]})") from None
@@ -568,5 +574,5 @@ def labelled_texts(path: Path, model: nn.Module, text_column: str, label_column:
     label2id = {str(k): int(v) for k, v in model.config.label2id.items()}  # type: ignore[union-attr,operator]
     unknown = sorted({str(v) for v in table[label_column]} - set(label2id))
     if unknown:
-        raise UserInputError(f"--data: labels {unknown} are not among the model's: {sorted(label2id)}")
+        raise UserInputError(f"--data: labels {capped(unknown)} are not among the model's: {capped(sorted(label2id))}")
     return [str(t) for t in table[text_column]], [label2id[str(v)] for v in table[label_column]]

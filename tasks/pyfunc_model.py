@@ -38,7 +38,11 @@ class AdaptflowModel(PythonModel):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         auto = AutoModelForSequenceClassification if self.info["task"] == "classification" else AutoModelForCausalLM
-        model = auto.from_pretrained(folder / self.info["weights"], dtype=torch.float32)
+        # Safetensors only, unless the run that registered this base allowed pickles (model.allow_pickle).
+        safetensors_only = None if self.info.get("allow_pickle") else True
+        model = auto.from_pretrained(
+            folder / self.info["weights"], dtype=torch.float32, use_safetensors=safetensors_only
+        )
         if self.info.get("adapter"):
             from adapters_impl import get_method
 

@@ -68,7 +68,13 @@ def package_model(trained: TrainedRef, merged: MergedRef, folder: Path, generati
     else:
         shutil.copytree(adapted.source.name_or_path, folder / "base")
         shutil.copytree(trained.adapter_dir, folder / "adapter")
-        info |= {"weights": "base", "tokenizer": "base", "adapter": "adapter"}
+        # The base as given: pickle weights only when the run's config allowed them (model.allow_pickle).
+        info |= {
+            "weights": "base",
+            "tokenizer": "base",
+            "adapter": "adapter",
+            "allow_pickle": adapted.source.allow_pickle,
+        }
     (folder / "adaptflow.json").write_text(json.dumps(info, indent=2))
     return folder
 

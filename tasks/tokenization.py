@@ -10,7 +10,7 @@ from datasets import Dataset, load_from_disk
 from pydantic import BaseModel
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from tasks.errors import UserInputError
+from tasks.errors import UserInputError, capped
 from tasks.load import DataRef, publish
 from tasks.modeling import ModelSource, load_tokenizer
 
@@ -48,7 +48,8 @@ def label_names_of(train: Dataset, eval_: Dataset, column: str) -> list[str]:
     unseen = {str(v) for v in eval_[column]} - seen
     if unseen:
         raise UserInputError(
-            f"data.label_column: eval labels {sorted(unseen)} never occur in train; train has {sorted(seen)}"
+            f"data.label_column: eval labels {capped(sorted(unseen))} never occur in train; "
+            f"train has {capped(sorted(seen))}"
         )
     if len(seen) < 2:
         raise UserInputError(f"data.label_column: train has {len(seen)} distinct label(s); need at least 2")

@@ -117,3 +117,79 @@ def test_every_preset_loads_and_opens_with_its_command(preset: Path) -> None:
     assert first.startswith("# adaptflow "), f"{preset.name} must open with the command that runs it"
     config = load_config(preset)
     assert Path(config.data.train).exists()
+
+
+BILLION_LAUGHS = """\
+a: &a ["q", "q", "q", "q", "q", "q", "q", "q", "q", "q"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_yaml_alias_bombs_are_refused_at_once(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("anchors:\n" + _indent(BILLION_LAUGHS) + "data: {train: x.jsonl}\nmethod:\n  target_modules: *i\n")
+    with pytest.raises(UserInputError, match="more than 100000 values once its aliases are expanded"):
+        load_config(bomb)
+    with pytest.raises(UserInputError, match=r"--set method.target_modules: refused: more than"):
+        apply_overrides({}, ["method.target_modules=" + "{" + BILLION_LAUGHS.replace("\n", ", ") + "}"])
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("data: {train: x.jsonl}\nmethod:\n  target_modules: &r [*r]\n")
+    with pytest.raises(UserInputError, match="refers to itself"):
+        load_config(recursive)
+    big = tmp_path / "big.yaml"
+    big.write_text("data: {train: x.jsonl}\n" + "#" * (2 << 20))
+    with pytest.raises(UserInputError, match="larger than"):
+        load_config(big)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("data: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(UserInputError, match=f"{deep}"):
+        load_config(deep)
+
+
+def _indent(text: str) -> str:
+    return "".join(f"  {line}\n" for line in text.splitlines())
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "a:b", "x%2Fy", " ", "a/../b", "./a", "a//b", "../x"])
+def test_registry_names_follow_mlflow_rules(name: str) -> None:
+    found = problems({"data": {"train": "x.jsonl"}, "registry": {"name": name}})
+    assert len(found) == 1 and found[0].startswith("registry.name: not a valid MLflow registered model name")
+
+
+def test_registry_name_rule_mirrors_mlflow() -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.file_store import _validate_model_name
+
+    from tasks.config import registered_model_name_problem
+
+    names = [
+        "adaptflow-model",
+        "my model v2",
+        "a.b_c",
+        "a/b",
+        "..",
+        ".",
+        "a:b",
+        "x%2Fy",
+        " ",
+        "a\\b",
+        "a/",
+        "a.",
+        "..a",
+    ]
+    for name in names:
+        try:
+            _validate_model_name(name)
+            refused = False
+        except MlflowException:
+            refused = True
+        assert (registered_model_name_problem(name) is not None) == refused, name
+        if not refused:
+            assert validate_config({"data": {"train": "x.jsonl"}, "registry": {"name": name}}).registry.name == name

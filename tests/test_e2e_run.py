@@ -250,3 +250,17 @@ def test_each_kind_of_method_runs_registers_and_predicts(
         assert set(predictions) <= {"negative", "positive"}
     else:
         assert all(isinstance(p, str) for p in predictions)
+
+
+@pytest.mark.slow
+def test_input_error_inside_a_flow_prints_no_traceback(tmp_path: Path, tiny_model: str) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")  # passes the preflight (it exists), fails in the load task
+    config = tiny_run_config(tmp_path / "run.yaml", tiny_model, empty)
+    command = Path(sys.executable).with_name("adaptflow")
+    done = subprocess.run([str(command), "run", str(config)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    before, clean, _ = done.stderr.partition(f"adaptflow: error: data.train: {empty} is empty")
+    assert clean, done.stderr[-3000:]
+    # Only the server's own shutdown noise may follow the message (it is not about this error).
+    assert "Traceback" not in before and "tasks.errors.UserInputError" not in done.stderr, done.stderr[-3000:]

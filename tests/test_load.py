@@ -84,3 +84,57 @@ def test_unsupported_format_and_empty_data(tmp_path: Path) -> None:
     empty.write_text(json.dumps({"text": "  "}) + "\n" + json.dumps({"text": "x"}) + "\n")
     with pytest.raises(UserInputError, match="usable rows"):
         load_data(DataSettings(train=str(empty)), "causal_lm", tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet"])
+def test_an_empty_file_is_called_empty(tmp_path: Path, suffix: str) -> None:
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_bytes(b"" if suffix == ".parquet" else b"\n  \n")
+    with pytest.raises(UserInputError, match=rf"data.train: {empty} is empty; expected .+") as caught:
+        load_data(DataSettings(train=str(empty)), "causal_lm", tmp_path / "c")
+    assert not str(caught.value).endswith(": ")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".txt"])
+def test_invalid_utf8_names_file_encoding_and_offset(tmp_path: Path, suffix: str) -> None:
+    bad = tmp_path / f"bad{suffix}"
+    head = {".jsonl": b'{"text": "ok"}\n{"text": "caf', ".json": b'[{"text": "caf', ".csv": b"text\ncaf"}
+    prefix = head.get(suffix, b"text\ncaf" if suffix == ".tsv" else b"ok\ncaf")
+    bad.write_bytes(
+        prefix + b"\xe9 au lait" + (b'"}]' if suffix == ".json" else b'"}\n' if suffix == ".jsonl" else b"\n")
+    )
+    with pytest.raises(UserInputError, match=rf"data.train: {bad}: not UTF-8 .*byte offset {len(prefix)}"):
+        load_data(DataSettings(train=str(bad)), "causal_lm", tmp_path / "c")
+
+
+def test_many_labels_split_stratified(tmp_path: Path) -> None:
+    from tasks.tokenization import label_names_of
+
+    rows = [{"text": f"row {i} of class {c}", "label": f"class-{c}"} for c in range(200) for i in range(2 + c % 3)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ref = load_data(DataSettings(train=str(path), eval_fraction=0.2), "classification", tmp_path / "c")
+    train, eval_ = ref.splits()
+    assert set(eval_["label"]) <= set(train["label"]) and len(set(train["label"])) == 200
+    assert abs(ref.eval_rows - 0.2 * len(rows)) <= 1 and ref.train_rows + ref.eval_rows == len(rows)
+    assert set(train["text"]).isdisjoint(eval_["text"])
+    assert (
+        load_data(DataSettings(train=str(path), eval_fraction=0.2), "classification", tmp_path / "d").splits()[1][
+            "text"
+        ]
+        == eval_["text"]
+    )
+    assert len(label_names_of(train, eval_, "label")) == 200
+
+
+def test_label_lists_in_messages_are_capped(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from tasks.tokenization import label_names_of
+
+    train = Dataset.from_dict({"label": [f"a{i}" for i in range(100)]})
+    eval_ = Dataset.from_dict({"label": [f"b{i}" for i in range(100)]})
+    with pytest.raises(UserInputError) as caught:
+        label_names_of(train, eval_, "label")
+    message = str(caught.value)
+    assert "… 80 more" in message and message.count("'a") == 20 and message.count("'b") == 20

@@ -287,3 +287,12 @@ def test_probe_command_on_a_model_folder_and_a_classifier_with_robustness(
     )
     probed = last_json(capsys.readouterr().out)
     assert probed["task"] == "classification" and "robustness" in probed and "pairs" not in probed
+
+
+def test_suite_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
+    levels = ["a: &l0 [q, q, q, q, q, q, q, q, q, q]"]
+    levels += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]" for n in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nrules: *l8\n")
+    with pytest.raises(UserInputError, match=r"--suite: .*bomb.yaml: refused: more than 100000 values"):
+        load_suite(str(bomb), "--suite")

@@ -97,3 +97,51 @@ def test_eval_loss_is_weighted_by_real_tokens(source) -> None:
             tensor = torch.tensor([ids])
             expected += float(model(input_ids=tensor, labels=tensor).loss) * (len(ids) - 1)
     assert math.isclose(total, expected, rel_tol=1e-4)
+
+
+@pytest.fixture
+def pickle_only_model(tiny_model: str, tmp_path: Path) -> Path:
+    """The tiny model with its weights as pytorch_model.bin (a pickle) instead of safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickle-model"
+    shutil.copytree(tiny_model, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_pickle_weights_need_allow_pickle(pickle_only_model: Path) -> None:
+    from tasks.config import validate_config
+
+    assert validate_config({"data": {"train": "x.jsonl"}}).flat()["model.allow_pickle"] is False  # an MLflow param
+    with pytest.raises(UserInputError, match=r"model.name_or_path: .*pytorch_model.bin.*model.allow_pickle: true"):
+        resolve_model(ModelSettings(name_or_path=str(pickle_only_model)))
+    source = resolve_model(ModelSettings(name_or_path=str(pickle_only_model), allow_pickle=True))
+    assert load_base_model(source, "causal_lm", load_tokenizer(source)) is not None
+    # A source that slipped past the folder check (a hub id) still never loads pickles.
+    unchecked = source.model_copy(update={"allow_pickle": False})
+    with pytest.raises(UserInputError, match=r"model.name_or_path: .*no safetensors weights.*model.allow_pickle"):
+        load_base_model(unchecked, "causal_lm", load_tokenizer(source))
+
+
+def test_saved_adapters_load_only_from_safetensors(source, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from adapters_impl import ApplyContext, get_method
+
+    tokenizer = load_tokenizer(source)
+    for name in ("lora", "full"):
+        method = get_method(name)
+        settings = method.settings(name=name)
+        context = ApplyContext(task="causal_lm", model_path=source.name_or_path)
+        model = method.apply(load_base_model(source, "causal_lm", tokenizer), settings, context)
+        folder = tmp_path / name
+        method.save(model, folder)
+        (weights,) = folder.glob("*.safetensors")
+        torch.save(load_file(str(weights)), weights.with_suffix(".bin"))
+        weights.unlink()
+        with pytest.raises(OSError, match="safetensors"):
+            method.load(load_base_model(source, "causal_lm", tokenizer), folder, False)
