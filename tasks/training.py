@@ -21,7 +21,7 @@ from adapters_impl import get_method
 from adapters_impl.base import SaveFn
 from tasks.adapting import AdaptedRef, load_adapted, remember, take
 from tasks.config import TrainSettings
-from tasks.errors import RunFailed
+from tasks.errors import RunFailed, disk_error
 from tasks.modeling import load_tokenizer, training_dtype
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import MlflowStreamCallback, RunRef, log_metrics
@@ -236,7 +236,14 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
             callbacks=[stream, guard],
         )
         started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except Exception as exc:
+            if disk_error(exc) is not None:  # a checkpoint half-written to a full disk: free its space
+                for partial in checkpoints.glob("checkpoint-*"):
+                    if checkpoint_problems(partial):
+                        shutil.rmtree(partial, ignore_errors=True)
+            raise
         seconds = time.perf_counter() - started
         state, failures, bad_step, train_loss = trainer.state, stream.failures, guard.bad_step, output.training_loss
         history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e]

@@ -3,15 +3,23 @@ and a read-only or full `train.output_dir` (real mounts; skipped where mounting 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import write_config
 from mlflow.tracking import MlflowClient
 
 from adapters_impl.lora import LoraSettings
+from flows.cli import main
+from flows.stages import is_transient
 from tasks.adapting import apply_method
 from tasks.config import DataSettings, ModelSettings, RunConfig, TrainSettings
 from tasks.errors import RunFailed
@@ -106,3 +114,84 @@ def test_a_run_resumed_to_finished_keeps_no_error_tag(tmp_path: Path) -> None:
     end_run(resumed, "FINISHED")
     finished = MlflowClient().get_run(run.run_id)
     assert finished.info.status == "FINISHED" and "adaptflow.error" not in finished.data.tags
+
+
+@contextmanager
+def mounted(folder: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs at `folder` (read-only or tiny), unmounted afterwards; skipped where mounting is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def disk_config(tmp_path: Path, model: str, data: Path, output_dir: Path) -> Path:
+    return write_config(
+        tmp_path / "run.yaml",
+        model={"name_or_path": model},
+        data={"train": str(data), "max_length": 48},
+        method={"name": "lora", "r": 4, "target_modules": "all-linear"},
+        train={"batch_size": 8, "max_steps": 2, "save_steps": 100, "output_dir": str(output_dir)},
+        registry={"name": "disk"},
+        bias_probe={"suite": None},
+    )
+
+
+def all_runs() -> list:
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_a_read_only_output_dir_is_named_before_anything_starts(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with mounted(tmp_path / "ro", "ro,size=1m") as folder:
+        config = disk_config(tmp_path, tiny_model, stories_file, folder / "runs")
+        assert main(["run", str(config), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert "train.output_dir" in captured.err and str(folder / "runs") in captured.err
+    assert "Read-only file system" in captured.err and "Traceback" not in captured.err
+    assert last_json(captured.out)["status"] == "error"
+    assert all_runs() == []
+
+
+def test_a_full_output_dir_is_named_and_the_failed_stage_leaves_nothing(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with mounted(tmp_path / "full", "size=48k") as folder:
+        config = disk_config(tmp_path, tiny_model, stories_file, folder / "runs")
+        code = main(["run", str(config), "--json"])
+        captured = capsys.readouterr()
+        left = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    assert code == 1
+    message = captured.err.strip().splitlines()[-1]  # what the user reads last, instead of a bare errno
+    assert message.startswith("adaptflow: failed: No space left on device") and str(folder / "runs") in message
+    assert "--resume" in message
+    (run,) = all_runs()
+    assert run.info.status == "FAILED"
+    # Tokenization ran out of space: no temporary or staging files of it are left in the cache.
+    assert not [p for p in left if Path(p).name.startswith("tmp") or ".partial-" in p], left
+
+
+def test_a_full_or_read_only_disk_is_never_retried() -> None:
+    class State:
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def result(self) -> None:
+            raise self.error
+
+    disk = [
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        OSError(errno.EROFS, os.strerror(errno.EROFS), "/runs"),
+        OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)),
+        RuntimeError("I/O error: No space left on device (os error 28)"),  # how safetensors says it
+    ]
+    assert not any(is_transient(None, None, State(e)) for e in disk)  # type: ignore[arg-type]
+    assert is_transient(None, None, State(OSError(errno.EIO, "disk hiccup")))  # type: ignore[arg-type]
