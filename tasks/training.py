@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import time
@@ -60,6 +62,25 @@ def checkpoint_problems(folder: Path) -> list[str]:
         except (OSError, zipfile.BadZipFile) as exc:
             problems.append(f"{path}: {exc.__class__.__name__}: {exc}")
     return problems
+
+
+def drop_partial_checkpoints(folder: Path, exc: Exception) -> None:
+    """After training failed: remove the checkpoints it left half-written (unusable, and on a full disk they hold
+    the space needed to go on).
+
+    Raises:
+        OSError: ENOSPC naming the checkpoint, when the disk is full but the writer did not say so (torch.save's
+            "unexpected pos").
+    """
+    partial = [p for p in folder.glob("checkpoint-*") if checkpoint_problems(p)]
+    if not partial:
+        return
+    full = disk_error(exc) is None and shutil.disk_usage(folder).free < 2**20
+    for checkpoint in partial:
+        log.warning("removing the checkpoint %s, half-written when training failed", checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    if full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial[0])) from exc
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -239,10 +260,7 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
         try:
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except Exception as exc:
-            if disk_error(exc) is not None:  # a checkpoint half-written to a full disk: free its space
-                for partial in checkpoints.glob("checkpoint-*"):
-                    if checkpoint_problems(partial):
-                        shutil.rmtree(partial, ignore_errors=True)
+            drop_partial_checkpoints(checkpoints, exc)
             raise
         seconds = time.perf_counter() - started
         state, failures, bad_step, train_loss = trainer.state, stream.failures, guard.bad_step, output.training_loss

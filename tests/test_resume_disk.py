@@ -37,11 +37,19 @@ def last_json(text: str) -> dict:
 class Trainer:
     """The train stage called directly (no Prefect) on one run folder, as a first run and as a resume."""
 
-    def __init__(self, tmp_path: Path, tiny_model: str, stories_file: Path, max_steps: int, save_steps: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        tiny_model: str,
+        stories_file: Path,
+        max_steps: int,
+        save_steps: int,
+        run_dir: Path | None = None,
+    ) -> None:
         source = resolve_model(ModelSettings(name_or_path=tiny_model))
         data = load_data(DataSettings(train=str(stories_file), max_length=48), "causal_lm", tmp_path / "cache" / "d")
         self.tokenized = tokenize_dataset(data, source, "causal_lm", 48, tmp_path / "cache" / "t")
-        self.run_dir = tmp_path / "run"
+        self.run_dir = run_dir or tmp_path / "run"
         self.adapted = apply_method(
             source, LoraSettings(r=4, target_modules="all-linear"), "causal_lm", self.tokenized, str(self.run_dir), 0
         )
@@ -195,3 +203,17 @@ def test_a_full_or_read_only_disk_is_never_retried() -> None:
     ]
     assert not any(is_transient(None, None, State(e)) for e in disk)  # type: ignore[arg-type]
     assert is_transient(None, None, State(OSError(errno.EIO, "disk hiccup")))  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_named_and_removed(
+    tmp_path: Path, tiny_model: str, stories_file: Path
+) -> None:
+    with mounted(tmp_path / "full", "size=4m") as folder:
+        trainer = Trainer(tmp_path, tiny_model, stories_file, max_steps=2, save_steps=1, run_dir=folder / "run")
+        weights = (trainer.run_dir / "adapter-init" / "adapter_model.safetensors").stat().st_size
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        (folder / "filler").write_bytes(b"\0" * (free - weights - 16384))  # the weights fit; the optimizer does not
+        with pytest.raises(OSError) as failure:
+            trainer.train()
+        assert failure.value.errno == errno.ENOSPC and "checkpoint-1" in str(failure.value.filename)
+        assert not list((trainer.run_dir / "checkpoints").glob("checkpoint-*"))
