@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic import BaseModel
 
 from flows import stages
 from tasks.config import RunConfig
+from tasks.errors import UserInputError, disk_error, disk_failure
 from tasks.load import DataRef
 from tasks.modeling import ModelSource
 from tasks.probe import ProbeReport
@@ -50,19 +52,43 @@ def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = F
         yield run
     except BaseException as exc:
         stages.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", repr(exc)[:5000])
+        reason = disk_error(exc)
+        if reason is not None:  # name the path instead of a bare errno
+            raise disk_failure(exc, config.train.output_dir, reason) from None
         raise
     stages.end_run(run, "FINISHED")
 
 
-def preflight(config: RunConfig) -> None:
-    """Cheap checks before any service starts: the data files and the model folder exist.
+def check_writable(folder: Path, key: str) -> None:
+    """Create the folder and write and remove a probe file in it: a read-only or full disk is named at once,
+    before any run is opened (it would otherwise fail mid-run, after MLflow runs were created).
 
     Raises:
-        UserInputError: naming the key and the missing file.
+        UserInputError: naming the key, the folder and the reason.
+    """
+    probe = folder / f".adaptflow-write-check-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"adaptflow")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(
+            f"{key}: cannot write to {folder.resolve()}: {exc.strerror or exc}; "
+            f"choose a writable folder with free space (--set {key}=PATH)"
+        ) from None
+
+
+def preflight(config: RunConfig) -> None:
+    """Cheap checks before any service starts: the output folder is writable, the data files and the model
+    folder exist.
+
+    Raises:
+        UserInputError: naming the key and the missing file or unwritable folder.
     """
     from tasks.load import check_source
     from tasks.modeling import resolve_model
 
+    check_writable(Path(config.train.output_dir), "train.output_dir")
     check_source(config.data.train, "data.train")
     if config.data.eval:
         check_source(config.data.eval, "data.eval")

@@ -27,19 +27,21 @@ from tasks import (
     training,
 )
 from tasks.config import RunConfig
-from tasks.errors import UserInputError
+from tasks.errors import UserInputError, disk_error
 from tasks.promotion import Decision, champion_reevaluator, promote_version
 
 
 def is_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry I/O and connection failures only; never a config error, a NaN loss or out-of-memory."""
+    """Retry I/O and connection failures only; never a config error, a NaN loss, out-of-memory or a full disk."""
     try:
         state.result()
     except (UserInputError, training.TrainingDiverged, MemoryError):
         return False
-    except (OSError, ConnectionError, TimeoutError):
-        return True
     except Exception as exc:
+        if disk_error(exc) is not None:  # a full or read-only disk: retrying cannot help
+            return False
+        if isinstance(exc, OSError):  # ConnectionError and TimeoutError included
+            return True
         return "ConnectionError" in type(exc).__name__ or "Timeout" in type(exc).__name__
     return False
 

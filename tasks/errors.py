@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from pathlib import Path
+
+# A full or read-only disk: retrying cannot help.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
 
 class UserInputError(Exception):
     """The user's input is wrong (config, data, model path): exit code 2, nothing registered.
@@ -32,3 +40,26 @@ class RunFailed(RuntimeError):
     """The run could not finish for a reason its message explains (exit code 1, no traceback)."""
 
     exit_code = 1
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """The reason when `exc` comes from a full or read-only disk, else None. Some writers (pyarrow,
+    safetensors) raise their own types and only say so in the message."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return os.strerror(exc.errno)
+    text = str(exc)
+    return next((os.strerror(e) for e in DISK_ERRNOS if os.strerror(e) in text), None)
+
+
+def disk_failure(exc: BaseException, output_dir: str | Path, reason: str) -> RunFailed:
+    """The message for a run stopped by a full or read-only disk: the file, `train.output_dir` and its free space."""
+    folder = Path(output_dir).resolve()
+    written = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return RunFailed(
+        f"{reason}{written} (train.output_dir: {folder}, {free}); free some space or set train.output_dir "
+        "elsewhere, then `adaptflow run CONFIG --resume` continues this run"
+    )

@@ -102,9 +102,12 @@ def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: 
     minimum = 2 if task == "causal_lm" else 1  # a causal text needs two tokens to predict anything
     for split, table in (("train", train), ("eval", eval_)):
         # Our own fingerprint: datasets would otherwise hash `encode` with dill (slow, and it prints).
+        # In memory: a cache file would land in the data folder (a second copy, and a partial one on a full disk);
+        # the one copy on disk is the published folder below.
         out = table.map(
             encode,
             batched=True,
+            keep_in_memory=True,
             remove_columns=table.column_names,
             desc=f"tokenize {split}",
             new_fingerprint=f"{key}-{split}",

@@ -24,6 +24,7 @@ from tasks.errors import RunFailed
 log = logging.getLogger("adaptflow")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SECRET_MARKERS = ("token", "password", "secret", "api_key")
+ERROR_TAG = "adaptflow.error"
 
 
 def embedded_store() -> Path:
@@ -175,6 +176,7 @@ def start_run(
     if previous:
         client.update_run(previous, status="RUNNING")
         client.set_tag(previous, "adaptflow.resumed", "true")
+        clear_error(client, previous)  # the interruption being resumed is no longer the run's state
         log.info("resuming run %s", previous)
         run_dir = Path(config.train.output_dir).resolve() / previous
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,11 +222,19 @@ def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
         client_for(run).log_batch(run.run_id, metrics=batch)
 
 
+def clear_error(client: MlflowClient, run_id: str) -> None:
+    """Drop the error tag an earlier, interrupted attempt of this run left."""
+    if ERROR_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, ERROR_TAG)
+
+
 def end_run(run: RunRef, status: str, error: str | None = None) -> None:
     """Mark the MLflow run FINISHED, FAILED or KILLED (with the error, when there is one)."""
     client = client_for(run)
     if error:
-        client.set_tag(run.run_id, "adaptflow.error", error)
+        client.set_tag(run.run_id, ERROR_TAG, error)
+    elif status == "FINISHED":
+        clear_error(client, run.run_id)
     client.set_terminated(run.run_id, status=status)
 
 

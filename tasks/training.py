@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import math
+import os
 import resource
+import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from safetensors import safe_open
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from adapters_impl import get_method
 from adapters_impl.base import SaveFn
 from tasks.adapting import AdaptedRef, load_adapted, remember, take
 from tasks.config import TrainSettings
-from tasks.errors import RunFailed
+from tasks.errors import RunFailed, disk_error
 from tasks.modeling import load_tokenizer, training_dtype
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import MlflowStreamCallback, RunRef, log_metrics
@@ -29,10 +35,79 @@ class TrainingDiverged(RunFailed):
     """The loss became NaN or infinite (a clear message and exit 1; never retried)."""
 
 
+def checkpoint_problems(folder: Path) -> list[str]:
+    """Why the Trainer could not resume from this checkpoint ([] when it can): the weights must open with
+    safetensors (a truncated file fails its header or size check), trainer_state.json must parse, and the
+    optimizer and scheduler files (torch zip archives; truncation loses their central directory) must be there.
+    """
+    problems = []
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        problems.append(f"{folder / '*.safetensors'}: no weights file")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError
+            problems.append(f"{path}: {exc}")
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"{state}: {exc.__class__.__name__}: {exc}")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        path = folder / name
+        try:
+            zipfile.ZipFile(path).close()
+        except (OSError, zipfile.BadZipFile) as exc:
+            problems.append(f"{path}: {exc.__class__.__name__}: {exc}")
+    return problems
+
+
+def drop_partial_checkpoints(folder: Path, exc: Exception) -> None:
+    """After training failed: remove the checkpoints it left half-written (unusable, and on a full disk they hold
+    the space needed to go on).
+
+    Raises:
+        OSError: ENOSPC naming the checkpoint, when the disk is full but the writer did not say so (torch.save's
+            "unexpected pos").
+    """
+    partial = [p for p in folder.glob("checkpoint-*") if checkpoint_problems(p)]
+    if not partial:
+        return
+    full = disk_error(exc) is None and shutil.disk_usage(folder).free < 2**20
+    for checkpoint in partial:
+        log.warning("removing the checkpoint %s, half-written when training failed", checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    if full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial[0])) from exc
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (`trainer_state.json` is written last) in a run's checkpoint folder."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    """The newest checkpoint in a run's checkpoint folder that can be resumed from.
+
+    Newer ones that cannot (a kill or a full disk while saving) are removed with a warning saying why.
+
+    Raises:
+        RunFailed: there are checkpoints, but none can be resumed from (the message names the files).
+    """
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    damaged: list[tuple[Path, list[str]]] = []
+    for checkpoint in found:
+        problems = checkpoint_problems(checkpoint)
+        if not problems:
+            for bad, why in damaged:
+                log.warning("checkpoint %s is damaged (%s): removed; resuming from %s", bad, "; ".join(why), checkpoint)
+                shutil.rmtree(bad, ignore_errors=True)
+            return checkpoint
+        damaged.append((checkpoint, problems))
+    if damaged:
+        listing = "\n".join(f"  - {problem}" for _, why in damaged for problem in why)
+        raise RunFailed(
+            f"cannot resume: no checkpoint in {folder} can be loaded:\n{listing}\n"
+            "remove the damaged checkpoint folders to start training again from step 0"
+        )
+    return None
 
 
 class TrainedRef(BaseModel):
@@ -111,6 +186,16 @@ class MethodTrainer(Trainer):
         self.save_method(self.model, folder)
 
 
+def mean_loss(history: list[tuple[int, float]]) -> float:
+    """The mean loss per step from logged (step, mean loss since the previous log) pairs: the Trainer's
+    `training_loss` of a run whose training already ended."""
+    total, previous = 0.0, 0
+    for step, loss in history:
+        total += loss * (step - previous)
+        previous = step
+    return total / previous if previous else math.nan
+
+
 def peak_memory_mb() -> float:
     """Peak accelerator memory on CUDA; else the process's peak resident memory."""
     if torch.cuda.is_available():
@@ -157,6 +242,7 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (the run stops with that message).
+        RunFailed: the run has checkpoints but none can be resumed from.
     """
     checkpoints = Path(run.run_dir) / "checkpoints"
     resume_from = latest_checkpoint(checkpoints)
@@ -166,47 +252,61 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
         log.info("resuming training from %s (step %s)", resume_from, resume_from.name.split("-")[1])
     else:
         model = load_adapted(adapted, adapted.adapter_dir, trainable=True)
-    tokenizer = load_tokenizer(adapted.source)
-    train_split, _ = tokenized.splits()
-    stream = MlflowStreamCallback(run)
-    guard = _StopOnNonFinite()
     method = get_method(adapted.method_name)
-    trainer = MethodTrainer(
-        model=model,
-        save_method=method.save,
-        args=training_arguments(settings, checkpoints),
-        train_dataset=train_split,
-        data_collator=make_collator(tokenizer, tokenized.task),
-        callbacks=[stream, guard],
-    )
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - started
-    if guard.bad_step is None and not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-        guard.bad_step = trainer.state.global_step  # diverged between two logging steps
-    if guard.bad_step is not None:
+    state = TrainerState.load_from_json(str(resume_from / "trainer_state.json")) if resume_from else None
+    failures, bad_step, tokens, checkpoint_seconds = 0, None, 0, 0.0
+    if state is not None and 0 < state.max_steps <= state.global_step:
+        # Killed after training ended (while evaluating, say): the Trainer would take one step more.
+        log.info("checkpoint %s is at the last step: training is done, going on to evaluation", resume_from)
+        history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e]
+        train_loss = mean_loss(history)
+        seconds = float(next((e["train_runtime"] for e in reversed(state.log_history) if "train_runtime" in e), 0.0))
+    else:
+        tokenizer = load_tokenizer(adapted.source)
+        train_split, _ = tokenized.splits()
+        stream = MlflowStreamCallback(run)
+        guard = _StopOnNonFinite()
+        trainer = MethodTrainer(
+            model=model,
+            save_method=method.save,
+            args=training_arguments(settings, checkpoints),
+            train_dataset=train_split,
+            data_collator=make_collator(tokenizer, tokenized.task),
+            callbacks=[stream, guard],
+        )
+        started = time.perf_counter()
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except Exception as exc:
+            drop_partial_checkpoints(checkpoints, exc)
+            raise
+        seconds = time.perf_counter() - started
+        state, failures, bad_step, train_loss = trainer.state, stream.failures, guard.bad_step, output.training_loss
+        tokens, checkpoint_seconds = int(trainer.tokens_seen), trainer.checkpoint_seconds
+        history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e]
+    if bad_step is None and not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        bad_step = state.global_step  # diverged between two logging steps
+    if bad_step is not None:
         raise TrainingDiverged(
-            f"training diverged: the loss became NaN or infinite at step {guard.bad_step} (or before); "
+            f"training diverged: the loss became NaN or infinite at step {bad_step} (or before); "
             "lower train.learning_rate or check the data"
         )
     folder = Path(run.run_dir) / "adapter"
     method.save(model, folder)
     remember(folder, model)
-    tokens = int(trainer.tokens_seen)
-    training_only = seconds - trainer.checkpoint_seconds
-    history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    training_only = seconds - checkpoint_seconds
     trained = TrainedRef(
         adapted=adapted,
         adapter_dir=str(folder),
-        steps=trainer.state.global_step,
-        train_loss=float(output.training_loss),
+        steps=state.global_step,
+        train_loss=float(train_loss),
         train_seconds=seconds,
         train_tokens_per_second=tokens / training_only if training_only > 0 else 0.0,
-        checkpoint_seconds=trainer.checkpoint_seconds,
+        checkpoint_seconds=checkpoint_seconds,
         peak_memory_mb=peak_memory_mb(),
         loss_history=history,
         resumed_from_step=int(resume_from.name.split("-")[1]) if resume_from else None,
-        tracking_failures=stream.failures,
+        tracking_failures=failures,
     )
     log_metrics(run, trained.metrics())
     return trained
