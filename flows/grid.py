@@ -18,6 +18,7 @@ from tasks.config import GridSettings, RunConfig
 from tasks.errors import RunFailed
 from tasks.grid import TrialResult, TrialSpec, expand_grid, select_best
 from tasks.modeling import ModelSource
+from tasks.promotion import gate_tags
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef
 
@@ -149,6 +150,7 @@ def lora_grid(config: RunConfig) -> GridResult:
             metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
         lineage = {"grid_parent_run_id": parent.run_id, "grid_trial": str(best.index)}
         lineage |= {f"param.{k}": str(v) for k, v in best.params.items()}
+        lineage |= gate_tags(probe_report.gate)
         registered = stages.register_model(best_config, data, best_run, best.trained, merged, metrics, lineage)
         decision = stages.promote(registered, best_run, config, data, probe_report)
         stages.log_metrics(parent, {f"best_{k}": v for k, v in metrics.items()})

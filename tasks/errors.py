@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class UserInputError(Exception):
     """The user's input is wrong (config, data, model path): exit code 2, nothing registered.
@@ -26,3 +28,16 @@ class RunFailed(RuntimeError):
     """The run could not finish for a reason its message explains (exit code 1, no traceback)."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM: the run stops, is marked KILLED, and the CLI exits 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+    @staticmethod
+    def raise_on(signum: int, frame: object) -> None:
+        """A signal handler: raise in the main thread, like Python's own SIGINT handler."""
+        raise Interrupted(signum)
