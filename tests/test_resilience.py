@@ -279,3 +279,34 @@ def test_ctrl_c_and_sigterm_exit_promptly_with_the_run_killed_and_a_resume_hint(
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("adaptflow").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the server through /proc")
+def test_a_run_that_loses_its_orchestrator_after_training_reports_what_it_registered(
+    tmp_path: Path, tiny_model: str, stories_file: Path
+) -> None:
+    config = run_config(tmp_path, tiny_model, stories_file, max_steps=6, save_steps=2)
+    child = _start_cli(tmp_path, "run", str(config), "--json")
+    try:
+        _wait_for(lambda: any((tmp_path / "runs").glob("*/checkpoints/checkpoint-*")), child)
+        (server,) = _children(child.pid)  # the temporary Prefect server: the CLI's only child process
+        os.kill(server, signal.SIGKILL)
+        child.wait(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    output = (tmp_path / "cli.log").read_text()
+    assert child.returncode == 0, output[-3000:]
+    result = last_json(output)
+    assert result["status"] == "ok" and result["model_version"] == "1"
+    assert any("orchestration was lost" in w for w in result["warnings"])
+    client = MlflowClient()
+    (version,) = client.search_model_versions("name='safe'")
+    assert version.status == "READY" and version.aliases == ["champion"]
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
