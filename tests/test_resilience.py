@@ -303,10 +303,11 @@ def test_a_run_that_loses_its_orchestrator_after_training_reports_what_it_regist
         child.wait()
     output = (tmp_path / "cli.log").read_text()
     assert child.returncode == 0, output[-3000:]
-    result = last_json(output)
+    # Prefect's log worker still complains on stderr after the JSON line (stdout and stderr share the file here).
+    result = json.loads([line for line in output.splitlines() if line.startswith('{"command"')][-1])
     assert result["status"] == "ok" and result["model_version"] == "1"
     assert any("orchestration was lost" in w for w in result["warnings"])
     client = MlflowClient()
     (version,) = client.search_model_versions("name='safe'")
-    assert version.status == "READY" and version.aliases == ["champion"]
+    assert version.status == "READY" and str(client.get_model_version_by_alias("safe", "champion").version) == "1"
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
