@@ -1,4 +1,7 @@
-"""`adaptflow`: run, grid, promote, predict, probe, watch, serve, demo, methods. Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else."""
+"""`adaptflow`: run, grid, promote, predict, probe, watch, serve, demo, methods.
+
+Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else, 130 / 143 interrupted (SIGINT / SIGTERM).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +11,21 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flows import process_tuning, temporary_server
-from tasks.errors import RunFailed, UserInputError
+from tasks.errors import Interrupted, RunFailed, UserInputError
 
 if TYPE_CHECKING:
     from tasks.config import RunConfig
 
+log = logging.getLogger("adaptflow")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 
 
@@ -32,13 +38,26 @@ def _emit(result: dict[str, Any], args: argparse.Namespace, human: Callable[[dic
 
 def _run_config(config_path: str, overrides: list[str], resume: bool = False) -> dict[str, Any]:
     from flows.finetune import run_method_flow
-    from flows.pipeline import preflight
+    from flows.pipeline import finished, preflight
     from tasks.config import load_config
 
     config = load_config(config_path, overrides)
     preflight(config)
     temporary_server.ready(while_waiting=_run_preparations(config))
-    return run_method_flow(config, resume).model_dump()
+    try:
+        return run_method_flow(config, resume).model_dump()
+    except Exception as exc:
+        if not finished:
+            raise
+        # The pipeline finished (registered, decided, MLflow run FINISHED); only Prefect's bookkeeping failed.
+        # Reporting a failure would make a retrying script train again.
+        result = finished[-1]
+        warning = (
+            f"the run finished and its version is registered, but Prefect's orchestration was lost "
+            f"({exc.__class__.__name__}: {str(exc)[:200]}): its flow-run state and events may be missing"
+        )
+        log.warning(warning)
+        return result.model_copy(update={"warnings": [*result.warnings, warning]}).model_dump()
 
 
 def _run_preparations(config: RunConfig) -> list[Callable[[], object]]:
@@ -78,6 +97,8 @@ def _print_run(result: dict[str, Any]) -> None:
     if gate and not gate["passed"]:
         print(f"  BIAS GATE FAILED: {gate['reason']} -- kept out of @champion (tag bias_gate=failed)")
     print(f"  load it: mlflow.pyfunc.load_model('{result['model_uri']}')")
+    for warning in result.get("warnings", []):
+        print(f"  warning: {warning}")
 
 
 def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
@@ -331,8 +352,20 @@ FLOW_COMMANDS = {"run", "grid", "demo", "promote"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input, 1 anything else)."""
+    """Entry point; returns the exit code (0 ok, 2 bad input, 1 anything else, 128 + signal if interrupted)."""
     args = build_parser().parse_args(argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        # SIGTERM stops a run the way Ctrl-C does (KILLED, exit 143), instead of ending the process unmarked.
+        previous = {s: signal.signal(s, Interrupted.raise_on) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(args)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command in FLOW_COMMANDS:
         temporary_server.start_early()  # before anything imports Prefect
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -350,9 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         except UserInputError as exc:
             print(f"adaptflow: error: {exc}", file=sys.stderr)
             outcome, code = {"command": args.command, "status": "error", "error": str(exc)}, 2
-        except KeyboardInterrupt:
-            print("adaptflow: interrupted", file=sys.stderr)
-            outcome, code = {"command": args.command, "status": "interrupted"}, 130
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            name = signal.Signals(signum).name
+            hint = ""
+            if args.command == "run":
+                hint = f"; the run is marked KILLED: `adaptflow run {args.config} --resume` continues it"
+            print(f"adaptflow: interrupted ({name}){hint}", file=sys.stderr)
+            outcome, code = {"command": args.command, "status": "interrupted", "signal": name}, 128 + signum
         except RunFailed as exc:  # a failure we can explain: the message says it all
             print(f"adaptflow: failed: {exc}", file=sys.stderr)
             outcome, code = {"command": args.command, "status": "failed", "error": str(exc)}, 1

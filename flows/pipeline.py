@@ -9,15 +9,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities.model_registry import ModelVersion
 from pydantic import BaseModel
 
 from flows import stages
+from flows.promote import finish_pending
 from tasks.config import RunConfig
 from tasks.errors import UserInputError, disk_error, disk_failure
 from tasks.load import DataRef
 from tasks.modeling import ModelSource
 from tasks.probe import ProbeReport
-from tasks.promotion import Decision
+from tasks.promotion import Decision, gate_tags, recorded_gate
 from tasks.registry import RegisteredRef
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef
@@ -42,16 +44,24 @@ class RunResult(BaseModel):
     promotion: str
     run_dir: str
     resumed_from_step: int | None = None
+    warnings: list[str] = []
+
+
+# The result of the pipeline this process finished last: the outcome of the run even when the orchestrator
+# (Prefect) was lost on the way and its flow call raises afterwards.
+finished: list[RunResult] = []
 
 
 @contextmanager
 def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = False) -> Iterator[RunRef]:
-    """One MLflow run around the pipeline, marked FAILED if any stage raises (KILLED on Ctrl-C)."""
+    """One MLflow run around the pipeline, marked FAILED if any stage raises (KILLED on Ctrl-C or SIGTERM)."""
     run = stages.start_run(config, run_name, None, resume)
     try:
         yield run
     except BaseException as exc:
-        stages.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", repr(exc)[:5000])
+        # Not an Exception: KeyboardInterrupt, or Prefect's TerminationSignal for a SIGTERM inside a flow.
+        stopped = not isinstance(exc, Exception)
+        stages.end_run(run, "KILLED" if stopped else "FAILED", repr(exc)[:5000])
         reason = disk_error(exc)
         if reason is not None:  # name the path instead of a bare errno
             raise disk_failure(exc, config.train.output_dir, reason) from None
@@ -130,7 +140,8 @@ def finish(
     if merged.merged_eval_loss is not None:  # a lossy merge: what serving the merged model costs
         metrics["merged_eval_loss"] = merged.merged_eval_loss
         metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - metrics["eval_loss"]
-    registered = stages.register_model(config, data, run, trained, merged, metrics, lineage)
+    tags = {**(lineage or {}), **gate_tags(probe_report.gate)}  # the gate's verdict is on the version from the start
+    registered = stages.register_model(config, data, run, trained, merged, metrics, tags)
     decision = stages.promote(registered, run, config, data, probe_report)
     return Finished(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
 
@@ -140,6 +151,9 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
 
     With `resume`, the newest unfinished run of this config continues from its last checkpoint.
     """
+    finished.clear()
+    if resume and (pending := finish_pending(config)):  # killed between registration and promotion
+        return _finish(_pending_result(config, *pending[-1]))
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
     eval_batch = config.train.eval_batch_size
     source = stages.resolve_model(config.model)
@@ -151,18 +165,55 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
         trained = stages.train_model(adapted, tokenized, config.train, run)
         tuned_metrics = stages.evaluate_model(trained, tokenized, run, eval_batch)
         done = finish(config, source, data, tokenized, run, trained, {**tuned_metrics, **base_metrics})
+    warnings = []
+    if done.registered.existing:
+        warnings.append(
+            f"version {done.registered.version} (run {done.registered.run_id}) was trained from the same config on "
+            "the same data: reported instead of registering an identical version"
+        )
+    return _finish(
+        RunResult(
+            warnings=warnings,
+            run_id=run.run_id,
+            method=config.method.name,
+            task=config.task,
+            metrics=done.metrics,
+            model_name=done.registered.name,
+            model_version=done.registered.version,
+            model_uri=done.registered.model_uri,
+            aliases=[done.decision.alias] if done.decision.alias else [],
+            bias_probe=done.probe_report.public(),
+            mergeable=adapted.mergeable,
+            promotion=done.decision.reason,
+            run_dir=run.run_dir,
+            resumed_from_step=trained.resumed_from_step,
+        )
+    )
+
+
+def _finish(result: RunResult) -> RunResult:
+    finished.append(result)
+    return result
+
+
+def _pending_result(config: RunConfig, version: ModelVersion, decision: Decision) -> RunResult:
+    """What the killed run would have reported, from its registered version and its MLflow run."""
+    from adapters_impl import METHODS
+    from tasks.tracking import use_tracking
+
+    run = use_tracking(config.tracking).get_run(str(version.run_id))
     return RunResult(
-        run_id=run.run_id,
+        run_id=run.info.run_id,
         method=config.method.name,
         task=config.task,
-        metrics=done.metrics,
-        model_name=done.registered.name,
-        model_version=done.registered.version,
-        model_uri=done.registered.model_uri,
-        aliases=[done.decision.alias] if done.decision.alias else [],
-        bias_probe=done.probe_report.public(),
-        mergeable=adapted.mergeable,
-        promotion=done.decision.reason,
-        run_dir=run.run_dir,
-        resumed_from_step=trained.resumed_from_step,
+        metrics=dict(run.data.metrics),
+        bias_probe={"gate": recorded_gate(version)} if recorded_gate(version) else {},
+        model_name=decision.name,
+        model_version=decision.version,
+        model_uri=f"models:/{decision.name}/{decision.version}",
+        aliases=[decision.alias] if decision.alias else [],
+        mergeable=METHODS[config.method.name].mergeable,
+        promotion=decision.reason,
+        run_dir=str(Path(config.train.output_dir).resolve() / run.info.run_id),
+        warnings=[f"finished the promotion decision of version {decision.version}, left pending by a killed run"],
     )

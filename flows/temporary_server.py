@@ -5,7 +5,12 @@ imported Prefect, and a start takes ~6 s on a warm database. Started here, befor
 (~10 s), it is ready by the time the first flow runs: the same command and environment Prefect uses, pointed to
 through PREFECT_API_URL. This module imports nothing heavy on purpose.
 
-Unlike Prefect's own, this child dies with the CLI even when the CLI is SIGKILLed (a parent-death signal).
+Unlike Prefect's own, this child dies with the CLI even when the CLI is SIGKILLed (a parent-death signal), and
+it runs in its own session: a Ctrl-C in the terminal (SIGINT to the foreground process group) reaches the CLI
+only, which then still has a server to report the interrupted run to.
+
+Two first runs on a new PREFECT_HOME would both migrate the same fresh database (one fails half-way): a file
+lock beside the database serialises the first migration.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from tasks.errors import RunFailed
 
 log = logging.getLogger("adaptflow")
@@ -34,13 +41,41 @@ _PR_SET_PDEATHSIG = 1
 
 
 class TemporaryServer:
-    """One `uvicorn prefect.server.api.server:create_app` child on a free loopback port."""
+    """One `uvicorn prefect.server.api.server:create_app` child on a free loopback port.
+
+    Its URL is known at once; the process starts with `start()`, from the main thread (the parent-death signal
+    fires when the thread that started the child ends).
+    """
 
     def __init__(self) -> None:
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.process = subprocess.Popen(self._command(), env=self._environment(), preexec_fn=_die_with_parent)
-        threading.Thread(target=self._warm_up, name="prefect-server-warm-up", daemon=True).start()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._lock = _migration_lock()
+
+    def start(self, wait_for_migration: bool) -> bool:
+        """Start the child; False (nothing started) if another process is migrating a new database and
+        `wait_for_migration` is False."""
+        migrating = False
+        if self._lock is not None:
+            timeout = _startup_timeout() if wait_for_migration else 0
+            try:
+                self._lock.acquire(timeout=timeout)
+            except Timeout:
+                if not wait_for_migration:
+                    return False
+                raise RunFailed(
+                    f"another adaptflow is still migrating Prefect's new database (lock {self._lock.lock_file}) "
+                    f"after {timeout:.0f} s; raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+                ) from None
+            migrating = not _database().exists()  # a new database: hold the lock until it is migrated
+            if not migrating:
+                self._lock.release()
+        self.process = subprocess.Popen(
+            self._command(), env=self._environment(), preexec_fn=_die_with_parent, start_new_session=True
+        )
+        threading.Thread(target=self._warm_up, args=(migrating,), name="prefect-server-warm-up", daemon=True).start()
+        return True
 
     def _command(self) -> list[str]:
         spec = importlib.util.find_spec("prefect")  # finds the package without importing it
@@ -57,10 +92,14 @@ class TemporaryServer:
         # What Prefect's SubprocessASGIServer sets: no UI, ephemeral mode (only the services it needs).
         return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, migrating: bool) -> None:
         """The API's first real request takes the server ~0.6 s (health checks do not count): make it while
-        the CLI is still importing. This thread only waits on sockets."""
-        if self.wait(timeout=300):
+        the CLI is still importing. This thread only waits on sockets (and releases the migration lock: a
+        server that answers has migrated its database)."""
+        healthy = self.wait(timeout=300)
+        if migrating and self._lock is not None:
+            self._lock.release()
+        if healthy:
             with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api_url}/admin/version", timeout=30):
                 pass
 
@@ -73,7 +112,7 @@ class TemporaryServer:
         """True once the API answers; False if the child died or the time ran out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.process is None or self.process.poll() is not None:
                 return False
             if self.healthy():
                 return True
@@ -81,7 +120,7 @@ class TemporaryServer:
         return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=5)
@@ -104,6 +143,7 @@ def start_early() -> None:
         return
     _server = TemporaryServer()
     os.environ["PREFECT_API_URL"] = _server.api_url
+    _server.start(wait_for_migration=False)  # else it starts in ready(), once the other process has migrated
     atexit.register(stop)
 
 
@@ -118,11 +158,13 @@ def ready(while_waiting: Sequence[Callable[[], object]] = ()) -> None:
     if _server is None:
         return
     for work in while_waiting:
-        if _server.healthy():
+        if _server.process is not None and _server.healthy():
             break
         with contextlib.suppress(Exception):
             work()
-    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    if _server.process is None:
+        _server.start(wait_for_migration=True)
+    timeout = _startup_timeout()
     if _server.wait(timeout):
         log.info(
             "Prefect: temporary server on %s (set PREFECT_API_URL to keep runs on a persistent one)", _server.api_url
@@ -131,9 +173,10 @@ def ready(while_waiting: Sequence[Callable[[], object]] = ()) -> None:
     _server.stop()  # the port may have been taken between choosing and binding it: try another once
     log.warning("Prefect's temporary server did not start on port %s; retrying on another port", _server.port)
     _server = TemporaryServer()
-    os.environ["PREFECT_API_URL"] = _server.api_url
+    _use_api_url(_server.api_url)
+    _server.start(wait_for_migration=True)
     if not _server.wait(timeout):
-        code = _server.process.poll()
+        code = _server.process.poll() if _server.process is not None else None
         _server.stop()
         state = f"exited with code {code}" if code is not None else f"did not answer within {timeout:.0f} s"
         raise RunFailed(
@@ -145,7 +188,7 @@ def ready(while_waiting: Sequence[Callable[[], object]] = ()) -> None:
 def stop() -> None:
     """Stop the server, after sending it what Prefect still holds (exit handlers run newest first, so
     logging's own flush would otherwise come after the server is gone, and wait 5 s on it)."""
-    if _server is None or _server.process.poll() is not None:
+    if _server is None or _server.process is None or _server.process.poll() is not None:
         return
     if "prefect" in sys.modules:
         with contextlib.suppress(Exception):
@@ -155,6 +198,35 @@ def stop() -> None:
             APILogWorker.drain_all(timeout=5)
             EventsWorker.drain_all(timeout=5)
     _server.stop()
+
+
+def _use_api_url(url: str) -> None:
+    """Point Prefect at `url`, also when it is already imported (it reads PREFECT_API_URL once, at import)."""
+    os.environ["PREFECT_API_URL"] = url
+    if "prefect" in sys.modules:
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()  # every thread's settings, from the environment again
+
+
+def _startup_timeout() -> float:
+    return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+
+
+def _database() -> Path:
+    """The temporary server's SQLite database (Prefect's default place)."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser() / "prefect.db"
+
+
+def _migration_lock() -> FileLock | None:
+    """A lock beside the database (none when Prefect is configured with another database)."""
+    if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+    ):
+        return None
+    database = _database()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(database.with_name("prefect.db.migrate.lock")), thread_local=False)
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 from pathlib import Path
 
 # A full or read-only disk: retrying cannot help.
@@ -63,3 +64,16 @@ def disk_failure(exc: BaseException, output_dir: str | Path, reason: str) -> Run
         f"{reason}{written} (train.output_dir: {folder}, {free}); free some space or set train.output_dir "
         "elsewhere, then `adaptflow run CONFIG --resume` continues this run"
     )
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM: the run stops, is marked KILLED, and the CLI exits 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+    @staticmethod
+    def raise_on(signum: int, frame: object) -> None:
+        """A signal handler: raise in the main thread, like Python's own SIGINT handler."""
+        raise Interrupted(signum)

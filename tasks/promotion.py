@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -19,6 +20,7 @@ from tasks.config import PromoteSettings, RunConfig
 from tasks.evaluation import evaluate_registered
 from tasks.load import DataRef
 from tasks.modeling import cache_home
+from tasks.registry import PENDING
 
 # Scores a registered version on the new version's eval data (used when the champion saw other eval data).
 Reevaluate = Callable[[ModelVersion], float | None]
@@ -87,11 +89,12 @@ def promote_version(
     `bias_gate=failed` with the reason, and gets no alias.
     """
     if gate is not None:
-        client.set_model_version_tag(name, str(version), "bias_gate", "passed" if gate["passed"] else "failed")
+        for key, value in gate_tags(gate).items():
+            client.set_model_version_tag(name, str(version), key, value)
         if not gate["passed"]:
             reason = f"bias gate failed: {gate['reason']}"
-            client.set_model_version_tag(name, str(version), "bias_gate_reason", gate["reason"][:5000])
             client.set_model_version_tag(name, str(version), "promotion", reason)
+            _settled(client, name, str(version))
             champion = _champion(client, name)
             return Decision(
                 name=name,
@@ -137,6 +140,7 @@ def _decide(
     alias = CHAMPION if promoted else CHALLENGER
     client.set_registered_model_alias(name, alias, str(version))
     client.set_model_version_tag(name, str(version), "promotion", reason)
+    _settled(client, name, version)
     return Decision(
         name=name,
         version=str(version),
@@ -145,6 +149,28 @@ def _decide(
         champion_version=str(version) if promoted else str(champion.version if champion else ""),
         reason=reason,
     )
+
+
+def _settled(client: MlflowClient, name: str, version: str) -> None:
+    """The decision is written: the version no longer waits for one."""
+    with contextlib.suppress(MlflowException):  # versions registered before the tag existed
+        client.delete_model_version_tag(name, version, PENDING)
+
+
+def gate_tags(gate: dict[str, Any]) -> dict[str, str]:
+    """The bias gate's verdict as version tags, recorded at registration so a later decision can honour it."""
+    tags = {"bias_gate": "passed" if gate["passed"] else "failed"}
+    if not gate["passed"]:
+        tags["bias_gate_reason"] = gate["reason"][:5000]
+    return tags
+
+
+def recorded_gate(version: ModelVersion) -> dict[str, Any] | None:
+    """The gate verdict recorded with a version (None for versions registered without one)."""
+    verdict = version.tags.get("bias_gate")
+    if verdict is None:
+        return None
+    return {"passed": verdict == "passed", "reason": version.tags.get("bias_gate_reason", "")}
 
 
 def champion_reevaluator(config: RunConfig, data: DataRef) -> Reevaluate:

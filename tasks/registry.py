@@ -8,12 +8,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from tasks.config import RunConfig, dump_config
 from tasks.load import DataRef
 from tasks.merging import MergedRef
-from tasks.tracking import RunRef, client_for, git_commit, redact, use_tracking
+from tasks.tracking import RunRef, config_hash, git_commit, redact, use_tracking
 from tasks.training import TrainedRef
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -32,13 +35,33 @@ SERVING_PACKAGES = [
 ]
 
 
+# Set when a version is created, removed once its promotion decision is written: a run killed in between leaves
+# a version that `--resume` and `adaptflow promote` find and decide for.
+PENDING = "promotion_pending"
+
+
 class RegisteredRef(BaseModel):
-    """A model version in the registry."""
+    """A model version in the registry (`existing`: an identical one was there already; nothing registered)."""
 
     name: str
     version: str
     model_uri: str
     run_id: str
+    existing: bool = False
+
+
+def identical_version(client: MlflowClient, name: str, config: RunConfig, data: DataRef) -> ModelVersion | None:
+    """The newest version of `name` trained from the same config on the same data, if any."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    same = [
+        v
+        for v in versions
+        if v.tags.get("config_hash") == config_hash(config) and v.tags.get("data_fingerprint") == data.fingerprint
+    ]
+    return max(same, key=lambda v: int(v.version), default=None)
 
 
 def serving_requirements() -> list[str]:
@@ -106,12 +129,20 @@ def version_tags(config: RunConfig, data: DataRef, run: RunRef, metrics: dict[st
         "method": config.method.name,
         "task": config.task,
         "data_fingerprint": data.fingerprint,
+        "config_hash": config_hash(config),
         "git_commit": git_commit(),
         "prefect_flow_run_id": prefect_flow_run_id(),
         "run_id": run.run_id,
     }
     tags |= {f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}
     return tags
+
+
+def creation_tags(
+    config: RunConfig, data: DataRef, run: RunRef, metrics: dict[str, float], extra_tags: dict[str, str] | None
+) -> dict[str, str]:
+    """The tags a version is created with (in the same call, so no version exists without them)."""
+    return version_tags(config, data, run, metrics) | (extra_tags or {}) | {PENDING: "true"}
 
 
 def register_model(
@@ -123,10 +154,23 @@ def register_model(
     metrics: dict[str, float],
     extra_tags: dict[str, str] | None = None,
 ) -> RegisteredRef:
-    """Log artifacts first, then create the version: the registry never points at missing files."""
+    """Log artifacts first, then create the version: the registry never points at missing files.
+
+    Idempotent: when a version of the same config on the same data exists (a re-run after a lost orchestrator,
+    a retrying script), that version is returned instead of registering a duplicate.
+    """
     import mlflow
 
-    use_tracking(config.tracking)
+    client = use_tracking(config.tracking)
+    found = identical_version(client, config.registry.name, config, data)
+    if found is not None:
+        return RegisteredRef(
+            name=config.registry.name,
+            version=str(found.version),
+            model_uri=f"models:/{config.registry.name}/{found.version}",
+            run_id=str(found.run_id),
+            existing=True,
+        )
     run_dir = Path(run.run_dir)
     reports = run_dir / "reports"
     reports.mkdir(exist_ok=True)
@@ -137,8 +181,7 @@ def register_model(
     )
     (run_dir / "config.yaml").write_text(dump_config(config))
     package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40})
-    client = client_for(run)
-    tags = version_tags(config, data, run, metrics) | (extra_tags or {})
+    tags = creation_tags(config, data, run, metrics, extra_tags)
     client.set_tag(run.run_id, "adaptflow.data_fingerprint", data.fingerprint)
     with mlflow.start_run(run_id=run.run_id):
         mlflow.log_artifacts(trained.adapter_dir, "adapter")

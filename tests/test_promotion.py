@@ -6,8 +6,12 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tasks.config import PromoteSettings
-from tasks.promotion import promote_version
+from flows.promote import finish_pending, promote_newest
+from tasks.config import PromoteSettings, RunConfig
+from tasks.load import DataRef
+from tasks.promotion import gate_tags, promote_version
+from tasks.registry import PENDING, creation_tags, identical_version
+from tasks.tracking import start_run
 
 
 def register(client: MlflowClient, tmp_path: Path, eval_loss: float) -> str:
@@ -104,3 +108,43 @@ def test_concurrent_promotions_leave_the_best_as_the_one_champion(tmp_path: Path
         thread.join()
     assert str(client.get_model_version_by_alias("m", "champion").version) == best
     assert str(client.get_model_version_by_alias("m", "challenger").version) == better
+
+
+def test_a_version_left_pending_by_a_kill_is_decided_by_resume_and_by_promote(tmp_path: Path) -> None:
+    """A run killed between "Created version" and its decision: the version waits (tagged), not lost."""
+    client = MlflowClient()
+    config = RunConfig.model_validate(
+        {"data": {"train": "x.jsonl"}, "registry": {"name": "m"}, "train": {"output_dir": str(tmp_path)}}
+    )
+    data = DataRef(train_dir="t", eval_dir="e", fingerprint="fp1", text_column="text", label_column=None,
+                   train_rows=1, eval_rows=1, source="x.jsonl")  # fmt: skip
+
+    def create(gate: dict, data: DataRef = data) -> str:
+        """register_model's last step; the process is "killed" right after it."""
+        run = start_run(config)
+        tags = creation_tags(config, data, run, {"eval_loss": 1.0}, gate_tags(gate))
+        if not client.search_registered_models(filter_string="name = 'm'"):
+            client.create_registered_model("m")
+        source = (tmp_path / "weights").as_uri()
+        return str(client.create_model_version("m", source=source, run_id=run.run_id, tags=tags).version)
+
+    first = create({"passed": True, "reason": "ok"})
+    killed = client.get_model_version("m", first)
+    assert killed.tags[PENDING] == "true" and not killed.aliases and "promotion" not in killed.tags
+
+    ((version, decision),) = finish_pending(config)  # what `adaptflow run --resume` does first
+    assert str(version.version) == first and decision.alias == "champion"
+    assert PENDING not in client.get_model_version("m", first).tags and finish_pending(config) == []
+
+    # A re-run of the same config on the same data finds that version instead of registering another.
+    assert str(identical_version(client, "m", config, data).version) == first  # type: ignore[union-attr]
+    other = data.model_copy(update={"fingerprint": "fp2"})
+    assert identical_version(client, "m", config, other) is None
+
+    # `adaptflow promote` finishes it too, and honours the bias gate recorded at creation.
+    failed = create({"passed": False, "reason": "stereotype score rose"}, other)
+    decision = promote_newest.fn("m")
+    assert decision.version == failed and decision.alias == "" and "bias gate failed" in decision.reason
+    settled = client.get_model_version("m", failed)
+    assert PENDING not in settled.tags and not settled.aliases
+    assert str(client.get_model_version_by_alias("m", "champion").version) == first

@@ -3,6 +3,7 @@ tracking server is named, a crash before registration leaves nothing, and no inp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -234,3 +235,79 @@ def test_yaml_is_read_safely(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["run", str(evil), "--json"]) == 2
     assert not (tmp_path / "pwned").exists()
     assert yaml.safe_load("a: 1") == {"a": 1}
+
+
+def _start_cli(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """`adaptflow ARGS` in its own process group (as a terminal runs a foreground job), output to a file."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    log = (tmp_path / "cli.log").open("w")
+    command = [str(Path(sys.executable).with_name("adaptflow")), *args]
+    return subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def _wait_for(condition, child: subprocess.Popen[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert child.poll() is None and time.monotonic() < deadline, "the moment to interrupt never came"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "to_group", "code"), [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)])
+def test_ctrl_c_and_sigterm_exit_promptly_with_the_run_killed_and_a_resume_hint(
+    tmp_path: Path, tiny_model: str, stories_file: Path, signum: int, to_group: bool, code: int
+) -> None:
+    config = run_config(tmp_path, tiny_model, stories_file, max_steps=500, save_steps=2)
+    child = _start_cli(tmp_path, "run", str(config))
+    try:
+        _wait_for(lambda: any((tmp_path / "runs").glob("*/checkpoints/checkpoint-*")), child)
+        # Ctrl-C in a terminal signals the whole foreground group (the temporary server too, before the fix).
+        os.killpg(child.pid, signum) if to_group else child.send_signal(signum)
+        sent = time.monotonic()
+        child.wait(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing left of the group when it exited by itself
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    output = (tmp_path / "cli.log").read_text()
+    assert child.returncode == code, output[-3000:]
+    assert took < 30, f"{took:.0f} s from the signal to the exit"
+    assert f"adaptflow: interrupted ({signal.Signals(signum).name})" in output and "--resume" in output
+    assert "Connection refused" not in output and "Traceback" not in output.split("adaptflow: interrupted")[-1]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("adaptflow").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the server through /proc")
+def test_a_run_that_loses_its_orchestrator_after_training_reports_what_it_registered(
+    tmp_path: Path, tiny_model: str, stories_file: Path
+) -> None:
+    config = run_config(tmp_path, tiny_model, stories_file, max_steps=6, save_steps=2)
+    child = _start_cli(tmp_path, "run", str(config), "--json")
+    try:
+        _wait_for(lambda: any((tmp_path / "runs").glob("*/checkpoints/checkpoint-*")), child)
+        (server,) = _children(child.pid)  # the temporary Prefect server: the CLI's only child process
+        os.kill(server, signal.SIGKILL)
+        child.wait(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    output = (tmp_path / "cli.log").read_text()
+    assert child.returncode == 0, output[-3000:]
+    # Prefect's log worker still complains on stderr after the JSON line (stdout and stderr share the file here).
+    result = json.loads([line for line in output.splitlines() if line.startswith('{"command"')][-1])
+    assert result["status"] == "ok" and result["model_version"] == "1"
+    assert any("orchestration was lost" in w for w in result["warnings"])
+    client = MlflowClient()
+    (version,) = client.search_model_versions("name='safe'")
+    assert version.status == "READY" and str(client.get_model_version_by_alias("safe", "champion").version) == "1"
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
