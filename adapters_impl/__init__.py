@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adapters_impl import adapter, dora, full, head, ia3, lora, prefix, prompt, qlora
-from adapters_impl.base import ApplyContext, Method, MethodSettings, TaskName, count_parameters
+from adapters_impl.base import ApplyContext, Method, MethodSettings, MethodSettingsError, TaskName, count_parameters
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -26,4 +26,13 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "ApplyContext", "Method", "MethodSettings", "TaskName", "count_parameters", "get_method"]
+__all__ = [
+    "METHODS",
+    "ApplyContext",
+    "Method",
+    "MethodSettings",
+    "MethodSettingsError",
+    "TaskName",
+    "count_parameters",
+    "get_method",
+]

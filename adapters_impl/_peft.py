@@ -11,8 +11,7 @@ from torch import nn
 
 from adapters_impl._classifier import LastTokenClassifier
 from adapters_impl._weights import HEAD_NAMES, output_head
-from adapters_impl.base import ApplyContext, TaskName
-from tasks.errors import UserInputError
+from adapters_impl.base import ApplyContext, MethodSettingsError, TaskName
 
 ALL_LINEAR = "all-linear"
 # Output layers are never adapted: they map to the vocabulary or the labels.
@@ -38,7 +37,7 @@ def resolve_target_modules(model: nn.Module, requested: list[str] | str, key: st
     """Check the requested module names against the model; `all-linear` means every linear layer.
 
     Raises:
-        UserInputError: a requested name is not a linear layer of this model (the message lists them).
+        MethodSettingsError: a requested name is not a linear layer of this model (the message lists them).
     """
     available = linear_module_names(model)
     if requested == ALL_LINEAR:
@@ -46,7 +45,7 @@ def resolve_target_modules(model: nn.Module, requested: list[str] | str, key: st
     names = [requested] if isinstance(requested, str) else list(requested)
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise UserInputError(
+        raise MethodSettingsError(
             f"{key}: {', '.join(repr(n) for n in unknown)} is not a linear module of this model; "
             f"its linear modules are: {', '.join(available)} (or use 'all-linear')"
         )

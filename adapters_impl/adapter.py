@@ -16,8 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from adapters_impl._weights import freeze_all_but, load_trained, output_head, read_config, save_trainable
-from adapters_impl.base import ApplyContext, Method, MethodSettings
-from tasks.errors import UserInputError
+from adapters_impl.base import ApplyContext, Method, MethodSettings, MethodSettingsError
 
 Location = Literal["attention", "mlp"]
 LOCATIONS: tuple[Location, ...] = ("attention", "mlp")
@@ -80,7 +79,7 @@ def apply(model: nn.Module, settings: AdapterSettings, context: ApplyContext) ->
     """Insert adapters; only they (and a classification head) train."""
     layers = decoder_layers(model)
     if not layers:
-        raise UserInputError(
+        raise MethodSettingsError(
             f"method.name: 'adapter' found no decoder layers with attention and MLP blocks in {type(model).__name__}"
         )
     if hasattr(model, SETTINGS_ATTR):

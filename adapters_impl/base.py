@@ -14,6 +14,11 @@ TaskName = Literal["causal_lm", "classification"]
 TASKS: tuple[TaskName, ...] = ("causal_lm", "classification")
 
 
+class MethodSettingsError(ValueError):
+    """A method's settings do not fit the model (e.g. a target module it lacks). The message names the key;
+    the apply-method stage reports it as the user's input error (exit 2)."""
+
+
 class MethodSettings(BaseModel):
     """Settings common to every method; each method subclasses this with a literal `name`."""
 

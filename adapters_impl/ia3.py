@@ -9,8 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from adapters_impl._peft import load_peft, merge_peft, peft_task, resolve_target_modules, save_peft
-from adapters_impl.base import ApplyContext, Method, MethodSettings
-from tasks.errors import UserInputError
+from adapters_impl.base import ApplyContext, Method, MethodSettings, MethodSettingsError
 
 
 class IA3Settings(MethodSettings):
@@ -28,7 +27,7 @@ def apply(model: nn.Module, settings: IA3Settings, context: ApplyContext) -> nn.
     targets = resolve_target_modules(model, settings.target_modules, "method.target_modules")
     feedforward = resolve_target_modules(model, settings.feedforward_modules, "method.feedforward_modules")
     if not set(feedforward) <= set(targets):
-        raise UserInputError(
+        raise MethodSettingsError(
             f"method.feedforward_modules: {sorted(set(feedforward) - set(targets))} must also be in method.target_modules"
         )
     config = IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=peft_task(context.task))

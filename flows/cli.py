@@ -196,26 +196,16 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
-    from tasks.config import GateSettings, ProbeSettings, TrackingSettings
-    from tasks.probe import check_gate, labelled_texts, load_for_probe, load_suite, probe_markdown, probe_model
+    from tasks.config import ProbeSettings, TrackingSettings
+    from tasks.probe.report import probe_standalone
     from tasks.tracking import use_tracking
 
-    suite = load_suite(args.suite, "--suite")
     if args.model.startswith(("models:/", "runs:/")):
         use_tracking(TrackingSettings())
-    model, tokenizer, task = load_for_probe(args.model)
-    texts = labels = None
-    if args.data:
-        texts, labels = labelled_texts(Path(args.data), model, args.text_column, args.label_column)
     settings = ProbeSettings(suite=args.suite, samples=args.samples, max_new_tokens=args.max_new_tokens)
-    probed = probe_model(model, tokenizer, task, suite, settings, texts, labels)
-    gate = check_gate(probed, None, GateSettings(max_stereotype_rise=None))
-    result = {"command": "probe", "model": args.model, "task": task, **probed, "gate": gate}
-
-    def human(r: dict[str, Any]) -> None:
-        print(probe_markdown(probed, None, gate))
-
-    return _emit(result, args, human)
+    data = Path(args.data) if args.data else None
+    result, markdown = probe_standalone(args.model, args.suite, settings, data, args.text_column, args.label_column)
+    return _emit(result, args, lambda r: print(markdown))
 
 
 def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:

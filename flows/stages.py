@@ -16,6 +16,7 @@ from tasks import (
     adapting,
     evaluation,
     grid,
+    grid_report,
     load,
     merging,
     modeling,
@@ -150,7 +151,7 @@ def promote(
 
 # A trial is the unit of fan-out and of failure isolation; it records its own failure instead of raising.
 run_trial = task(name="trial", cache_policy=NO_CACHE)(grid.run_trial)
-report_grid = task(name="compare", cache_policy=NO_CACHE)(grid.report_grid)
+report_grid = task(name="compare", cache_policy=NO_CACHE)(grid_report.report_grid)
 log_metrics = task(name="log-metrics", cache_policy=NO_CACHE)(tracking.log_metrics)
 
 

@@ -9,7 +9,8 @@ from pydantic import BaseModel
 from torch import nn
 from transformers import set_seed
 
-from adapters_impl import ApplyContext, MethodSettings, count_parameters, get_method
+from adapters_impl import ApplyContext, MethodSettings, MethodSettingsError, count_parameters, get_method
+from tasks.errors import UserInputError
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer
 from tasks.tokenization import TokenizedRef
 
@@ -61,7 +62,10 @@ def apply_method(
     set_seed(seed)
     tokenizer = load_tokenizer(source)
     base = load_base_model(source, task, tokenizer, tokenized.label_names, **method.base_loading(settings))
-    model = method.apply(base, settings, ApplyContext(task=task, model_path=source.name_or_path))  # type: ignore[arg-type]
+    try:
+        model = method.apply(base, settings, ApplyContext(task=task, model_path=source.name_or_path))  # type: ignore[arg-type]
+    except MethodSettingsError as exc:
+        raise UserInputError(str(exc)) from None
     trainable, total = count_parameters(model)
     folder = Path(run_dir) / "adapter-init"
     method.save(model, folder)

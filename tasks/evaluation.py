@@ -131,19 +131,16 @@ def evaluate_registered(
     Raises:
         ValueError: a classifier whose label names differ from this data's (its scores would not compare).
     """
-    import mlflow
-
+    from adapters_impl.packaged import download_registered
     from tasks.modeling import local_source
     from tasks.tokenization import tokenize_dataset
 
-    served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    source = local_source(served.folder / served.info["tokenizer"], display_name=model_uri)  # type: ignore[attr-defined]
+    served = download_registered(model_uri)
+    source = local_source(served.tokenizer_dir, display_name=model_uri)
     tokenized = tokenize_dataset(data, source, task, max_length, cache_dir)
-    if task == "classification" and tokenized.label_names != served.info["label_names"]:  # type: ignore[attr-defined]
-        raise ValueError(
-            f"{model_uri} predicts {served.info['label_names']}, the data has {tokenized.label_names}"  # type: ignore[attr-defined]
-        )
-    return model_metrics(served.model, served.tokenizer, tokenized, batch_size)  # type: ignore[attr-defined]
+    if task == "classification" and tokenized.label_names != served.label_names:
+        raise ValueError(f"{model_uri} predicts {served.label_names}, the data has {tokenized.label_names}")
+    return model_metrics(served.model, served.tokenizer, tokenized, batch_size)
 
 
 def evaluate_base(source: ModelSource, tokenized: TokenizedRef, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:

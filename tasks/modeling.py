@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from adapters_impl.packaged import with_pad_token
 from tasks.config import BUILTIN_PREFIX, ModelSettings
 from tasks.errors import UserInputError
 from tasks.load import publish
@@ -174,9 +175,7 @@ def local_source(folder: Path, display_name: str) -> ModelSource:
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token (eos, else unk) when the model has none; right padding."""
-    tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs()))
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -1,14 +1,12 @@
 """The MLflow pyfunc that serves an adaptflow model: generates text or returns label names.
 
 Logged as "models from code": MLflow stores this file's source, not a pickle, and runs it on load.
-Merged models need only torch and transformers; adapter-only ones (bottleneck adapters, prefix, prompt) load
-through adaptflow's `adapters_impl`, which is logged with the model (`code_paths`).
+It loads the package through `adapters_impl.packaged`; `adapters_impl` is logged with the model (`code_paths`),
+so adapter-only versions (bottleneck adapters, prefix, prompt) load where adaptflow is not installed.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -28,26 +26,10 @@ class AdaptflowModel(PythonModel):
     """Generation for causal LMs (greedy, deterministic), label names for classifiers."""
 
     def load_context(self, context: Any) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+        from adapters_impl.packaged import load_packaged
 
-        folder = Path(context.artifacts["model"])
-        self.folder = folder
-        self.info = json.loads((folder / "adaptflow.json").read_text())
-        self.tokenizer = AutoTokenizer.from_pretrained(folder / self.info["tokenizer"])
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        auto = AutoModelForSequenceClassification if self.info["task"] == "classification" else AutoModelForCausalLM
-        # Safetensors only, unless the run that registered this base allowed pickles (model.allow_pickle).
-        safetensors_only = None if self.info.get("allow_pickle") else True
-        model = auto.from_pretrained(
-            folder / self.info["weights"], dtype=torch.float32, use_safetensors=safetensors_only
-        )
-        if self.info.get("adapter"):
-            from adapters_impl import get_method
-
-            model = get_method(self.info["method"]).load(model, folder / self.info["adapter"], False)
-        self.model = model.eval()
+        packaged = load_packaged(context.artifacts["model"])
+        self.model, self.tokenizer, self.info = packaged.model, packaged.tokenizer, packaged.info
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         # Untyped on purpose: MLflow would turn type hints into a strict input schema.
@@ -65,7 +47,7 @@ class AdaptflowModel(PythonModel):
             outputs = []
             for text in texts:  # one at a time: no padding to get wrong, and prompts are short
                 batch = self.tokenizer(text, return_tensors="pt")
-                generated = self.model.generate(
+                generated = self.model.generate(  # type: ignore[operator]
                     **batch,
                     max_new_tokens=int(params.get("max_new_tokens", 40)),
                     do_sample=False,

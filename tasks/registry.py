@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+from adapters_impl.packaged import INFO_FILE
 from tasks.config import RunConfig, dump_config
 from tasks.load import DataRef
 from tasks.merging import MergedRef
@@ -20,8 +21,9 @@ from tasks.tracking import RunRef, config_hash, git_commit, redact, use_tracking
 from tasks.training import TrainedRef
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-# Shipped with every model, so adapter-only versions load where adaptflow is not installed.
-CODE_PATHS = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "adapters_impl")]
+# Shipped with every model: what loading a package needs (adapters_impl.packaged and the methods' loaders), so
+# adapter-only versions load where adaptflow is not installed. Not tasks/: the pipeline is not needed to serve.
+CODE_PATHS = [str(Path(__file__).parent.parent / "adapters_impl")]
 SERVING_PACKAGES = [
     "torch",
     "transformers",
@@ -98,7 +100,7 @@ def package_model(trained: TrainedRef, merged: MergedRef, folder: Path, generati
             "adapter": "adapter",
             "allow_pickle": adapted.source.allow_pickle,
         }
-    (folder / "adaptflow.json").write_text(json.dumps(info, indent=2))
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
     return folder
 
 

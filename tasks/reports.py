@@ -16,9 +16,9 @@ from torch import nn
 from tasks.adapting import load_adapted, remember
 from tasks.config import ProbeSettings
 from tasks.evaluation import EVAL_BATCH_SIZE, predict_labels
+from tasks.generation import generate
 from tasks.load import DataRef
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer
-from tasks.probe import generate
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import RunRef, log_metrics
 from tasks.training import TrainedRef

@@ -11,12 +11,10 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
-from transformers import TrainerCallback
 
 from tasks.config import RunConfig, TrackingSettings
 from tasks.errors import RunFailed
@@ -236,39 +234,3 @@ def end_run(run: RunRef, status: str, error: str | None = None) -> None:
     elif status == "FINISHED":
         clear_error(client, run.run_id)
     client.set_terminated(run.run_id, status=status)
-
-
-class MlflowStreamCallback(TrainerCallback):
-    """Streams the Trainer's logs (loss, learning rate, grad norm) to the run as they happen.
-
-    Our own callback rather than transformers' MLflowCallback: that one opens its own run from env vars,
-    while stages here log to an explicit run id (they may run in other threads or processes).
-    A failed log call is kept and retried at the next log instead of stopping training.
-    """
-
-    def __init__(self, run: RunRef, prefix: str = "train_") -> None:
-        self.run = run
-        self.prefix = prefix
-        self.pending: list[Metric] = []
-        self.failures = 0
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        now = int(time.time() * 1000)
-        for key, value in (logs or {}).items():
-            if isinstance(value, int | float) and math.isfinite(float(value)):
-                name = key if key.startswith(("train_", "eval_")) else f"{self.prefix}{key}"
-                self.pending.append(Metric(name, float(value), now, state.global_step))
-        self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        try:
-            client_for(self.run).log_batch(self.run.run_id, metrics=self.pending[:1000])
-            del self.pending[:1000]
-        except Exception as exc:  # tracking hiccups must not kill training
-            self.failures += 1
-            log.warning("could not log metrics to MLflow (%s); will retry", exc.__class__.__name__)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.flush()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.entities import Metric
 from pydantic import BaseModel
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
@@ -26,7 +27,7 @@ from tasks.config import TrainSettings
 from tasks.errors import RunFailed, disk_error
 from tasks.modeling import load_tokenizer, training_dtype
 from tasks.tokenization import TokenizedRef, make_collator
-from tasks.tracking import MlflowStreamCallback, RunRef, log_metrics
+from tasks.tracking import RunRef, client_for, log_metrics
 
 log = logging.getLogger("adaptflow")
 
@@ -138,6 +139,42 @@ class TrainedRef(BaseModel):
         if self.tracking_failures:  # metrics were buffered and retried while the tracking server was away
             measured["tracking_failures"] = self.tracking_failures
         return measured
+
+
+class MlflowStreamCallback(TrainerCallback):
+    """Streams the Trainer's logs (loss, learning rate, grad norm) to the run as they happen.
+
+    Our own callback rather than transformers' MLflowCallback: that one opens its own run from env vars,
+    while stages here log to an explicit run id (they may run in other threads or processes).
+    A failed log call is kept and retried at the next log instead of stopping training.
+    """
+
+    def __init__(self, run: RunRef, prefix: str = "train_") -> None:
+        self.run = run
+        self.prefix = prefix
+        self.pending: list[Metric] = []
+        self.failures = 0
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        now = int(time.time() * 1000)
+        for key, value in (logs or {}).items():
+            if isinstance(value, int | float) and math.isfinite(float(value)):
+                name = key if key.startswith(("train_", "eval_")) else f"{self.prefix}{key}"
+                self.pending.append(Metric(name, float(value), now, state.global_step))
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        try:
+            client_for(self.run).log_batch(self.run.run_id, metrics=self.pending[:1000])
+            del self.pending[:1000]
+        except Exception as exc:  # tracking hiccups must not kill training
+            self.failures += 1
+            log.warning("could not log metrics to MLflow (%s); will retry", exc.__class__.__name__)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.flush()
 
 
 class _StopOnNonFinite(TrainerCallback):

@@ -12,6 +12,7 @@ import pytest
 from conftest import write_config
 from mlflow.tracking import MlflowClient
 
+from adapters_impl.packaged import download_registered
 from flows.cli import main
 
 
@@ -97,6 +98,11 @@ def test_run_registers_a_loadable_champion_and_a_worse_run_stays_challenger(
 
     predictions = mlflow.pyfunc.load_model("models:/e2e@champion").predict(["Once upon a time", "The cat"])
     assert len(predictions) == 2 and all(isinstance(p, str) and p for p in predictions)
+    # The version ships only what loading needs (adapters_impl), and the public loader reads the same package.
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/e2e@champion"))
+    assert sorted(p.name for p in (local / "code").iterdir()) == ["adapters_impl"]
+    packaged = download_registered("models:/e2e@champion")
+    assert packaged.task == "causal_lm" and packaged.tokenizer.pad_token is not None
 
     # A deliberately worse run: registered, aliased challenger, champion unchanged, tokenization cached.
     assert main(["run", str(config), "--set", "train.max_steps=1", "--set", "train.learning_rate=1e-7", "--json"]) == 0

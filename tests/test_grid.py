@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from flows.cli import main
 from tasks.config import RunConfig, SelectSettings
-from tasks.grid import TrialResult, expand_grid, markdown_table, pareto_front, results_table, select_best
+from tasks.grid import TrialResult, expand_grid, pareto_front, select_best
+from tasks.grid_report import markdown_table, results_table
 
 
 def last_json(text: str) -> dict:

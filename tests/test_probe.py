@@ -17,10 +17,10 @@ from mlflow.tracking import MlflowClient
 from flows.cli import main
 from tasks.config import GateSettings, ProbeSettings
 from tasks.errors import UserInputError
+from tasks.generation import generate
 from tasks.probe import (
     check_gate,
     contains_word,
-    generate,
     load_suite,
     perturb,
     score_pairs,

@@ -25,8 +25,8 @@ from flows.stages import is_transient
 from tasks.config import DataSettings, RunConfig, validate_config
 from tasks.errors import UserInputError
 from tasks.load import load_data
-from tasks.tracking import MlflowStreamCallback, RunRef, public_params, start_run
-from tasks.training import TrainingDiverged
+from tasks.tracking import RunRef, public_params, start_run
+from tasks.training import MlflowStreamCallback, TrainingDiverged
 
 
 def last_json(text: str) -> dict:

@@ -1,0 +1,45 @@
+"""Batched generation of continuations, shared by the evaluation report and the probe."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from tasks.evaluation import model_device
+
+
+class Decoding(Protocol):
+    """How to continue: `samples` > 1 samples (seeded by `seed` + the sample's index), else greedy."""
+
+    @property
+    def samples(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def max_new_tokens(self) -> int: ...
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: Any, prompts: list[str], settings: Decoding, sample: int) -> list[str]:
+    """The continuations only (the prompts' tokens cut off), batched: greedy, or seeded sampling for sample > 0.
+
+    Left padding, so that every prompt ends where its generation starts.
+    """
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    batch = {k: v.to(model_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    options: dict[str, Any] = {"do_sample": False}
+    if settings.samples > 1:
+        torch.manual_seed(settings.seed + sample)
+        options = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    output = model.generate(  # type: ignore[operator]
+        **batch, max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **options
+    )
+    continuations = output[:, batch["input_ids"].shape[1] :]
+    return [str(text) for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]

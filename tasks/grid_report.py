@@ -1,0 +1,145 @@
+"""The grid's report: the results table (CSV, Markdown) and its plots (heatmap, Pareto front, loss curves),
+written to the parent run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tasks.config import SelectSettings
+from tasks.grid import TrialResult, pareto_front, selection_score, targets_label
+from tasks.tracking import RunRef, client_for
+
+
+def results_table(results: list[TrialResult], select: SelectSettings) -> pd.DataFrame:
+    """One row per trial: its params, status, the select metric and the usual numbers; best first."""
+    rows = []
+    for r in sorted(results, key=lambda r: r.index):
+        rows.append(
+            {
+                "trial": r.index,
+                "method": r.params["method"],
+                "target_modules": targets_label(r.params["target_modules"]),
+                "r": r.params["r"],
+                "alpha": r.params["alpha"],
+                "status": r.status,
+                select.metric: r.metrics.get(select.metric, math.nan),
+                "trainable_params": r.metrics.get("trainable_params", math.nan),
+                "train_seconds": r.metrics.get("train_seconds", math.nan),
+                "error": r.error or "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    return table.sort_values(select.metric, ascending=select.mode == "min", na_position="last", kind="stable")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (pandas needs `tabulate` for this; we do not)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.6g}"
+        return str(value).replace("|", "\\|")
+
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def plot_grid(results: list[TrialResult], select: SelectSettings, folder: Path) -> list[Path]:
+    """Heatmaps of the metric over r x alpha (one per method and target set), metric vs size with the Pareto
+    front, and the trials' loss curves overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in results if selection_score(r, select) is not None]
+    paths = []
+
+    groups: dict[tuple[str, str], list[TrialResult]] = {}
+    for r in results:
+        groups.setdefault((r.params["method"], targets_label(r.params["target_modules"])), []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, ((method, targets), trials) in zip(axes[0], groups.items(), strict=True):
+        ranks = sorted({t.params["r"] for t in trials})
+        alphas = sorted({t.params["alpha"] for t in trials})
+        grid = pd.DataFrame(math.nan, index=ranks, columns=alphas)
+        for t in trials:
+            grid.loc[t.params["r"], t.params["alpha"]] = t.metrics.get(select.metric, math.nan)
+        image = ax.imshow(grid.values, cmap="viridis_r" if select.mode == "min" else "viridis", aspect="auto")
+        for (i, j), value in pd.DataFrame(grid.values).stack(future_stack=True).items():
+            ax.text(j, i, "failed" if math.isnan(value) else f"{value:.4g}", ha="center", va="center", fontsize=8)
+        ax.set(
+            xticks=range(len(alphas)),
+            xticklabels=[f"{a:g}" for a in alphas],
+            yticks=range(len(ranks)),
+            yticklabels=ranks,
+            xlabel="alpha",
+            ylabel="r",
+            title=f"{method} · {targets}",
+        )
+        fig.colorbar(image, ax=ax, label=select.metric)
+    fig.tight_layout()
+    paths.append(folder / "grid_heatmap.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    front = set(pareto_front(results, select))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in ok:
+        on_front = r.index in front
+        ax.scatter(
+            r.metrics["trainable_params"],
+            r.metrics[select.metric],
+            c="tab:red" if on_front else "tab:blue",
+            s=40 if on_front else 20,
+        )
+        ax.annotate(str(r.index), (r.metrics["trainable_params"], r.metrics[select.metric]), fontsize=7)
+    frontier = sorted((r for r in ok if r.index in front), key=lambda r: r.metrics["trainable_params"])
+    ax.plot(
+        [r.metrics["trainable_params"] for r in frontier],
+        [r.metrics[select.metric] for r in frontier],
+        "r--",
+        label="Pareto front",
+    )
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel=select.metric, title="metric vs size (trial numbers)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(folder / "grid_pareto.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in ok:
+        assert r.trained is not None
+        if r.trained.loss_history:
+            steps, losses = zip(*r.trained.loss_history, strict=True)
+            ax.plot(steps, losses, label=f"{r.index}: {r.name}", linewidth=1)
+    ax.set(xlabel="step", ylabel="training loss", title="loss curves of the trials")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(folder / "grid_loss_curves.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def report_grid(results: list[TrialResult], select: SelectSettings, parent: RunRef) -> str:
+    """The results table (CSV + Markdown) and the plots, written to the parent run; returns the Markdown."""
+    folder = Path(parent.run_dir) / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    table = results_table(results, select)
+    table.to_csv(folder / "grid_results.csv", index=False)
+    markdown = markdown_table(table)
+    (folder / "grid_results.md").write_text(markdown)
+    plot_grid(results, select, folder)
+    client_for(parent).log_artifacts(parent.run_id, str(folder), "reports")
+    return markdown

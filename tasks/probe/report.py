@@ -1,0 +1,207 @@
+"""The probe's reports and stages: Markdown side by side, the pipeline's base/tuned probe stages, and the
+standalone `adaptflow probe` stage (a model folder, hub id or `models:/` URI)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from adapters_impl.packaged import with_pad_token
+from tasks.config import GateSettings, ProbeSettings
+from tasks.errors import UserInputError, capped
+from tasks.probe.gate import check_gate, probe_metrics
+from tasks.probe.scoring import probe_model
+from tasks.probe.suites import load_suite
+
+log = logging.getLogger("adaptflow.probe")
+
+
+def probe_markdown(tuned: dict[str, Any], base: dict[str, Any] | None, gate: dict[str, Any] | None) -> str:
+    """Base and tuned side by side, per category and bias type."""
+    lines = [f"# Bias and robustness probe ({tuned.get('suite')})", ""]
+
+    def both(section: str, path: list[str]) -> tuple[Any, Any]:
+        def get(tree: dict[str, Any] | None) -> Any:
+            node: Any = (tree or {}).get(section)
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            return node
+
+        return get(tuned), get(base)
+
+    def fmt(value: Any) -> str:
+        return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    if "pairs" in tuned:
+        lines += [
+            "## Counterfactual pairs (stereotype score, %; 50 = no preference)",
+            "",
+            "| bias type | pairs | base | tuned |",
+            "|---|---|---|---|",
+        ]
+        t, b = both("pairs", ["stereotype_score"])
+        lines.append(f"| all | {tuned['pairs']['pairs']} | {fmt(b)} | {fmt(t)} |")
+        for direction, counts in tuned["pairs"].get("by_direction", {}).items():
+            t, b = both("pairs", ["by_direction", direction, "score"])
+            lines.append(f"| {direction} rows, ties left out | {counts['pairs']} | {fmt(b)} | {fmt(t)} |")
+        for kind in tuned["pairs"]["by_type"]:
+            t, b = both("pairs", ["by_type", kind, "stereotype_score"])
+            lines.append(f"| {kind} | {tuned['pairs']['by_type'][kind]['pairs']} | {fmt(b)} | {fmt(t)} |")
+        lines.append("")
+    if "rules" in tuned:
+        lines += [
+            "## Rule cases (pass rate)",
+            "",
+            "| category | language | cases | base | tuned |",
+            "|---|---|---|---|---|",
+        ]
+        for name, category in tuned["rules"]["by_category"].items():
+            t, b = both("rules", ["by_category", name, "pass_rate"])
+            lines.append(f"| {name} | {category['language']} | {category['cases']} | {fmt(b)} | {fmt(t)} |")
+        lines.append("")
+    if "robustness" in tuned:
+        lines += ["## Robustness (classification)", "", "| perturbation | accuracy | consistency |", "|---|---|---|"]
+        for kind, values in tuned["robustness"]["by_perturbation"].items():
+            lines.append(f"| {kind} | {fmt(values['accuracy'])} | {fmt(values['consistency'])} |")
+        lines.append("")
+    if gate:
+        lines += [f"## Gate: {'passed' if gate['passed'] else 'FAILED'} — {gate['reason']}", ""]
+        lines += [
+            f"- {c['name']}: {fmt(c['value'])} (limit {c['threshold']}) {'ok' if c['passed'] else 'failed'}"
+            for c in gate["checks"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class ProbeReport(BaseModel):
+    """The probe of the tuned model, its base model's (when the check compares), and the gate's verdict."""
+
+    tuned: dict[str, Any]
+    base: dict[str, Any] | None
+    gate: dict[str, Any]
+
+    def public(self) -> dict[str, Any]:
+        """The `bias_probe` object of the run's JSON: the tuned model's sections, the base's, the gate."""
+        return {**self.tuned, "base": self.base, "gate": self.gate}
+
+
+def probe_base(source: Any, task: str, settings: ProbeSettings) -> dict[str, Any] | None:
+    """The untouched base model's probe (causal LM checks only: an untrained classifier head means nothing)."""
+    from tasks.modeling import load_base_model, load_tokenizer
+
+    if settings.suite is None or task != "causal_lm":
+        return None
+    tokenizer = load_tokenizer(source)
+    model = load_base_model(source, "causal_lm", tokenizer)
+    return probe_model(model, tokenizer, task, load_suite(settings.suite), settings)
+
+
+def bias_probe(
+    trained: Any, data: Any, tokenized: Any, settings: ProbeSettings, base: dict[str, Any] | None, run: Any
+) -> ProbeReport:
+    """Probe the tuned model, gate it against the base model's probe, write the reports and metrics."""
+    from tasks.adapting import load_adapted, remember
+    from tasks.modeling import load_tokenizer
+    from tasks.tracking import log_metrics
+
+    if settings.suite is None:
+        return ProbeReport(tuned={}, base=None, gate={"passed": True, "checks": [], "reason": "no probe configured"})
+    adapted = trained.adapted
+    model = load_adapted(adapted, trained.adapter_dir)
+    tokenizer = load_tokenizer(adapted.source)
+    texts = labels = None
+    if adapted.task == "classification":
+        texts = list(data.splits()[1][data.text_column])
+        labels = list(tokenized.splits()[1]["labels"])
+    tuned = probe_model(model, tokenizer, adapted.task, load_suite(settings.suite), settings, texts, labels)
+    remember(trained.adapter_dir, model)  # merge comes next
+    gate = check_gate(tuned, base, settings.gate)
+    reports = Path(run.run_dir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    report = ProbeReport(tuned=tuned, base=base, gate=gate)
+    (reports / "probe.json").write_text(report.model_dump_json(indent=2))
+    (reports / "probe.md").write_text(probe_markdown(tuned, base, gate))
+    log_metrics(run, {**probe_metrics(tuned), **probe_metrics(base or {}, "base_probe_")})
+    return report
+
+
+def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any, str]:
+    """(model, tokenizer, task) from a `models:/` URI, a local folder or a hub id.
+
+    Raises:
+        UserInputError: MODEL cannot be loaded.
+    """
+    if model.startswith(("models:/", "runs:/")):
+        from adapters_impl.packaged import download_registered
+
+        try:
+            served = download_registered(model)
+        except Exception as exc:
+            raise UserInputError(f"MODEL: cannot load {model!r}: {str(exc).splitlines()[0][:300]}") from None
+        return served.model, served.tokenizer, served.task
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks.modeling import pickle_only
+
+    pickles = pickle_only(Path(model)) if Path(model).is_dir() else []
+    if pickles:
+        raise UserInputError(
+            f"MODEL: {model} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors"
+        )
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        loaded = auto.from_pretrained(
+            model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"MODEL: {model!r} is not a loadable model ({str(exc).splitlines()[0][:200]})") from None
+    return loaded, with_pad_token(tokenizer), "classification" if classifier else "causal_lm"
+
+
+def labelled_texts(path: Path, model: nn.Module, text_column: str, label_column: str) -> tuple[list[str], list[int]]:
+    """Texts and label ids (by the model's label names) for the robustness check."""
+    from tasks.load import read_table
+
+    table, _ = read_table(str(path), "--data")
+    missing = {text_column, label_column} - set(table.column_names)
+    if missing:
+        raise UserInputError(f"--data: {path} lacks column(s) {sorted(missing)}")
+    label2id = {str(k): int(v) for k, v in model.config.label2id.items()}  # type: ignore[union-attr,operator]
+    unknown = sorted({str(v) for v in table[label_column]} - set(label2id))
+    if unknown:
+        raise UserInputError(f"--data: labels {capped(unknown)} are not among the model's: {capped(sorted(label2id))}")
+    return [str(t) for t in table[text_column]], [label2id[str(v)] for v in table[label_column]]
+
+
+def probe_standalone(
+    model: str,
+    suite_name: str,
+    settings: ProbeSettings,
+    data: Path | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+) -> tuple[dict[str, Any], str]:
+    """`adaptflow probe`: one model (folder, hub id or `models:/` URI) on a suite, no gate on a rise (there is no
+    base to compare with). Returns the result object and its Markdown report.
+
+    Raises:
+        UserInputError: the model, the suite or the labelled data cannot be loaded.
+    """
+    suite = load_suite(suite_name, "--suite")
+    loaded, tokenizer, task = load_for_probe(model)
+    texts = labels = None
+    if data is not None:
+        texts, labels = labelled_texts(data, loaded, text_column, label_column)
+    probed = probe_model(loaded, tokenizer, task, suite, settings, texts, labels)
+    gate = check_gate(probed, None, GateSettings(max_stereotype_rise=None))
+    result = {"command": "probe", "model": model, "task": task, **probed, "gate": gate}
+    return result, probe_markdown(probed, None, gate)
