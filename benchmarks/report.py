@@ -91,7 +91,7 @@ def _throughput(results: dict[str, Any]) -> str:
         else "steps and batch not recorded"
     )
     params = results.get("bench_model_params")
-    model = f"a {params / 1e6:.1f}M-parameter Llama" if params else "the bench model"
+    model = f"A {params / 1e6:.1f}M-parameter Llama" if params else "The bench model"
     table = _table(
         ["method", "runs per side", "pipeline tok/s", "plain tok/s", "ratio of medians (range)", "best of N",
          "pipeline MB", "plain MB", "memory ratio", "MFU"],

@@ -1,6 +1,6 @@
 """`make bench`: the pipeline against a plain HF Trainer + PEFT script, its fixed overhead, the grid's fan-out,
 memory per method and model FLOPs utilisation. Prints a table; the last stdout line is one JSON object, also
-written to benchmarks/results.json.
+written to benchmarks/results.json and rendered into benchmarks/README.md (benchmarks/report.py).
 
     python -m benchmarks.run [--quick] [--skip grid,memory] [--repeats 3] [--methods lora,full]
 """
