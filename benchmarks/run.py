@@ -1,6 +1,6 @@
 """`make bench`: the pipeline against a plain HF Trainer + PEFT script, its fixed overhead, the grid's fan-out,
 memory per method and model FLOPs utilisation. Prints a table; the last stdout line is one JSON object, also
-written to benchmarks/results.json.
+written to benchmarks/results.json and rendered into benchmarks/README.md (benchmarks/report.py).
 
     python -m benchmarks.run [--quick] [--skip grid,memory] [--repeats 3] [--methods lora,full]
 """
@@ -8,6 +8,7 @@ written to benchmarks/results.json.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -351,14 +352,17 @@ def main() -> None:
     import torch
 
     results: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         + (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"),
     }
+    steps = 10 if args.quick else 100  # short runs are dominated by the first steps (allocations, caches)
+    # What the throughput rows measured, for benchmarks/README.md (a --quick run is not a full one).
+    results["settings"] = {"quick": args.quick, "steps": steps, "batch": 8, "max_length": 128}
     work = Path(tempfile.mkdtemp(prefix="adaptflow-bench-"))
     try:
         model = work / "bench-model"
         results["bench_model_params"] = build_bench_model(model)
-        steps = 10 if args.quick else 100  # short runs are dominated by the first steps (allocations, caches)
         if "throughput" not in skip:
             repeats = 1 if args.quick else args.repeats
             methods = ["lora"] if args.quick else args.methods.split(",")
@@ -382,6 +386,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print_tables(results)
     (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2))
+    from benchmarks import report
+
+    report.write(results)
     print(json.dumps(results))
 
 

@@ -1,0 +1,73 @@
+"""benchmarks/README.md is rendered from results.json: every section present, dated and with its machine; no other."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from benchmarks.report import SECTIONS, write
+
+DATE, MACHINE = "2031-02-03", "x86_64, 2 cores, torch 9.9, CPU only"
+RESULTS = {
+    "date": DATE,
+    "machine": MACHINE,
+    "bench_model_params": 3_100_000,
+    "settings": {"quick": False, "steps": 100, "batch": 8, "max_length": 128},
+    "throughput": [
+        {
+            "method": "lora",
+            "repeats": 3,
+            "pipeline_tokens_per_second": 3886.0,
+            "plain_tokens_per_second": 3829.0,
+            "throughput_ratio": 1.015,
+            "throughput_ratio_range": [0.86, 1.26],
+            "throughput_ratio_best": 0.98,
+            "pipeline_peak_memory_mb": 712.0,
+            "plain_peak_memory_mb": 618.0,
+            "memory_ratio": 1.152,
+            "total_params": 3_100_000,
+        }
+    ],
+    "mfu": {"matmul_peak_gflops": 120.5, "by_method": {"lora": 0.0006}},
+    "overhead": {
+        "runs": [
+            {
+                "store": "fresh",
+                "wall_seconds": 30.1,
+                "train_seconds": 4.5,
+                "eval_seconds": 1.0,
+                "overhead_seconds": 24.6,
+            },
+            {
+                "store": "warm",
+                "wall_seconds": 25.0,
+                "train_seconds": 4.4,
+                "eval_seconds": 1.0,
+                "overhead_seconds": 19.6,
+            },
+        ],
+        "plain_script": [{"wall_seconds": 14.0, "fixed_seconds": 9.8}],
+        "warm_overhead_seconds": 19.6,
+        "plain_fixed_seconds": 9.8,
+        "pipeline_extra_seconds": 9.8,
+        "pipeline_import_seconds": 12.9,
+        "plain_import_seconds": 8.3,
+        "overhead_beyond_imports_seconds": 6.7,
+    },
+}
+
+
+def test_report_renders_present_sections_with_date_and_machine_and_leaves_out_absent_ones(tmp_path: Path) -> None:
+    page = write(RESULTS, tmp_path / "README.md").read_text()
+    assert "## How it is measured" in page
+    # Each "## " section of the page, by heading.
+    sections = {part.split("\n", 1)[0]: part for part in re.split(r"^## ", page, flags=re.M)[1:]}
+    for key, heading, _ in SECTIONS:
+        if key in RESULTS:
+            body = sections[heading]
+            assert DATE in body and MACHINE in body, heading
+            assert "|" in body, f"{heading}: no table"
+        else:
+            assert heading not in sections, f"{heading} rendered without results"
+    assert "3886" in sections["Training throughput and MFU"] and "0.0006" in sections["Training throughput and MFU"]
+    assert "19.6" in sections["Fixed overhead of `adaptflow run deployments/demo.yaml`"]
