@@ -76,6 +76,8 @@ def plain_arguments(output: str, steps: int, batch: int, lr: float) -> TrainingA
         report_to="none",
         logging_steps=10,
         use_cpu=not torch.cuda.is_available(),
+        # bf16 autocast where the GPU has it, as a user would (and as the pipeline's precision "auto" does).
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
     )
