@@ -31,7 +31,8 @@ Generation
 
 Packing and loss
     `check_packing(method_name)`, `packing_collator()` (transformers' `DataCollatorWithFlattening`: position ids
-    restart per row; the attention mask built from them keeps rows apart, also with eager/sdpa on CPU).
+    restart per row; the attention mask built from them keeps rows apart, also with eager/sdpa on CPU, but only
+    without a KV cache, so every packed batch carries `use_cache=False`).
     `response_token_count(labels)` and `accumulated_loss(model, micro_batches)`: with gradient accumulation each
     micro-batch's summed token loss must be divided by the response tokens of the whole step (the HF Trainer passes
     that count as `num_items_in_batch` to causal LM models), not averaged per micro-batch.
@@ -175,7 +176,7 @@ def detect_format(
             the first row, or a row is in another format (names the row, 1-based).
     """
     if settings.format != "auto":
-        fmt = settings.format
+        fmt: str = settings.format
         for canonical in REQUIRED[fmt]:
             if settings.column(canonical) not in columns:
                 raise UserInputError(
@@ -335,7 +336,10 @@ class ChatTemplate:
         """The conversation as text. Raises UserInputError naming instruction.template when it cannot render."""
         try:
             text = tokenizer.apply_chat_template(
-                list(messages), chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
+                [dict(m) for m in messages],
+                chat_template=self.source,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         except (jinja2.TemplateError, TypeError, ValueError, KeyError) as exc:
             roles = [m["role"] for m in messages]
@@ -374,6 +378,7 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSe
             "model.name_or_path: task instruction needs a fast tokenizer (character offsets locate the responses)"
         )
     choice = settings.template
+    added: tuple[str, ...]
     if choice == "tokenizer" and isinstance(tokenizer.chat_template, str):
         name, source, added = "tokenizer", tokenizer.chat_template, ()
     elif choice in ("tokenizer", "plain"):
@@ -411,12 +416,15 @@ def resize_for_template(
 ) -> TrainableRows:
     """Grow the model's embeddings (and output layer) to the tokenizer's size when the template added tokens.
 
-    New rows start at the mean of the old ones (transformers' mean resizing), so they do not dominate the softmax.
+    New rows are drawn around the old rows' mean (transformers' mean resizing), so they do not dominate the softmax.
     Returns the rows to train: empty when the template added nothing or the model already had the tokens.
     """
-    old = model.get_input_embeddings().weight.shape[0]
+    embedding = model.get_input_embeddings()
+    old = int(embedding.weight.shape[0]) if isinstance(embedding.weight, torch.Tensor) else 0
     ids = tuple(
-        i for i in tokenizer.convert_tokens_to_ids(list(template.added_tokens)) if isinstance(i, int) and i >= old
+        i
+        for i in (tokenizer.convert_tokens_to_ids(t) for t in template.added_tokens)
+        if isinstance(i, int) and i >= old
     )
     if not ids:
         return TrainableRows((), ())
@@ -621,13 +629,27 @@ def check_packing(method_name: str) -> None:
         )
 
 
-def packing_collator() -> DataCollatorWithFlattening:
+class PackingCollator(DataCollatorWithFlattening):
     """Rows flattened into one sequence: position ids restart per row, labels -100 at each row's first token.
 
     With no attention mask, transformers builds a block-diagonal causal mask from the restarting position ids
-    (eager and sdpa; flash-attention uses them as varlen boundaries), so rows never attend to one another.
+    (eager and sdpa; flash-attention uses them as varlen boundaries), so rows never attend to one another. It does
+    so only without a KV cache: a model whose config has `use_cache: true` (most) creates one in every forward,
+    training included, and the rows then silently attend across boundaries. Each batch therefore carries
+    `use_cache=False`, whatever the model's config says.
     """
-    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+
+    def __call__(
+        self, features: list[dict[str, Any]], return_tensors: str | None = None, separator_id: int | None = None
+    ) -> dict[str, Any]:
+        batch = super().__call__(features, return_tensors=return_tensors, separator_id=separator_id)
+        batch["use_cache"] = False
+        return batch
+
+
+def packing_collator() -> PackingCollator:
+    """The collator for `train.packing: true` (see `PackingCollator`)."""
+    return PackingCollator(return_position_ids=True, separator_id=IGNORE)
 
 
 def response_token_count(labels: torch.Tensor) -> int:
