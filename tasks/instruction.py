@@ -267,7 +267,11 @@ def row_to_messages(row: Mapping[str, Any], fmt: str, settings: InstructionDataS
     user = f"{instruction}\n\n{_text(extra, col('input'))}" if extra else instruction
     system = row.get(col("system"))
     head = [{"role": "system", "content": _text(system, col("system"))}] if system else []
-    return [*head, {"role": "user", "content": user}, {"role": "assistant", "content": _text(row[col("output")], "")}]
+    return [
+        *head,
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _text(row[col("output")], col("output"))},
+    ]
 
 
 def validate_messages(messages: Sequence[Mapping[str, str]]) -> None:
