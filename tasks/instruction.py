@@ -1,0 +1,674 @@
+"""Instruction / chat fine-tuning: rows in any common format -> messages -> ids with labels on responses only.
+
+The core that `task: instruction` calls; it knows nothing of Prefect, MLflow or the run config layout.
+
+Settings
+    `InstructionSettings` (the `instruction:` section: template, loss_on, eval_generations) and
+    `InstructionDataSettings` (its `data:` keys: format, columns, role_map).
+
+Formats -> one normal form (a list of `{"role", "content"}` messages per row)
+    `detect_format(columns, rows, settings)`, `to_messages(rows, settings)`: alpaca, prompt_completion, messages
+    (OpenAI), sharegpt. Errors name the column and format, or the 1-based row and what is expected.
+
+Templates
+    `resolve_template(tokenizer, settings) -> ChatTemplate`: the tokenizer's own chat template, the builtin `plain`
+    one (plain-text headers, the tokenizer's EOS after each response, no new tokens), `chatml` (adds
+    `<|im_start|>`/`<|im_end|>`; `resize_for_template(model, tokenizer, template)` resizes the embeddings and returns
+    the rows to train) or a user `.jinja` file. `ChatTemplate.source` is the Jinja text to save with the model.
+
+Encoding (labels on responses only)
+    `encode_conversation(messages, tokenizer, template, loss_on, max_length) -> EncodedRow | None` and
+    `encode_rows(...) -> Encoded` (with `dropped`, logged as `sft_dropped_rows`). The whole conversation is rendered
+    and tokenized once; response spans come from incremental rendering (the prompt rendered with its generation
+    prompt must be a prefix of the whole text) mapped to tokens by character offsets, so leading-space tokenizers
+    cannot shift them. The end-of-turn token of each response is labelled (it is located in the text, not by id, so
+    pad == eos does not matter); exactly one BOS; label 0 is always -100, so "labels != -100" counts exactly the
+    predicted tokens. Over-long rows lose the oldest prompt tokens first; a row whose last response does not fit
+    whole is dropped and counted; no row is emitted without a target token.
+
+Generation
+    `prompt_for_generation`, `encode_prompt`, `stop_token_ids`, `response_only`, `split_reference`.
+
+Packing and loss
+    `check_packing(method_name)`, `packing_collator()` (transformers' `DataCollatorWithFlattening`: position ids
+    restart per row; the attention mask built from them keeps rows apart, also with eager/sdpa on CPU, but only
+    without a KV cache, so every packed batch carries `use_cache=False`).
+    `response_token_count(labels)` and `accumulated_loss(model, micro_batches)`: with gradient accumulation each
+    micro-batch's summed token loss must be divided by the response tokens of the whole step (the HF Trainer passes
+    that count as `num_items_in_batch` to causal LM models), not averaged per micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import torch
+from pydantic import Field, field_validator
+from transformers import DataCollatorWithFlattening, PreTrainedModel, PreTrainedTokenizerBase
+
+from tasks.config import Section
+from tasks.errors import UserInputError, capped
+
+Message = dict[str, str]
+Format = Literal["alpaca", "prompt_completion", "messages", "sharegpt"]
+LossOn = Literal["assistant", "last", "all"]
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+# The columns each format needs (required) and may have (optional), in their canonical names.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+OPTIONAL: dict[str, tuple[str, ...]] = {"alpaca": ("input", "system")}
+CANONICAL = sorted({c for cols in (*REQUIRED.values(), *OPTIONAL.values()) for c in cols})
+DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# Methods that prepend virtual tokens to the sequence: in a packed sequence every row after the first would see them
+# at the wrong position, and the rows would share one prefix.
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
+
+PLAIN_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ m['content'] + '\\n\\n' }}"
+    "{%- elif m['role'] == 'user' -%}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
+    "{%- else -%}{{ '### Response:\\n' + m['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+# Contents used to find what a template writes after a response (its end of turn).
+_PROBE = [{"role": "user", "content": "adaptflow-probe-question"}, {"role": "assistant", "content": "adaptflow-probe"}]
+
+
+class InstructionSettings(Section):
+    """The `instruction:` section."""
+
+    template: str = Field(
+        "tokenizer",
+        description="tokenizer (its chat template, else plain) | plain | chatml | a path to a .jinja file",
+    )
+    loss_on: LossOn = Field("assistant", description="assistant: every assistant turn; last: the last one; all")
+    eval_generations: int = Field(64, ge=0, description="held-out prompts answered greedily for ROUGE-L/exact match")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value in ("tokenizer", "plain", "chatml") or value.endswith(".jinja"):
+            return value
+        raise ValueError(f"expected tokenizer, plain, chatml or a path ending in .jinja, got {value!r}")
+
+
+class InstructionDataSettings(Section):
+    """The instruction task's keys of the `data:` section."""
+
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="the format's column name -> the file's column name, e.g. {output: answer}"
+    )
+    role_map: dict[str, str] = Field(
+        default_factory=dict, description="sharegpt `from` value -> role, added to human/gpt/system"
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(CANONICAL))
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; the formats' columns are {CANONICAL}")
+        return value
+
+    @field_validator("role_map")
+    @classmethod
+    def _role_map(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = {k: v for k, v in value.items() if v not in ROLES}
+        if bad:
+            raise ValueError(f"roles must be one of {list(ROLES)}, got {bad}")
+        return value
+
+    def column(self, canonical: str) -> str:
+        """The file's name for a canonical column."""
+        return self.columns.get(canonical, canonical)
+
+    def roles(self) -> dict[str, str]:
+        """The sharegpt `from` -> role map: the defaults with `role_map` on top."""
+        return {**DEFAULT_ROLE_MAP, **self.role_map}
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _present(row: Mapping[str, Any], column: str) -> bool:
+    value = row.get(column)
+    return value is not None and value != "" and value != []
+
+
+def row_formats(row: Mapping[str, Any], settings: InstructionDataSettings) -> list[str]:
+    """The formats whose required columns this row fills."""
+    return [fmt for fmt, cols in REQUIRED.items() if all(_present(row, settings.column(c)) for c in cols)]
+
+
+def _fields(fmt: str, settings: InstructionDataSettings) -> str:
+    return f"{fmt} ({', '.join(settings.column(c) for c in REQUIRED[fmt])})"
+
+
+def detect_format(
+    columns: Sequence[str], rows: Sequence[Mapping[str, Any]], settings: InstructionDataSettings, source: str
+) -> str:
+    """The file's one format: `data.format` when set, else the format of its first row; every row must match it.
+
+    Raises:
+        UserInputError: a required column is missing (names the column and format), no format fits, several fit
+            the first row, or a row is in another format (names the row, 1-based).
+    """
+    if settings.format != "auto":
+        fmt: str = settings.format
+        for canonical in REQUIRED[fmt]:
+            if settings.column(canonical) not in columns:
+                raise UserInputError(
+                    f"{source}: no column '{settings.column(canonical)}', which format {fmt} needs "
+                    f"(data.format); columns: {capped(list(columns))}; rename with data.columns"
+                )
+    else:
+        expected = "; ".join(_fields(f, settings) for f in REQUIRED)
+        if not rows:
+            raise UserInputError(f"{source}: no rows")
+        first = row_formats(rows[0], settings)
+        if not first:
+            raise UserInputError(
+                f"{source}: row 1 is in no instruction format; expected one of: {expected} "
+                f"(columns: {capped(list(columns))}; rename with data.columns or set data.format)"
+            )
+        if len(first) > 1:
+            raise UserInputError(f"{source}: row 1 fits formats {first}; choose one with data.format")
+        fmt = first[0]
+    for number, row in enumerate(rows, start=1):
+        if all(_present(row, settings.column(c)) for c in REQUIRED[fmt]):
+            continue
+        others = [f for f in row_formats(row, settings) if f != fmt]
+        if others:
+            raise UserInputError(
+                f"{source}: row {number} is in format {others[0]} but the file is {fmt} (mixed formats in one "
+                f"file); expected every row in {_fields(fmt, settings)}"
+            )
+        missing = [settings.column(c) for c in REQUIRED[fmt] if not _present(row, settings.column(c))]
+        what = "an empty response" if settings.column(_response_column(fmt)) in missing else f"no {missing}"
+        raise UserInputError(f"{source}: row {number} has {what}; expected {_fields(fmt, settings)} filled")
+    return fmt
+
+
+def _response_column(fmt: str) -> str:
+    return {"alpaca": "output", "prompt_completion": "completion"}.get(fmt, REQUIRED[fmt][0])
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(value: Any, role_key: str, content_key: str, roles: Mapping[str, str] | None) -> list[Message]:
+    if isinstance(value, str):  # a JSON string in a csv cell
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("expected a list of turns, got a string that is not JSON") from None
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of turns, got {type(value).__name__}")
+    out = []
+    for turn in value:
+        if not isinstance(turn, Mapping) or role_key not in turn or content_key not in turn:
+            raise ValueError(f"every turn needs '{role_key}' and '{content_key}', got {str(turn)[:80]}")
+        role = turn[role_key]
+        if roles is not None:
+            if role not in roles:
+                raise ValueError(f"unknown '{role_key}' value {role!r}; map it to a role with data.role_map")
+            role = roles[role]
+        out.append({"role": role, "content": _text(turn[content_key], f"the {role} content")})
+    return out
+
+
+def row_to_messages(row: Mapping[str, Any], fmt: str, settings: InstructionDataSettings) -> list[Message]:
+    """One row as messages (not yet validated; see `validate_messages`). Raises ValueError with the reason."""
+    col = settings.column
+    if fmt == "messages":
+        return _turns(row[col("messages")], "role", "content", None)
+    if fmt == "sharegpt":
+        return _turns(row[col("conversations")], "from", "value", settings.roles())
+    if fmt == "prompt_completion":
+        prompt, completion = row[col("prompt")], row[col("completion")]
+        head = (
+            _turns(prompt, "role", "content", None)
+            if isinstance(prompt, list)
+            else [{"role": "user", "content": _text(prompt, col("prompt"))}]
+        )
+        tail = (
+            _turns(completion, "role", "content", None)
+            if isinstance(completion, list)
+            else [{"role": "assistant", "content": _text(completion, col("completion"))}]
+        )
+        return head + tail
+    instruction = _text(row[col("instruction")], col("instruction"))
+    extra = row.get(col("input"))
+    user = f"{instruction}\n\n{_text(extra, col('input'))}" if extra else instruction
+    system = row.get(col("system"))
+    head = [{"role": "system", "content": _text(system, col("system"))}] if system else []
+    return [
+        *head,
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _text(row[col("output")], col("output"))},
+    ]
+
+
+def validate_messages(messages: Sequence[Mapping[str, str]]) -> None:
+    """An optional system message, then user/assistant alternating from user, ending with a non-empty assistant.
+
+    Raises:
+        ValueError: what is wrong and what is expected.
+    """
+    expected = "expected an optional system message, then user and assistant alternating, ending with assistant"
+    skip = 1 if messages and messages[0]["role"] == "system" else 0
+    body = list(messages[skip:])
+    if not body:
+        raise ValueError(f"no conversation; {expected}")
+    for i, message in enumerate(body):
+        want, number = ("user" if i % 2 == 0 else "assistant"), skip + i + 1
+        if message["role"] != want:
+            raise ValueError(f"message {number} is {message['role']!r}; {expected}")
+        if not message["content"].strip():
+            what = "an empty response" if want == "assistant" else "empty"
+            raise ValueError(f"message {number} ({want}) is {what}; expected text")
+    if body[-1]["role"] != "assistant":
+        raise ValueError(f"the last message is {body[-1]['role']!r}; {expected}")
+
+
+def to_messages(
+    rows: Sequence[Mapping[str, Any]], settings: InstructionDataSettings, source: str = "data.train"
+) -> tuple[str, list[list[Message]]]:
+    """Every row as messages, and the format found. Every bad row is reported at once (1-based row numbers).
+
+    Raises:
+        UserInputError: see `detect_format`; bad turns, roles or an empty response name their rows.
+    """
+    columns = sorted({key for row in rows[:1000] for key in row})
+    fmt = detect_format(columns, rows, settings, source)
+    problems, out = [], []
+    for number, row in enumerate(rows, start=1):
+        try:
+            messages = row_to_messages(row, fmt, settings)
+            validate_messages(messages)
+            out.append(messages)
+        except ValueError as exc:
+            problems.append(f"row {number}: {exc}")
+    if problems:
+        shown = problems[:10] + ([f"… {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise UserInputError.many(f"{source}: {len(problems)} row(s) are not valid {fmt} rows:", shown)
+    return fmt, out
+
+
+# ---------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A resolved template: `name` (the run's `sft.template` param), its Jinja `source` (saved with the model),
+    and `end_of_turn`, the text it writes after each response (the piece that must be trained and stops generation).
+    """
+
+    name: str
+    source: str
+    end_of_turn: str
+    added_tokens: tuple[str, ...] = ()
+
+    def render(
+        self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+    ) -> str:
+        """The conversation as text. Raises UserInputError naming instruction.template when it cannot render."""
+        try:
+            text = tokenizer.apply_chat_template(
+                [dict(m) for m in messages],
+                chat_template=self.source,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError) as exc:
+            roles = [m["role"] for m in messages]
+            raise UserInputError(
+                f"instruction.template: template {self.name} cannot render a conversation with roles {roles}: "
+                f"{exc}; choose another template (plain, chatml) or change the data"
+            ) from None
+        if not isinstance(text, str):
+            raise UserInputError(f"instruction.template: template {self.name} did not render text")
+        return text
+
+
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase, name: str, source: str) -> str:
+    template = ChatTemplate(name=name, source=source, end_of_turn="")
+    text = template.render(tokenizer, _PROBE, add_generation_prompt=False)
+    after = text[text.rindex(_PROBE[1]["content"]) + len(_PROBE[1]["content"]) :].split()
+    if not after:
+        raise UserInputError(
+            f"instruction.template: template {name} writes nothing after a response, so the model could not "
+            "learn to stop; end assistant turns with {{ eos_token }} or choose plain or chatml"
+        )
+    return after[0]
+
+
+def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSettings) -> ChatTemplate:
+    """The template `settings.template` names, checked against this tokenizer.
+
+    `chatml` adds its two tokens to the tokenizer as special tokens (see `resize_for_template`).
+
+    Raises:
+        UserInputError: naming instruction.template (missing file, template that cannot render, no end of turn)
+            or model.name_or_path (plain needs an EOS token; offsets need a fast tokenizer).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserInputError(
+            "model.name_or_path: task instruction needs a fast tokenizer (character offsets locate the responses)"
+        )
+    choice = settings.template
+    added: tuple[str, ...]
+    if choice == "tokenizer" and isinstance(tokenizer.chat_template, str):
+        name, source, added = "tokenizer", tokenizer.chat_template, ()
+    elif choice in ("tokenizer", "plain"):
+        if tokenizer.eos_token is None:
+            raise UserInputError(
+                "model.name_or_path: the tokenizer has no EOS token, which the plain template writes after each "
+                "response; set instruction.template: chatml"
+            )
+        name, source, added = "plain", PLAIN_TEMPLATE, ()
+    elif choice == "chatml":
+        tokenizer.add_tokens(list(CHATML_TOKENS), special_tokens=True)
+        name, source, added = "chatml", CHATML_TEMPLATE, CHATML_TOKENS
+    else:
+        path = Path(choice).expanduser()
+        try:
+            source = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"instruction.template: cannot read {path}: {exc}") from None
+        name, added = f"file:{path.name}", ()
+    return ChatTemplate(name=name, source=source, end_of_turn=_end_of_turn(tokenizer, name, source), added_tokens=added)
+
+
+@dataclass(frozen=True)
+class TrainableRows:
+    """Embedding rows a template added: `token_ids`, in the modules named `modules` (input embedding, and the
+    output layer unless tied). The wiring makes these rows trainable under any method (peft:
+    `trainable_token_indices`, or `modules_to_save` for the whole matrices)."""
+
+    token_ids: tuple[int, ...]
+    modules: tuple[str, ...]
+
+
+def resize_for_template(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
+) -> TrainableRows:
+    """Grow the model's embeddings (and output layer) to the tokenizer's size when the template added tokens.
+
+    New rows are drawn around the old rows' mean (transformers' mean resizing), so they do not dominate the softmax.
+    Returns the rows to train: empty when the template added nothing or the model already had the tokens.
+    """
+    embedding = model.get_input_embeddings()
+    old = int(embedding.weight.shape[0]) if isinstance(embedding.weight, torch.Tensor) else 0
+    ids = tuple(
+        i
+        for i in (tokenizer.convert_tokens_to_ids(t) for t in template.added_tokens)
+        if isinstance(i, int) and i >= old
+    )
+    if not ids:
+        return TrainableRows((), ())
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if m is inp]
+    if out is not None and out.weight is not inp.weight:
+        names += [n for n, m in model.named_modules() if m is out]
+    return TrainableRows(ids, tuple(names))
+
+
+# ---------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    input_ids: list[int]
+    labels: list[int]
+
+    def as_dict(self) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids, "attention_mask": [1] * len(self.input_ids), "labels": self.labels}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Encoded rows and how many were dropped because their last response did not fit (`sft_dropped_rows`)."""
+
+    rows: list[dict[str, list[int]]]
+    dropped: int
+
+
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of `text`, with exactly the one BOS the tokenizer's convention wants.
+
+    Tokenized without special tokens (a template that writes BOS as text already has it; some tokenizers would
+    also append an EOS the template did not write), then BOS prepended when the tokenizer adds one and the text
+    lacks it; repeated leading BOS collapse to one.
+    """
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            del ids[0], offsets[0]
+        if ids[:1] != [bos] and _adds_bos(tokenizer):
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+    return ids, offsets  # type: ignore[return-value]
+
+
+def response_spans(
+    tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, messages: Sequence[Mapping[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant response, end of turn included.
+
+    A span starts where the prompt rendered with its generation prompt ends, and ends after the end-of-turn text
+    (trailing whitespace after it is not a target). Each prompt must be a prefix of the whole text; a template that
+    rewrites earlier turns fails this and is refused rather than guessed at.
+    """
+    full = template.render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = template.render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(prompt) and full.startswith(upto) and len(upto) > len(prompt)):
+            raise UserInputError(
+                f"instruction.template: template {template.name} renders a conversation's earlier turns differently "
+                "once later turns follow, so its responses cannot be located safely; choose plain or chatml"
+            )
+        start, end = len(prompt), len(upto)
+        eot = full.rfind(template.end_of_turn, start, end)
+        end = eot + len(template.end_of_turn) if eot >= 0 else start + len(full[start:end].rstrip())
+        spans.append((start, end))
+    return full, spans
+
+
+def encode_conversation(
+    messages: Sequence[Mapping[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    loss_on: LossOn,
+    max_length: int,
+) -> EncodedRow | None:
+    """One validated conversation as ids and labels; None when its last response does not fit in `max_length`.
+
+    Labels: the tokens overlapping a trained response span (every assistant turn, the last, or all tokens), else
+    -100; label 0 is always -100 (it is never predicted). Too long: the oldest tokens after BOS go first; the row is
+    dropped when that would reach the last response or leave nothing before it.
+
+    Raises:
+        UserInputError: naming instruction.template when no response token can be located.
+    """
+    text, spans = response_spans(tokenizer, template, messages)
+    ids, offsets = _tokenize(tokenizer, text)
+    trained = spans if loss_on == "assistant" else spans[-1:]
+    # A token is a target when its characters overlap a span (a leading space merged into it belongs to the response).
+    target = [loss_on == "all" or (e > b and any(e > s0 and b < s1 for s0, s1 in trained)) for b, e in offsets]
+    last_start, last_end = spans[-1]
+    in_last = [i for i, (b, e) in enumerate(offsets) if e > last_start and b < last_end and e > b]
+    if not in_last or not any(target[1:]):
+        raise UserInputError(
+            f"instruction.template: template {template.name} left no response token to train in a conversation; "
+            "choose plain or chatml"
+        )
+    if len(ids) > max_length:
+        keep = 1 if ids[0] == tokenizer.bos_token_id else 0
+        cut = len(ids) - max_length
+        if keep + cut >= in_last[0]:
+            return None
+        ids, target = ids[:keep] + ids[keep + cut :], target[:keep] + target[keep + cut :]
+    labels = [tok if is_target else IGNORE for tok, is_target in zip(ids, target, strict=True)]
+    labels[0] = IGNORE
+    return EncodedRow(ids, labels)
+
+
+def encode_rows(
+    conversations: Iterable[Sequence[Mapping[str, str]]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    loss_on: LossOn,
+    max_length: int,
+    source: str = "data.train",
+) -> Encoded:
+    """Every conversation encoded; over-long ones dropped and counted.
+
+    Raises:
+        UserInputError: naming data.max_length when every row is dropped.
+    """
+    rows, dropped = [], 0
+    for messages in conversations:
+        row = encode_conversation(messages, tokenizer, template, loss_on, max_length)
+        if row is None:
+            dropped += 1
+        else:
+            rows.append(row.as_dict())
+    if not rows:
+        raise UserInputError(
+            f"data.max_length: {max_length} tokens is too short for every row of {source} ({dropped} dropped: the "
+            "last response with its end of turn must fit); raise data.max_length"
+        )
+    return Encoded(rows, dropped)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def split_reference(messages: Sequence[Mapping[str, str]]) -> tuple[list[Message], str]:
+    """A conversation as (the prompt messages, the last assistant response) for eval generations."""
+    *prompt, last = messages
+    return [dict(m) for m in prompt], last["content"]
+
+
+def prompt_for_generation(
+    messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
+) -> str:
+    """The text up to where the assistant's response starts (a trailing assistant message is left out)."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return template.render(tokenizer, messages, add_generation_prompt=True)
+
+
+def encode_prompt(
+    messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
+) -> list[int]:
+    """The generation prompt's ids, with the same single BOS as training rows."""
+    return _tokenize(tokenizer, prompt_for_generation(messages, tokenizer, template))[0]
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> list[int]:
+    """Ids that end a generated response: the template's end-of-turn token (when it is one token) and EOS."""
+    eot = tokenizer(template.end_of_turn, add_special_tokens=False)["input_ids"]
+    ids = eot[:1] if len(eot) == 1 else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def response_only(text: str, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> str:
+    """A generated continuation (decoded with special tokens kept) cut at the first end of turn or EOS."""
+    for stop in (template.end_of_turn, tokenizer.eos_token):
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+# ---------------------------------------------------------------- packing and loss
+
+
+def check_packing(method_name: str) -> None:
+    """Raises UserInputError naming train.packing for methods that prepend virtual tokens."""
+    if method_name in VIRTUAL_TOKEN_METHODS:
+        raise UserInputError(
+            f"train.packing: not supported with method {method_name}: its virtual tokens are prepended once to the "
+            "whole packed sequence, so only the first row would see them at the right positions; "
+            "set train.packing: false or choose another method"
+        )
+
+
+class PackingCollator(DataCollatorWithFlattening):
+    """Rows flattened into one sequence: position ids restart per row, labels -100 at each row's first token.
+
+    With no attention mask, transformers builds a block-diagonal causal mask from the restarting position ids
+    (eager and sdpa; flash-attention uses them as varlen boundaries), so rows never attend to one another. It does
+    so only without a KV cache: a model whose config has `use_cache: true` (most) creates one in every forward,
+    training included, and the rows then silently attend across boundaries. Each batch therefore carries
+    `use_cache=False`, whatever the model's config says.
+    """
+
+    def __call__(
+        self, features: list[dict[str, Any]], return_tensors: str | None = None, separator_id: int | None = None
+    ) -> dict[str, Any]:
+        batch = super().__call__(features, return_tensors=return_tensors, separator_id=separator_id)
+        batch["use_cache"] = False
+        return batch
+
+
+def packing_collator() -> PackingCollator:
+    """The collator for `train.packing: true` (see `PackingCollator`)."""
+    return PackingCollator(return_position_ids=True, separator_id=IGNORE)
+
+
+def response_token_count(labels: torch.Tensor) -> int:
+    """Predicted response tokens in a batch: labels after the first position that are not -100 (as the Trainer
+    counts for `num_items_in_batch`)."""
+    return int(labels[..., 1:].ne(IGNORE).sum())
+
+
+def accumulated_loss(model: PreTrainedModel, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """The loss of one optimizer step over several micro-batches, normalised by the step's response tokens.
+
+    Each micro-batch returns its summed token loss divided by the step's count (`num_items_in_batch`); their sum is
+    the mean over every response token of the step, as if it were one batch. Averaging per-micro-batch means would
+    over-weight the tokens of micro-batches with short responses.
+    """
+    total = sum(response_token_count(b["labels"]) for b in micro_batches)
+    losses = [model(**b, num_items_in_batch=torch.tensor(total)).loss for b in micro_batches]
+    return torch.stack(losses).sum()
