@@ -384,12 +384,36 @@ def main() -> None:
             results["memory"] = memory.run()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    keep_earlier_sections(results, ROOT / "benchmarks" / "results.json")
     print_tables(results)
     (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2))
     from benchmarks import report
 
     report.write(results)
     print(json.dumps(results))
+
+
+# Keys that belong to a section and travel with it when a later run skips that section.
+SECTION_KEYS = {"throughput": ("throughput", "mfu", "control", "settings", "bench_model_params")}
+
+
+def keep_earlier_sections(results: dict[str, Any], path: Path) -> None:
+    """Sections this run skipped keep the earlier run's measurement from `path`, stamped with that run's date
+    and machine (`results["stamps"]`), so that measuring one section again does not drop the others."""
+    stamp = {"date": results["date"], "machine": results["machine"]}
+    measured = {key for key in ("throughput", "whole_run", "overhead", "grid", "memory") if key in results}
+    results["stamps"] = {key: stamp for key in measured}
+    if not path.exists():
+        return
+    earlier = json.loads(path.read_text())
+    for key in ("throughput", "whole_run", "overhead", "grid", "memory"):
+        if key in measured or key not in earlier:
+            continue
+        for part in SECTION_KEYS.get(key, (key,)):
+            if part in earlier:
+                results[part] = earlier[part]
+        earlier_stamp = {"date": earlier.get("date"), "machine": earlier.get("machine")}
+        results["stamps"][key] = earlier.get("stamps", {}).get(key, earlier_stamp)
 
 
 def print_tables(results: dict[str, Any]) -> None:

@@ -71,3 +71,22 @@ def test_report_renders_present_sections_with_date_and_machine_and_leaves_out_ab
             assert heading not in sections, f"{heading} rendered without results"
     assert "3886" in sections["Training throughput and MFU"] and "0.0006" in sections["Training throughput and MFU"]
     assert "19.6" in sections["Fixed overhead of `adaptflow run deployments/demo.yaml`"]
+
+
+def test_a_run_that_skips_a_section_keeps_the_earlier_one_with_its_date(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.report import render
+    from benchmarks.run import keep_earlier_sections
+
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps(RESULTS))
+    later = {"date": "2031-05-06", "machine": "another machine", "overhead": RESULTS["overhead"]}
+    keep_earlier_sections(later, earlier)
+    assert later["throughput"] == RESULTS["throughput"] and later["mfu"] == RESULTS["mfu"]
+    assert later["stamps"]["throughput"] == {"date": DATE, "machine": MACHINE}
+    assert later["stamps"]["overhead"] == {"date": "2031-05-06", "machine": "another machine"}
+    page = render(later)
+    throughput = page.split("## Training throughput")[1].split("##")[0]
+    assert f"Measured {DATE} on {MACHINE}." in throughput
+    assert "Measured 2031-05-06 on another machine." in page.split("## Fixed overhead")[1]

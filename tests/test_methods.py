@@ -15,9 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 from adapters_impl import METHODS, ApplyContext, count_parameters, get_method
 from adapters_impl.adapter import AdapterSettings
 from tasks.config import DataSettings, ModelSettings, ProbeSettings, RunConfig
+from tasks.generation import generate
 from tasks.load import load_data
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer, resolve_model
-from tasks.probe import generate
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
 
 # Every combination that makes sense; `head` only classifies.
@@ -25,6 +25,8 @@ MATRIX = [(name, task) for name, method in METHODS.items() for task in method.ta
 EXACT_MERGE_TOLERANCE = 1e-4
 # Learning rates as the field uses them: virtual tokens and scaling vectors want more, bottleneck adapters less.
 LEARNING_RATE = {"prompt": 3e-2, "prefix": 3e-2, "ia3": 3e-2, "adapter": 1e-3}
+# Prefixes with a fresh classification head overshoot at 3e-2 on this batch (its loss jumps, then wanders).
+LEARNING_RATE_FOR_TASK = {("prefix", "classification"): 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_method_trains_saves_loads_and_predicts(
     batch = fixed_batch(source, ref)
     model = adapted_model(source, task, ref, settings)
 
-    losses = train_steps(model, batch, lr=LEARNING_RATE.get(name, 1e-2))
+    losses = train_steps(model, batch, lr=LEARNING_RATE_FOR_TASK.get((name, task), LEARNING_RATE.get(name, 1e-2)))
     assert all(map(torch.isfinite, torch.tensor(losses)))
     # Averaged over three steps: a classification head's first steps may overshoot.
     assert losses[-1] < losses[0] and sum(losses[-3:]) < sum(losses[:3]), (
