@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from tasks.config import DataSettings
 from tasks.errors import UserInputError
+from tasks.objectives import get_objective
 
 # file suffix -> (datasets builder, builder options)
 FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -165,10 +166,10 @@ def read_table(value: str, key: str) -> tuple[Dataset, str]:
     return table, hashlib.sha256(f"{value}:{table._fingerprint}".encode()).hexdigest()
 
 
-def _check_columns(table: Dataset, settings: DataSettings, classification: bool, key: str, value: str) -> None:
+def _check_columns(table: Dataset, settings: DataSettings, uses_labels: bool, key: str, value: str) -> None:
     columns = table.column_names
     wanted = [("data.text_column", settings.text_column)]
-    if classification:
+    if uses_labels:
         wanted.append(("data.label_column", settings.label_column))
     for column_key, column in wanted:
         if column not in columns:
@@ -230,15 +231,15 @@ def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
     Raises:
         UserInputError: a file or column is missing, or a split is empty.
     """
-    classification = task == "classification"
-    label_column = settings.label_column if classification else None
+    uses_labels = get_objective(task).uses_labels
+    label_column = settings.label_column if uses_labels else None
     train, train_digest = read_table(settings.train, "data.train")
-    _check_columns(train, settings, classification, "data.train", settings.train)
+    _check_columns(train, settings, uses_labels, "data.train", settings.train)
     train = _clean(train, settings.text_column, label_column)
     digests = {"train": train_digest}
     if settings.eval:
         eval_, digests["eval"] = read_table(settings.eval, "data.eval")
-        _check_columns(eval_, settings, classification, "data.eval", settings.eval)
+        _check_columns(eval_, settings, uses_labels, "data.eval", settings.eval)
         eval_ = _clean(eval_, settings.text_column, label_column)
     else:
         if len(train) < 2:
