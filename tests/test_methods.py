@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 from adapters_impl import METHODS, ApplyContext, count_parameters, get_method
 from adapters_impl.adapter import AdapterSettings
 from tasks.config import DataSettings, ModelSettings, ProbeSettings, RunConfig
+from tasks.generation import generate
 from tasks.load import load_data
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer, resolve_model
 from tasks.objectives import tasks_of
-from tasks.probe import generate
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
 
 # Every combination that makes sense; `head` only classifies.
