@@ -1,9 +1,8 @@
-"""Evaluation reports for the run (JSON + Markdown + plots), beyond the headline metrics; the objective writes
-its sections (tasks/objectives).
+"""Evaluation reports for the run (JSON + Markdown + plots), beyond the headline metrics.
 
-Causal LM: eval loss and perplexity, tuned vs base, and greedy generations for fixed prompts, tuned vs base.
-Classification: accuracy, precision / recall / F1 (macro and weighted), a per-class report, a confusion
-matrix plot, and the majority-class baseline.
+The objective (tasks/objectives/<task>.py) writes its sections: for causal LM, loss and perplexity and greedy
+generations for fixed prompts, tuned vs base; for classification, precision / recall / F1, a per-class report, a
+confusion matrix plot and the majority-class baseline.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the stages import this package: at run time these would be 
     from torch import nn
 
     from adapters_impl import Method
-    from tasks.config import ProbeSettings
+    from tasks.config import DataSettings, ProbeSettings
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
     from tasks.probe.suites import Suite
@@ -43,6 +43,12 @@ class ReportInput:
     batch_size: int
 
 
+def text_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> Dataset:
+    from tasks.load import text_rows
+
+    return text_rows(table, settings, label_column, key, value)
+
+
 def no_head_options(label_names: list[str] | None) -> dict[str, Any]:
     return {}
 
@@ -63,7 +69,9 @@ def no_probe_inputs(data: DataRef, tokenized: TokenizedRef) -> tuple[list[str] |
 class Objective:
     """A kind of learning problem: how its rows become training examples, its model head, metrics and reports.
 
-    Data: `uses_labels` says whether `data.label_column` is read, checked and kept; `encoder(tokenizer, data,
+    Data: `uses_labels` says whether `data.label_column` is read, checked and kept (and stratifies the split);
+    `prepare_rows(table, data_settings, label_column, key, source)` checks a split's columns and keeps the usable
+    rows, normalised (default: the text and label columns, rows without either dropped); `encoder(tokenizer, data,
     train, eval, max_length)` returns the batched row encoder (ids and labels) and the label names, if any;
     rows with fewer than `min_tokens` tokens are dropped; `collator(tokenizer)` pads a batch.
     Model: `auto_model()` gives the transformers auto class of its models, `head_options(label_names)` the extra
@@ -92,6 +100,7 @@ class Objective:
     report: Callable[[ReportInput], tuple[dict[str, Any], dict[str, float]]]
     probe: Callable[[nn.Module, Any, Suite, ProbeSettings, list[str] | None, list[int] | None], dict[str, Any]]
     uses_labels: bool = False
+    prepare_rows: Callable[[Dataset, DataSettings, str | None, str, str], Dataset] = text_rows
     min_tokens: int = 1
     check_comparable: Callable[[TokenizedRef, list[str] | None], str | None] = always_comparable
     base_generations: Callable[[ModelSource, DataRef], list[str]] = no_base_generations
