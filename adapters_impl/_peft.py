@@ -10,13 +10,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters_impl._classifier import LastTokenClassifier
-from adapters_impl._weights import HEAD_NAMES, output_head
-from adapters_impl.base import ApplyContext, MethodSettingsError, TaskName
+from adapters_impl._weights import HEAD_NAMES, is_classifier, output_head
+from adapters_impl.base import ApplyContext, MethodSettingsError
 
 ALL_LINEAR = "all-linear"
 # Output layers are never adapted: they map to the vocabulary or the labels.
 _OUTPUT_LAYERS = {"lm_head", *HEAD_NAMES}
-PEFT_TASK = {"causal_lm": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS}
 HEAD_FILE = "head.safetensors"
 # What peft saves with safe_serialization; without it, peft would load adapter_model.bin with torch.load.
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -56,7 +55,7 @@ def apply_prompt_learning(
     model: nn.Module, make_config: Callable[[TaskType], PeftConfig], context: ApplyContext
 ) -> nn.Module:
     """Prefix or prompt tuning: on the causal LM, or on the backbone of a classifier under our pooled head."""
-    if context.task == "causal_lm":
+    if not is_classifier(model):
         return get_peft_model(model, make_config(TaskType.CAUSAL_LM))  # type: ignore[arg-type]
     head = output_head(model)
     backbone = get_peft_model(model.base_model, make_config(TaskType.FEATURE_EXTRACTION))  # type: ignore[arg-type]
@@ -96,5 +95,6 @@ def merge_peft(model: nn.Module, full_precision_base: Callable[[], nn.Module]) -
     return model.merge_and_unload()
 
 
-def peft_task(task: TaskName) -> TaskType:
-    return PEFT_TASK[task]
+def peft_task(model: nn.Module) -> TaskType:
+    """peft's task type for the model's head: a sequence classifier's, else a causal LM's."""
+    return TaskType.SEQ_CLS if is_classifier(model) else TaskType.CAUSAL_LM

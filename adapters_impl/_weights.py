@@ -24,6 +24,11 @@ def output_head(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no classification head ({' or '.join(HEAD_NAMES)})")
 
 
+def is_classifier(model: nn.Module) -> bool:
+    """Whether the model ends in a classification head (a sequence classifier), not a vocabulary head."""
+    return any(isinstance(getattr(model, name, None), nn.Module) for name in HEAD_NAMES)
+
+
 def freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> None:
     """Freeze every parameter, then unfreeze those of `trainable`."""
     model.requires_grad_(False)

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from adapters_impl._weights import freeze_all_but, load_trained, output_head, read_config, save_trainable
+from adapters_impl._weights import freeze_all_but, is_classifier, load_trained, output_head, read_config, save_trainable
 from adapters_impl.base import ApplyContext, Method, MethodSettings, MethodSettingsError
 
 Location = Literal["attention", "mlp"]
@@ -94,7 +94,7 @@ def apply(model: nn.Module, settings: AdapterSettings, context: ApplyContext) ->
             assert block is not None
             block.register_forward_hook(adapter.adapt_output)
             adapters.append(adapter)
-    if context.task == "classification":
+    if is_classifier(model):
         adapters.append(output_head(model))
     freeze_all_but(model, adapters)
     setattr(model, SETTINGS_ATTR, {"settings": settings.model_dump(mode="json"), "task": context.task})

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-TaskName = Literal["causal_lm", "classification"]
-TASKS: tuple[TaskName, ...] = ("causal_lm", "classification")
+# An objective's name (config `task:`). The objectives are registered above this layer (tasks/objectives), which
+# adapters_impl never imports: it is shipped alone with registered models. What a method needs of the objective is
+# the model's output head, and the model itself says which it has (`_weights.is_classifier`).
+TaskName = str
 
 
 class MethodSettingsError(ValueError):
@@ -28,7 +30,8 @@ class MethodSettings(BaseModel):
 
 @dataclass(frozen=True)
 class ApplyContext:
-    """What a method may need besides the model: the task, and where the model (and its tokenizer) lives."""
+    """What a method may need besides the model: the objective's name, and where the model (and its tokenizer)
+    lives."""
 
     task: TaskName
     model_path: str
@@ -61,7 +64,7 @@ class Method:
     """An adaptation method: its settings model and what it does to a base model.
 
     `merge` is None for methods whose weights cannot be folded into the base (they register adapter-only).
-    `unsupported` maps a task to the reason the method cannot do it (shown to the user, exit 2).
+    `unsupported` maps an objective's name (config `task:`) to the reason the method cannot do it (shown to the user, exit 2).
     `base_loading` gives extra `from_pretrained` arguments for the base (QLoRA's 4-bit quantization).
     `lossy_merge` marks merges that are not exact, whose quality gap the run measures on the eval set.
     """
@@ -85,10 +88,6 @@ class Method:
     def flow_name(self) -> str:
         """The name of the method's Prefect flow (and of its deployment entrypoint in flows/finetune.py)."""
         return f"{self.name}_finetune"
-
-    @property
-    def tasks(self) -> tuple[TaskName, ...]:
-        return tuple(t for t in TASKS if t not in self.unsupported)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

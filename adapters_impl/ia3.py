@@ -30,7 +30,7 @@ def apply(model: nn.Module, settings: IA3Settings, context: ApplyContext) -> nn.
         raise MethodSettingsError(
             f"method.feedforward_modules: {sorted(set(feedforward) - set(targets))} must also be in method.target_modules"
         )
-    config = IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=peft_task(context.task))
+    config = IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=peft_task(model))
     return get_peft_model(model, config)  # type: ignore[arg-type]
 
 

@@ -36,7 +36,7 @@ def lora_config(settings: LowRankSettings, model: nn.Module, context: ApplyConte
         lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=settings.dropout,
         target_modules=targets,
-        task_type=peft_task(context.task),
+        task_type=peft_task(model),
         use_dora=use_dora,
     )
 

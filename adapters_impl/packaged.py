@@ -56,6 +56,8 @@ def load_packaged(folder: str | Path) -> PackagedModel:
     folder = Path(folder)
     info = json.loads((folder / INFO_FILE).read_text())
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(folder / info["tokenizer"]))
+    # The one objective branch left here: this runs where only adapters_impl is installed, so it cannot ask the
+    # objective registry (tasks/objectives); every objective but classification trains a causal LM.
     auto = AutoModelForSequenceClassification if info["task"] == "classification" else AutoModelForCausalLM
     safetensors_only = None if info.get("allow_pickle") else True  # model.allow_pickle of the registering run
     model = auto.from_pretrained(folder / info["weights"], dtype=torch.float32, use_safetensors=safetensors_only)

@@ -232,6 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
     from adapters_impl import METHODS
+    from tasks.objectives import OBJECTIVES, tasks_of
 
     listing = []
     for method in METHODS.values():
@@ -246,12 +247,17 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
                 "name": method.name,
                 "summary": method.summary,
                 "flow": method.flow_name,
-                "tasks": list(method.tasks),
+                "tasks": list(tasks_of(method)),
                 "not_supported": dict(method.unsupported),
                 "mergeable": method.mergeable,
                 "settings": settings,
             }
         )
+
+    objectives = [
+        {"name": o.name, "summary": o.summary, "methods": [m.name for m in METHODS.values() if o.supports(m)]}
+        for o in OBJECTIVES.values()
+    ]
 
     def human(result: dict[str, Any]) -> None:
         for m in result["methods"]:
@@ -259,8 +265,12 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
             print(f"    flow {m['flow']}; tasks: {', '.join(m['tasks'])}; mergeable: {m['mergeable']}")
             for s in m["settings"]:
                 print(f"    {s['key']:24s} default {json.dumps(s['default'])}  {s['help']}")
+        print("\ntasks (config task:)")
+        for o in result["tasks"]:
+            print(f"{o['name']:14s} {o['summary']}")
+            print(f"    methods: {', '.join(o['methods'])}")
 
-    return _emit({"command": "methods", "methods": listing}, args, human)
+    return _emit({"command": "methods", "methods": listing, "tasks": objectives}, args, human)
 
 
 def build_parser() -> argparse.ArgumentParser:

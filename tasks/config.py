@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adapters_impl import METHODS
 from adapters_impl.lora import LowRankSettings
 from tasks.errors import UserInputError
+from tasks.objectives import OBJECTIVES
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -250,6 +251,9 @@ class GridSettings(Section):
         return len(self.r) * len(self.alpha) * len(self.target_modules) * len(self.method or [None])
 
 
+# `task:` names an objective from their registry (tasks/objectives).
+TaskName: Any = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
+
 # The method section is a union discriminated by `name`, built from the registry of methods.
 MethodConfig: Any = Annotated[
     Union[tuple(m.settings for m in METHODS.values())],  # type: ignore[valid-type]  # noqa: UP007
@@ -263,7 +267,7 @@ class RunConfig(Section):
     default_method: ClassVar[str] = "lora"
 
     model: ModelSettings = ModelSettings()
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    task: TaskName = "causal_lm"
     data: DataSettings
     method: MethodConfig = Field(default_factory=lambda: METHODS["lora"].settings(name="lora"))
     train: TrainSettings = TrainSettings()

@@ -1,10 +1,10 @@
-"""Evaluate: token-weighted eval loss and perplexity (causal LM), accuracy and F1 (classification)."""
+"""Evaluate: the objective's eval metrics (causal LM: token-weighted loss and perplexity; classification: accuracy
+and F1), and the measuring they share."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 
 from tasks.adapting import load_adapted, remember
 from tasks.load import DataRef
-from tasks.modeling import ModelSource, load_base_model, load_tokenizer
-from tasks.tokenization import IGNORE_INDEX, TokenizedRef, make_collator
+from tasks.modeling import ModelSource, load_tokenizer
+from tasks.objectives import IGNORE_INDEX, get_objective
+from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef, log_metrics
 from tasks.training import TrainedRef
 
@@ -84,11 +85,8 @@ def causal_lm_metrics(
 
 
 def eval_loss(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int, task: str) -> float:
-    """Mean eval loss: per real token (causal LM) or per example (classification)."""
-    if task == "causal_lm":
-        nll, tokens = causal_lm_nll(model, dataset, collator, batch_size)
-        return nll / max(tokens, 1)
-    return predict_labels(model, dataset, collator, batch_size)[2]
+    """Mean eval loss as the objective weighs it: per real token (causal LM) or per example (classification)."""
+    return get_objective(task).eval_loss(model, dataset, collator, batch_size)
 
 
 def evaluate_model(
@@ -108,19 +106,11 @@ def evaluate_model(
 def model_metrics(
     model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int = EVAL_BATCH_SIZE
 ) -> dict[str, float]:
-    """Eval loss and perplexity (causal LM) or loss, accuracy and macro F1 (classification) on the eval split."""
-    collator = make_collator(tokenizer, tokenized.task)
+    """The objective's metrics on the eval split: loss and perplexity (causal LM), loss, accuracy and macro F1
+    (classification)."""
     _, eval_split = tokenized.splits()
-    if tokenized.task == "causal_lm":
-        return causal_lm_metrics(model, eval_split, collator, batch_size, prefix="")
-    from sklearn.metrics import accuracy_score, f1_score  # classification only: scipy takes a second to import
-
-    predicted, truth, loss = predict_labels(model, eval_split, collator, batch_size)
-    return {
-        "eval_loss": loss,
-        "eval_accuracy": float(accuracy_score(truth, predicted)),
-        "eval_f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0)),
-    }
+    objective = get_objective(tokenized.task)
+    return objective.metrics(model, eval_split, objective.collator(tokenizer), batch_size)
 
 
 def evaluate_registered(
@@ -129,7 +119,8 @@ def evaluate_registered(
     """A registered model's metrics on this data's eval split, tokenized with the model's own tokenizer.
 
     Raises:
-        ValueError: a classifier whose label names differ from this data's (its scores would not compare).
+        ValueError: the model's outputs differ from this data's (a classifier's label names): its scores would
+            not compare.
     """
     from adapters_impl.packaged import download_registered
     from tasks.modeling import local_source
@@ -138,18 +129,12 @@ def evaluate_registered(
     served = download_registered(model_uri)
     source = local_source(served.tokenizer_dir, display_name=model_uri)
     tokenized = tokenize_dataset(data, source, task, max_length, cache_dir)
-    if task == "classification" and tokenized.label_names != served.label_names:
-        raise ValueError(f"{model_uri} predicts {served.label_names}, the data has {tokenized.label_names}")
+    problem = get_objective(task).check_comparable(tokenized, served.label_names)
+    if problem:
+        raise ValueError(f"{model_uri} {problem}")
     return model_metrics(served.model, served.tokenizer, tokenized, batch_size)
 
 
 def evaluate_base(source: ModelSource, tokenized: TokenizedRef, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
-    """The baseline on the same eval set: the untouched base model (causal LM) or the majority class."""
-    train_split, eval_split = tokenized.splits()
-    if tokenized.task == "classification":
-        majority = Counter(train_split["labels"]).most_common(1)[0][0]
-        truth = eval_split["labels"]
-        return {"base_eval_accuracy": sum(y == majority for y in truth) / len(truth)}
-    tokenizer = load_tokenizer(source)
-    model = load_base_model(source, "causal_lm", tokenizer)
-    return causal_lm_metrics(model, eval_split, make_collator(tokenizer, "causal_lm"), batch_size, prefix="base_")
+    """The objective's baseline on the same eval set: the untouched base model (causal LM) or the majority class."""
+    return get_objective(tokenized.task).base_metrics(source, tokenized, batch_size)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from tasks.config import DataSettings
 from tasks.errors import UserInputError
+from tasks.objectives import get_objective
 
 # file suffix -> (datasets builder, builder options)
 FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -165,11 +166,21 @@ def read_table(value: str, key: str) -> tuple[Dataset, str]:
     return table, hashlib.sha256(f"{value}:{table._fingerprint}".encode()).hexdigest()
 
 
-def _check_columns(table: Dataset, settings: DataSettings, classification: bool, key: str, value: str) -> None:
+def text_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> Dataset:
+    """The text (and label) column of the rows that have a text (and a label); how most objectives read rows.
+
+    Raises:
+        UserInputError: a column is missing (the message names the config key and lists the file's columns).
+    """
+    _check_columns(table, settings, label_column, key, value)
+    return _clean(table, settings.text_column, label_column)
+
+
+def _check_columns(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> None:
     columns = table.column_names
     wanted = [("data.text_column", settings.text_column)]
-    if classification:
-        wanted.append(("data.label_column", settings.label_column))
+    if label_column:
+        wanted.append(("data.label_column", label_column))
     for column_key, column in wanted:
         if column not in columns:
             raise UserInputError(
@@ -230,16 +241,14 @@ def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
     Raises:
         UserInputError: a file or column is missing, or a split is empty.
     """
-    classification = task == "classification"
-    label_column = settings.label_column if classification else None
+    objective = get_objective(task)
+    label_column = settings.label_column if objective.uses_labels else None
     train, train_digest = read_table(settings.train, "data.train")
-    _check_columns(train, settings, classification, "data.train", settings.train)
-    train = _clean(train, settings.text_column, label_column)
+    train = objective.prepare_rows(train, settings, label_column, "data.train", settings.train)
     digests = {"train": train_digest}
     if settings.eval:
         eval_, digests["eval"] = read_table(settings.eval, "data.eval")
-        _check_columns(eval_, settings, classification, "data.eval", settings.eval)
-        eval_ = _clean(eval_, settings.text_column, label_column)
+        eval_ = objective.prepare_rows(eval_, settings, label_column, "data.eval", settings.eval)
     else:
         if len(train) < 2:
             raise UserInputError(f"data.train: {settings.train} has {len(train)} usable rows; need at least 2")

@@ -13,8 +13,6 @@ from pydantic import BaseModel
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,6 +24,7 @@ from adapters_impl.packaged import with_pad_token
 from tasks.config import BUILTIN_PREFIX, ModelSettings
 from tasks.errors import UserInputError
 from tasks.load import publish
+from tasks.objectives import get_objective
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 TINY_VERSION = "tiny-v1"
@@ -196,7 +195,8 @@ def load_base_model(
     label_names: list[str] | None = None,
     **extra: Any,
 ) -> nn.Module:
-    """The base model for the task, in fp32 unless `extra` says otherwise (e.g. a quantization config).
+    """The base model with the objective's (`task`) head, in fp32 unless `extra` says otherwise (e.g. a
+    quantization config).
 
     Safetensors weights only, unless the source allows pickles (`model.allow_pickle`).
 
@@ -207,17 +207,9 @@ def load_base_model(
     safetensors_only = None if source.allow_pickle else True
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": safetensors_only, **source.kwargs(), **extra}
     try:
-        if task == "classification":
-            assert label_names, "classification needs label names"
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source.name_or_path,
-                num_labels=len(label_names),
-                id2label=dict(enumerate(label_names)),
-                label2id={n: i for i, n in enumerate(label_names)},
-                **kwargs,
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
+        objective = get_objective(task)
+        head = objective.head_options(label_names)
+        model = objective.auto_model().from_pretrained(source.name_or_path, **head, **kwargs)
     except OSError as exc:
         if source.allow_pickle or "safetensors" not in str(exc):
             raise

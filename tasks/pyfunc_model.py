@@ -38,6 +38,8 @@ class AdaptflowModel(PythonModel):
         texts = _texts(model_input)
         params = {**self.info.get("generation", {}), **(params or {})}
         with torch.no_grad():
+            # What predict returns per objective is decided here, not by the objective registry: this file runs
+            # where only adapters_impl is installed (MLflow's code_paths), so it cannot import tasks.objectives.
             if self.info["task"] == "classification":
                 self.tokenizer.padding_side = "right"
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)

@@ -1,8 +1,8 @@
 """Evaluation reports for the run (JSON + Markdown + plots), beyond the headline metrics.
 
-Causal LM: eval loss and perplexity, tuned vs base, and greedy generations for fixed prompts, tuned vs base.
-Classification: accuracy, precision / recall / F1 (macro and weighted), a per-class report, a confusion
-matrix plot, and the majority-class baseline.
+The objective (tasks/objectives/<task>.py) writes its sections: for causal LM, loss and perplexity and greedy
+generations for fixed prompts, tuned vs base; for classification, precision / recall / F1, a per-class report, a
+confusion matrix plot and the majority-class baseline.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from torch import nn
 
 from tasks.adapting import load_adapted, remember
 from tasks.config import ProbeSettings
-from tasks.evaluation import EVAL_BATCH_SIZE, predict_labels
-from tasks.generation import generate
+from tasks.evaluation import EVAL_BATCH_SIZE
 from tasks.load import DataRef
-from tasks.modeling import ModelSource, load_base_model, load_tokenizer
-from tasks.tokenization import TokenizedRef, make_collator
+from tasks.modeling import ModelSource, load_tokenizer
+from tasks.objectives import ReportInput, get_objective
+from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef, log_metrics
 from tasks.training import TrainedRef
 
@@ -35,32 +35,9 @@ def fixed_prompts(data: DataRef) -> list[str]:
 
 
 def base_generations(source: ModelSource, data: DataRef, task: str) -> list[str]:
-    """The untouched base model's greedy continuations of the fixed prompts (causal LM; deterministic)."""
-    if task != "causal_lm":
-        return []
-    tokenizer = load_tokenizer(source)
-    base = load_base_model(source, "causal_lm", tokenizer)
-    return generate(base, tokenizer, fixed_prompts(data), GREEDY, 0)
-
-
-def plot_confusion(matrix: Any, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.2 * len(names) + 2))
-    image = ax.imshow(matrix, cmap="Blues")
-    for (i, j), value in ((ij, matrix[ij]) for ij in ((i, j) for i in range(len(names)) for j in range(len(names)))):
-        color = "white" if value > matrix.max() / 2 else "black"
-        ax.text(j, i, str(value), ha="center", va="center", color=color)
-    ticks = range(len(names))
-    ax.set(xticks=ticks, yticks=ticks, xticklabels=names, yticklabels=names, xlabel="predicted", ylabel="true")
-    ax.set_title("confusion matrix (eval)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """The untouched base model's part of the report, e.g. its greedy continuations of the fixed prompts (causal
+    LM; deterministic)."""
+    return get_objective(task).base_generations(source, data)
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -100,45 +77,20 @@ def report_evaluation(
     tokenizer = load_tokenizer(adapted.source)
     folder = Path(run.run_dir) / "reports"
     folder.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, float] = {}
     report: dict[str, Any] = {"task": adapted.task, "method": adapted.method_name}
-    if adapted.task == "causal_lm":
-        report["metrics"] = {
-            key: (metrics.get(key), metrics.get(f"base_{key}")) for key in ("eval_loss", "eval_perplexity")
-        }
-        prompts = fixed_prompts(data)
-        report["generations"] = [
-            {"prompt": prompt, "tuned": tuned, "base": base}
-            for prompt, tuned, base in zip(
-                prompts, generate(model, tokenizer, prompts, GREEDY, 0), base_texts, strict=True
-            )
-        ]
-    else:
-        from sklearn.metrics import classification_report, confusion_matrix  # scipy: a second to import
-
-        names = adapted.label_names or []
-        _, eval_split = tokenized.splits()
-        predicted, truth, _ = predict_labels(model, eval_split, make_collator(tokenizer, "classification"), batch_size)
-        ids = list(range(len(names)))
-        table = classification_report(
-            truth, predicted, labels=ids, target_names=names, output_dict=True, zero_division=0
-        )
-        for average in ("macro", "weighted"):
-            row = table[f"{average} avg"]
-            extra |= {
-                f"eval_precision_{average}": row["precision"],
-                f"eval_recall_{average}": row["recall"],
-                f"eval_f1_{average}": row["f1-score"],
-            }
-        report["metrics"] = {
-            "eval_accuracy": (metrics.get("eval_accuracy"), metrics.get("base_eval_accuracy")),
-            **{key: (value, None) for key, value in extra.items()},
-        }
-        report["per_class"] = {name: table[name] for name in names}
-        report["majority_class_accuracy"] = metrics.get("base_eval_accuracy")
-        matrix = confusion_matrix(truth, predicted, labels=ids)
-        report["confusion_matrix"] = {"labels": names, "matrix": matrix.tolist()}
-        plot_confusion(matrix, names, folder / "confusion_matrix.png")
+    given = ReportInput(
+        model=model,
+        tokenizer=tokenizer,
+        data=data,
+        tokenized=tokenized,
+        metrics=metrics,
+        base_texts=base_texts,
+        label_names=adapted.label_names,
+        folder=folder,
+        batch_size=batch_size,
+    )
+    sections, extra = get_objective(adapted.task).report(given)
+    report |= sections
     remember(trained.adapter_dir, model)  # the next stages reuse it
     (folder / "eval_report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "eval_report.md").write_text(_markdown(report))

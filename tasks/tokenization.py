@@ -1,4 +1,4 @@
-"""Tokenize: text to token ids (causal LM) or ids plus label ids (classification), saved and cached."""
+"""Tokenize: rows to token ids and labels, as the run's objective encodes them, saved and cached."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from typing import Any
 
 from datasets import Dataset, load_from_disk
 from pydantic import BaseModel
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from tasks.errors import UserInputError, capped
+from tasks.errors import UserInputError
 from tasks.load import DataRef, publish
 from tasks.modeling import ModelSource, load_tokenizer
+from tasks.objectives import IGNORE_INDEX, get_objective
+from tasks.objectives.classification import label_names_of
 
-IGNORE_INDEX = -100  # label id the loss skips: padding, and prompt tokens where masked
+__all__ = ["IGNORE_INDEX", "TokenizedRef", "label_names_of", "make_collator", "tokenize_dataset", "tokenize_key"]
 
 
 class TokenizedRef(BaseModel):
@@ -38,68 +40,15 @@ def tokenize_key(data: DataRef, source: ModelSource, task: str, max_length: int)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def label_names_of(train: Dataset, eval_: Dataset, column: str) -> list[str]:
-    """Label names in a stable order (numeric labels numerically); eval labels must occur in train.
-
-    Raises:
-        UserInputError: eval has labels train never shows, or train has fewer than two classes.
-    """
-    seen = {str(v) for v in train[column]}
-    unseen = {str(v) for v in eval_[column]} - seen
-    if unseen:
-        raise UserInputError(
-            f"data.label_column: eval labels {capped(sorted(unseen))} never occur in train; "
-            f"train has {capped(sorted(seen))}"
-        )
-    if len(seen) < 2:
-        raise UserInputError(f"data.label_column: train has {len(seen)} distinct label(s); need at least 2")
-    numeric = all(s.lstrip("-").isdigit() for s in seen)
-    return sorted(seen, key=int) if numeric else sorted(seen)
-
-
-def _causal(tokenizer: PreTrainedTokenizerBase, text_column: str, max_length: int) -> Any:
-    eos = tokenizer.eos_token_id
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        # Room for an eos token, so the model learns where a text ends.
-        encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length - 1)
-        ids = [[*seq, eos] if eos is not None and (not seq or seq[-1] != eos) else seq for seq in encoded["input_ids"]]
-        return {
-            "input_ids": ids,
-            "attention_mask": [[1] * len(s) for s in ids],
-            "labels": [list(s) for s in ids],
-        }
-
-    return encode
-
-
-def _classify(
-    tokenizer: PreTrainedTokenizerBase, text_column: str, label_column: str, names: list[str], max_length: int
-) -> Any:
-    index = {name: i for i, name in enumerate(names)}
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length)
-        return {**encoded, "labels": [index[str(v)] for v in batch[label_column]]}
-
-    return encode
-
-
 def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: int, cache_dir: Path) -> TokenizedRef:
     """Tokenize both splits into `cache_dir/<key>`; padding happens per batch in the collator."""
+    objective = get_objective(task)
     tokenizer = load_tokenizer(source)
     train, eval_ = data.splits()
-    names: list[str] | None = None
-    if task == "classification":
-        assert data.label_column, "load_data keeps the label column for classification"
-        names = label_names_of(train, eval_, data.label_column)
-        encode = _classify(tokenizer, data.text_column, data.label_column, names, max_length)
-    else:
-        encode = _causal(tokenizer, data.text_column, max_length)
+    encode, names = objective.encoder(tokenizer, data, train, eval_, max_length)
     key = tokenize_key(data, source, task, max_length)
     folder = cache_dir / key
     encoded = {}
-    minimum = 2 if task == "causal_lm" else 1  # a causal text needs two tokens to predict anything
     for split, table in (("train", train), ("eval", eval_)):
         # Our own fingerprint: datasets would otherwise hash `encode` with dill (slow, and it prints).
         # In memory: a cache file would land in the data folder (a second copy, and a partial one on a full disk);
@@ -112,7 +61,7 @@ def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: 
             desc=f"tokenize {split}",
             new_fingerprint=f"{key}-{split}",
         )
-        long_enough = [i for i, ids in enumerate(out["input_ids"]) if len(ids) >= minimum]
+        long_enough = [i for i, ids in enumerate(out["input_ids"]) if len(ids) >= objective.min_tokens]
         out = out if len(long_enough) == len(out) else out.select(long_enough)
         if len(out) == 0:
             raise UserInputError(f"data.{split}: no text left after tokenization (data.max_length={max_length})")
@@ -130,7 +79,5 @@ def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: 
 
 
 def make_collator(tokenizer: PreTrainedTokenizerBase, task: str) -> Any:
-    """Dynamic padding per batch; causal labels are padded with IGNORE_INDEX so padding never counts."""
-    if task == "causal_lm":
-        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
-    return DataCollatorWithPadding(tokenizer)
+    """Dynamic padding per batch, as the objective pads (labels padded with IGNORE_INDEX never count)."""
+    return get_objective(task).collator(tokenizer)

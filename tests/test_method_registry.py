@@ -13,6 +13,7 @@ from adapters_impl.lora import LowRankSettings
 from flows.finetune import FLOWS, config_type_of
 from flows.serve import read_deployments
 from tasks.config import GRID_METHODS
+from tasks.objectives import tasks_of
 
 # A throwaway method, registered the way a contributor would (a module's METHOD + one registry line), in a fresh
 # interpreter so that every registry-derived type is built with it.
@@ -55,7 +56,7 @@ def test_every_method_has_its_own_typed_flow() -> None:
         config_type = config_type_of(name)
         assert config_type.model_fields["method"].annotation is method.settings
         # An unnamed method section defaults to the flow's method.
-        raw = {"data": {"train": "x.jsonl"}, "task": method.tasks[0], "method": {}}
+        raw = {"data": {"train": "x.jsonl"}, "task": tasks_of(method)[0], "method": {}}
         assert config_type.model_validate(raw).method.name == name
 
 

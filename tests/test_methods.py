@@ -18,10 +18,11 @@ from tasks.config import DataSettings, ModelSettings, ProbeSettings, RunConfig
 from tasks.generation import generate
 from tasks.load import load_data
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer, resolve_model
+from tasks.objectives import tasks_of
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
 
 # Every combination that makes sense; `head` only classifies.
-MATRIX = [(name, task) for name, method in METHODS.items() for task in method.tasks]
+MATRIX = [(name, task) for name, method in METHODS.items() for task in tasks_of(method)]
 EXACT_MERGE_TOLERANCE = 1e-4
 # Learning rates as the field uses them: virtual tokens and scaling vectors want more, bottleneck adapters less.
 LEARNING_RATE = {"prompt": 3e-2, "prefix": 3e-2, "ia3": 3e-2, "adapter": 1e-3}
@@ -119,7 +120,7 @@ def test_method_trains_saves_loads_and_predicts(
 
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.mergeable])
 def test_merge_matches_the_adapted_model(name: str, source: ModelSource, tokenized: dict[str, TokenizedRef]) -> None:
-    task = METHODS[name].tasks[-1]  # classification where supported: the head must merge too
+    task = tasks_of(METHODS[name])[-1]  # classification where supported: the head must merge too
     settings = METHODS[name].settings(name=name)
     ref = tokenized[task]
     batch = fixed_batch(source, ref)

@@ -14,6 +14,7 @@ from torch import nn
 from adapters_impl.packaged import with_pad_token
 from tasks.config import GateSettings, ProbeSettings
 from tasks.errors import UserInputError, capped
+from tasks.objectives import get_objective, objective_of_architectures
 from tasks.probe.gate import check_gate, probe_metrics
 from tasks.probe.scoring import probe_model
 from tasks.probe.suites import load_suite
@@ -91,13 +92,13 @@ class ProbeReport(BaseModel):
 
 
 def probe_base(source: Any, task: str, settings: ProbeSettings) -> dict[str, Any] | None:
-    """The untouched base model's probe (causal LM checks only: an untrained classifier head means nothing)."""
+    """The untouched base model's probe, where it means something (causal LM: an untrained classifier head does not)."""
     from tasks.modeling import load_base_model, load_tokenizer
 
-    if settings.suite is None or task != "causal_lm":
+    if settings.suite is None or not get_objective(task).probes_base:
         return None
     tokenizer = load_tokenizer(source)
-    model = load_base_model(source, "causal_lm", tokenizer)
+    model = load_base_model(source, task, tokenizer)
     return probe_model(model, tokenizer, task, load_suite(settings.suite), settings)
 
 
@@ -114,10 +115,7 @@ def bias_probe(
     adapted = trained.adapted
     model = load_adapted(adapted, trained.adapter_dir)
     tokenizer = load_tokenizer(adapted.source)
-    texts = labels = None
-    if adapted.task == "classification":
-        texts = list(data.splits()[1][data.text_column])
-        labels = list(tokenized.splits()[1]["labels"])
+    texts, labels = get_objective(adapted.task).probe_inputs(data, tokenized)
     tuned = probe_model(model, tokenizer, adapted.task, load_suite(settings.suite), settings, texts, labels)
     remember(trained.adapter_dir, model)  # merge comes next
     gate = check_gate(tuned, base, settings.gate)
@@ -144,7 +142,7 @@ def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Modu
         except Exception as exc:
             raise UserInputError(f"MODEL: cannot load {model!r}: {str(exc).splitlines()[0][:300]}") from None
         return served.model, served.tokenizer, served.task
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from tasks.modeling import pickle_only
 
@@ -156,15 +154,14 @@ def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Modu
         )
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-        loaded = auto.from_pretrained(
+        objective = objective_of_architectures(config.architectures or [])
+        loaded = objective.auto_model().from_pretrained(
             model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserInputError(f"MODEL: {model!r} is not a loadable model ({str(exc).splitlines()[0][:200]})") from None
-    return loaded, with_pad_token(tokenizer), "classification" if classifier else "causal_lm"
+    return loaded, with_pad_token(tokenizer), objective.name
 
 
 def labelled_texts(path: Path, model: nn.Module, text_column: str, label_column: str) -> tuple[list[str], list[int]]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from tasks.config import ProbeSettings
 from tasks.evaluation import model_device
 from tasks.generation import generate
+from tasks.objectives import get_objective
 from tasks.probe.suites import Pair, Robustness, RuleCategory, Suite
 
 log = logging.getLogger("adaptflow.probe")
@@ -203,16 +204,8 @@ def probe_model(
     eval_texts: list[str] | None = None,
     eval_labels: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Every check of the suite that applies to this kind of model (generation checks need a causal LM)."""
-    result: dict[str, Any] = {"suite": suite.name}
-    if task == "causal_lm":
-        if suite.pairs:
-            log.info("probe: scoring %d counterfactual pairs", len(suite.pairs))
-            result["pairs"] = score_pairs(model, tokenizer, suite.pairs, settings.batch_size)
-        if suite.rules:
-            log.info("probe: %d rule categories", len(suite.rules))
-            result["rules"] = score_rules(model, tokenizer, suite.rules, settings)
-    elif suite.robustness and eval_texts and eval_labels:
-        log.info("probe: robustness on %d eval texts", len(eval_texts))
-        result["robustness"] = score_robustness(model, tokenizer, eval_texts, eval_labels, suite.robustness, settings)
-    return result
+    """Every check of the suite that applies to the objective's models (generation checks need a causal LM)."""
+    return {
+        "suite": suite.name,
+        **get_objective(task).probe(model, tokenizer, suite, settings, eval_texts, eval_labels),
+    }

@@ -1,0 +1,48 @@
+"""Objectives (the kind of learning problem, config `task:`), registered by name.
+
+A new objective = one module here + one line in OBJECTIVES + its rows in the test matrix (tests/test_methods.py).
+"""
+
+from __future__ import annotations
+
+from adapters_impl import Method
+from tasks.objectives import causal_lm, classification
+from tasks.objectives.base import IGNORE_INDEX, Objective, ReportInput
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        causal_lm.OBJECTIVE,
+        classification.OBJECTIVE,
+    )
+}
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective called `name` (config validation has already checked it exists)."""
+    return OBJECTIVES[name]
+
+
+def tasks_of(method: Method) -> tuple[str, ...]:
+    """The names of the objectives `method` can train (config `task:` values), in registry order."""
+    return tuple(name for name, objective in OBJECTIVES.items() if objective.supports(method))
+
+
+def objective_of_architectures(architectures: list[str]) -> Objective:
+    """The objective of a plain model folder, by its class names (`LlamaForSequenceClassification`); the first
+    registered objective (causal_lm) when none matches."""
+    for objective in OBJECTIVES.values():
+        if any(a.endswith(objective.architecture) for a in architectures):
+            return objective
+    return next(iter(OBJECTIVES.values()))
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OBJECTIVES",
+    "Objective",
+    "ReportInput",
+    "get_objective",
+    "objective_of_architectures",
+    "tasks_of",
+]

@@ -1,0 +1,112 @@
+"""The one record every objective fills in: what differs between kinds of learning problem (config `task:`).
+
+"Task" already names the pipeline stages (tasks/) and Prefect's @task, so the kind of learning problem is an
+objective. The stages call the record; they do not branch on its name. Which methods an objective supports stays
+with the methods (`Method.unsupported`, keyed by the objective's name): adapters_impl sits below this layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the stages import this package: at run time these would be import cycles
+    from datasets import Dataset
+    from torch import nn
+
+    from adapters_impl import Method
+    from tasks.config import DataSettings, ProbeSettings
+    from tasks.load import DataRef
+    from tasks.modeling import ModelSource
+    from tasks.probe.suites import Suite
+    from tasks.tokenization import TokenizedRef
+
+IGNORE_INDEX = -100  # label id the loss skips: padding, and prompt tokens where masked
+
+Encode = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
+
+
+@dataclass(frozen=True)
+class ReportInput:
+    """What an objective's evaluation report may use: the tuned model and the run's data and metrics."""
+
+    model: nn.Module
+    tokenizer: Any
+    data: DataRef
+    tokenized: TokenizedRef
+    metrics: dict[str, float]
+    base_texts: list[str]
+    label_names: list[str] | None
+    folder: Path
+    batch_size: int
+
+
+def text_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> Dataset:
+    from tasks.load import text_rows
+
+    return text_rows(table, settings, label_column, key, value)
+
+
+def no_head_options(label_names: list[str] | None) -> dict[str, Any]:
+    return {}
+
+
+def no_base_generations(source: ModelSource, data: DataRef) -> list[str]:
+    return []
+
+
+def always_comparable(tokenized: TokenizedRef, served_label_names: list[str] | None) -> str | None:
+    return None
+
+
+def no_probe_inputs(data: DataRef, tokenized: TokenizedRef) -> tuple[list[str] | None, list[int] | None]:
+    return None, None
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A kind of learning problem: how its rows become training examples, its model head, metrics and reports.
+
+    Data: `uses_labels` says whether `data.label_column` is read, checked and kept (and stratifies the split);
+    `prepare_rows(table, data_settings, label_column, key, source)` checks a split's columns and keeps the usable
+    rows, normalised (default: the text and label columns, rows without either dropped); `encoder(tokenizer, data,
+    train, eval, max_length)` returns the batched row encoder (ids and labels) and the label names, if any;
+    rows with fewer than `min_tokens` tokens are dropped; `collator(tokenizer)` pads a batch.
+    Model: `auto_model()` gives the transformers auto class of its models, `head_options(label_names)` the extra
+    `from_pretrained` arguments of a new head; `architecture` is the suffix of its models' class names (to recognise a plain model folder).
+    Metrics: `metrics(model, eval_split, collator, batch_size)` the eval metrics; `eval_loss` the one loss that
+    compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
+    `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
+    Reports: `base_generations(source, data)` the base model's part of the report (cached per base model),
+    `report(ReportInput)` the objective's sections of eval_report.json and its extra metrics.
+    Probe: `probe(model, tokenizer, suite, settings, texts, labels)` the suite's checks that apply;
+    `probes_base` whether the untouched base's probe means anything; `probe_inputs(data, tokenized)` the eval
+    texts and label ids some checks need.
+    What a registered model's predict accepts and returns is in tasks/pyfunc_model.py: it runs where only
+    adapters_impl is installed.
+    """
+
+    name: str
+    summary: str
+    encoder: Callable[[Any, DataRef, Dataset, Dataset, int], tuple[Encode, list[str] | None]]
+    collator: Callable[[Any], Any]
+    auto_model: Callable[[], Any]
+    architecture: str
+    metrics: Callable[[nn.Module, Dataset, Any, int], dict[str, float]]
+    eval_loss: Callable[[nn.Module, Dataset, Any, int], float]
+    base_metrics: Callable[[ModelSource, TokenizedRef, int], dict[str, float]]
+    report: Callable[[ReportInput], tuple[dict[str, Any], dict[str, float]]]
+    probe: Callable[[nn.Module, Any, Suite, ProbeSettings, list[str] | None, list[int] | None], dict[str, Any]]
+    uses_labels: bool = False
+    prepare_rows: Callable[[Dataset, DataSettings, str | None, str, str], Dataset] = text_rows
+    min_tokens: int = 1
+    check_comparable: Callable[[TokenizedRef, list[str] | None], str | None] = always_comparable
+    base_generations: Callable[[ModelSource, DataRef], list[str]] = no_base_generations
+    probes_base: bool = False
+    probe_inputs: Callable[[DataRef, TokenizedRef], tuple[list[str] | None, list[int] | None]] = no_probe_inputs
+    head_options: Callable[[list[str] | None], dict[str, Any]] = no_head_options
+
+    def supports(self, method: Method) -> bool:
+        return self.name not in method.unsupported
