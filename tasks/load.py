@@ -129,6 +129,33 @@ def _hash_checked(file: Path, key: str, digest: Any) -> None:
         raise UserInputError(f"{key}: {file} is empty; expected {EXPECTED[file.suffix]}")
 
 
+def _check_json(file: Path, key: str) -> None:
+    """Parse JSON / JSON Lines with Python's own parser before pyarrow's reader sees it: malformed input gets a
+    message with its line, and never reaches the reader's native code (a hypothesis test crashed it with a
+    segmentation fault on garbage text)."""
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json" and text.lstrip().startswith(("[", "{")):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if not (text.lstrip().startswith("{") and exc.msg == "Extra data"):  # else: one object per line
+                raise UserInputError(f"{key}: {file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        else:
+            rows = value if isinstance(value, list) else [value]
+            if not all(isinstance(row, dict) for row in rows):
+                raise UserInputError(f"{key}: {file}: expected {EXPECTED['.json']}")
+            return
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON Lines (also a .json written that way)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{key}: {file}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserInputError(f"{key}: {file}: line {number} is not a JSON object; expected {EXPECTED[file.suffix]}")
+
+
 def _not_utf8(file: Path, key: str, offset: int) -> None:
     raise UserInputError(
         f"{key}: {file}: not UTF-8 text (invalid byte at byte offset {offset}); data files must be UTF-8 "
@@ -149,6 +176,8 @@ def read_table(value: str, key: str) -> tuple[Dataset, str]:
         digest = hashlib.sha256()
         for file in files:
             _hash_checked(file, key, digest)
+            if file.suffix in (".jsonl", ".json"):
+                _check_json(file, key)
         try:
             table = load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
         except Exception as exc:  # the builders raise many kinds of parse errors

@@ -138,3 +138,18 @@ def test_label_lists_in_messages_are_capped(tmp_path: Path) -> None:
         label_names_of(train, eval_, "label")
     message = str(caught.value)
     assert "… 80 more" in message and message.count("'a") == 20 and message.count("'b") == 20
+
+
+def test_malformed_json_is_named_with_its_line_before_the_reader_sees_it(tmp_path: Path) -> None:
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"text": "fine"}\n{"text": "cut\n')
+    with pytest.raises(UserInputError, match=r"data.train: .*bad.jsonl: line 2 is not valid JSON"):
+        load_data(DataSettings(train=str(lines)), "causal_lm", tmp_path / "cache")
+    scalars = tmp_path / "scalars.jsonl"
+    scalars.write_text('{"text": "fine"}\n3\n')
+    with pytest.raises(UserInputError, match="line 2 is not a JSON object"):
+        load_data(DataSettings(train=str(scalars)), "causal_lm", tmp_path / "cache")
+    # A .json file may hold one object per line, as pandas writes it.
+    per_line = tmp_path / "rows.json"
+    per_line.write_text('{"text": "one two three"}\n{"text": "four five six"}\n')
+    assert load_data(DataSettings(train=str(per_line)), "causal_lm", tmp_path / "cache").train_rows >= 1
