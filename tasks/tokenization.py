@@ -14,9 +14,8 @@ from tasks.errors import UserInputError
 from tasks.load import DataRef, publish
 from tasks.modeling import ModelSource, load_tokenizer
 from tasks.objectives import IGNORE_INDEX, get_objective
-from tasks.objectives.classification import label_names_of
 
-__all__ = ["IGNORE_INDEX", "TokenizedRef", "label_names_of", "make_collator", "tokenize_dataset", "tokenize_key"]
+__all__ = ["IGNORE_INDEX", "TokenizedRef", "make_collator", "tokenize_dataset", "tokenize_key"]
 
 
 class TokenizedRef(BaseModel):

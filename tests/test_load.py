@@ -108,7 +108,7 @@ def test_invalid_utf8_names_file_encoding_and_offset(tmp_path: Path, suffix: str
 
 
 def test_many_labels_split_stratified(tmp_path: Path) -> None:
-    from tasks.tokenization import label_names_of
+    from tasks.objectives.classification import label_names_of
 
     rows = [{"text": f"row {i} of class {c}", "label": f"class-{c}"} for c in range(200) for i in range(2 + c % 3)]
     path = tmp_path / "many.jsonl"
@@ -130,7 +130,7 @@ def test_many_labels_split_stratified(tmp_path: Path) -> None:
 def test_label_lists_in_messages_are_capped(tmp_path: Path) -> None:
     from datasets import Dataset
 
-    from tasks.tokenization import label_names_of
+    from tasks.objectives.classification import label_names_of
 
     train = Dataset.from_dict({"label": [f"a{i}" for i in range(100)]})
     eval_ = Dataset.from_dict({"label": [f"b{i}" for i in range(100)]})
