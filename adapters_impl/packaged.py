@@ -26,6 +26,43 @@ def with_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def tokenize_with_one_bos(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of a rendered chat `text`, with exactly the one BOS the tokenizer's convention
+    wants: the same encoding for training rows (tasks/instruction.py) and served prompts (the pyfunc).
+
+    Tokenized without special tokens (a template that writes BOS as text already has it; some tokenizers would
+    also append an EOS the template did not write), then BOS prepended when the tokenizer adds one and the text
+    lacks it; repeated leading BOS collapse to one.
+    """
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            del ids[0], offsets[0]
+        adds_bos = tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+        if ids[:1] != [bos] and adds_bos:
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+    return ids, offsets
+
+
+def stop_ids(tokenizer: Any, end_of_turn: str) -> list[int]:
+    """Ids that end a generated response: the template's end-of-turn token (when it is one token) and EOS."""
+    eot = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
+    ids = eot[:1] if len(eot) == 1 else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return list(ids)
+
+
+def response_only(text: str, end_of_turn: str, eos_token: str | None) -> str:
+    """A generated continuation (decoded with special tokens kept) cut at the first end of turn or EOS."""
+    for stop in (end_of_turn, eos_token):
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text.strip()
+
+
 @dataclass
 class PackagedModel:
     """A loaded package: the model in eval mode, its tokenizer, and the package's `adaptflow.json`."""
@@ -42,6 +79,11 @@ class PackagedModel:
     @property
     def label_names(self) -> list[str] | None:
         return self.info.get("label_names")
+
+    @property
+    def serving(self) -> dict[str, Any]:
+        """What the registering run recorded for serving beyond the weights (an instruction model's template)."""
+        return {"chat": self.info["chat"]} if self.info.get("chat") else {}
 
     @property
     def tokenizer_dir(self) -> Path:

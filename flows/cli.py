@@ -166,6 +166,24 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _conversation_arg(value: str) -> list[dict[str, str]]:
+    """One --messages value: a JSON list of {"role", "content"} objects."""
+    try:
+        messages = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f'--messages: not JSON ({exc}); expected \'[{{"role": "user", ...}}]\'') from None
+    if not (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
+        raise UserInputError('--messages: expected a JSON list of {"role": ..., "content": ...} objects')
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     import mlflow
 
@@ -178,19 +196,27 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
         if not path.is_file():
             raise UserInputError(f"--input: file not found: {path}")
         texts += [line for line in path.read_text().splitlines() if line.strip()]
-    if not texts:
-        raise UserInputError("predict: give --text TEXT (repeatable) or --input FILE (one text per line)")
+    conversations = [_conversation_arg(value) for value in args.messages or []]
+    if not texts and not conversations:
+        raise UserInputError(
+            "predict: give --text TEXT (repeatable), --input FILE (one text per line) or --messages JSON (repeatable)"
+        )
     use_tracking(TrackingSettings())
     try:
         model = mlflow.pyfunc.load_model(args.model_uri)
     except Exception as exc:
         raise UserInputError(f"MODEL_URI: cannot load {args.model_uri!r}: {str(exc).splitlines()[0][:300]}") from None
-    predictions = list(model.predict(texts))
+    if conversations and not getattr(model.unwrap_python_model(), "info", {}).get("chat"):
+        raise UserInputError(f"--messages: {args.model_uri} is not an instruction model; give --text instead")
+    predictions = list(model.predict(texts)) if texts else []
+    for conversation in conversations:  # one at a time: a list of messages is one conversation to the pyfunc
+        predictions += list(model.predict(conversation))
+    inputs: list[Any] = [*texts, *conversations]
     result = {"command": "predict", "model_uri": args.model_uri, "predictions": predictions}
 
     def human(r: dict[str, Any]) -> None:
-        for text, prediction in zip(texts, r["predictions"], strict=True):
-            print(f"{text!r} -> {prediction!r}")
+        for given, prediction in zip(inputs, r["predictions"], strict=True):
+            print(f"{given!r} -> {prediction!r}")
 
     return _emit(result, args, human)
 
@@ -302,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model_uri", help="models:/NAME@champion, models:/NAME/VERSION, runs:/... ")
     predict.add_argument("--text", action="append", help="input text (repeatable)")
     predict.add_argument("--input", help="a file with one input text per line")
+    predict.add_argument(
+        "--messages",
+        action="append",
+        help='a conversation for an instruction model, as JSON: \'[{"role": "user", "content": "..."}]\' (repeatable)',
+    )
     probe = add("probe", cmd_probe, "the bias and robustness probe alone on a model")
     probe.add_argument("model", help="local model folder, hub id, or models:/NAME@ALIAS")
     probe.add_argument(

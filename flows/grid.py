@@ -122,7 +122,9 @@ def lora_grid(config: RunConfig) -> GridResult:
     source = stages.resolve_model(config.model)
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}") as parent:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
-        tokenized = stages.tokenize_dataset(data, source, config.task, config.data.max_length, cache_dir / "tokenized")
+        tokenized = stages.tokenize_dataset(
+            data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
+        )
         base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)
         specs = expand_grid(config)
         results = run_trials(specs, source, tokenized, parent, grid)

@@ -127,8 +127,10 @@ def finish(
     """report -> probe -> merge -> register -> promote a trained and evaluated model: the one order for runs and
     for a grid's best trial. `metrics` holds the tuned and base evaluations; this adds the report's, the merge's
     and training's own."""
-    metrics = {**metrics, **trained.metrics()}
-    base_texts = stages.base_generations(source, data, config.task)
+    metrics = {**metrics, **trained.metrics(), **tokenized.metrics()}
+    stages.log_metrics(run, tokenized.metrics())
+    stages.log_params(run, tokenized.params())
+    base_texts = stages.base_generations(source, data, tokenized)
     metrics |= stages.report_evaluation(
         trained, data, tokenized, metrics, base_texts, run, config.train.eval_batch_size
     )
@@ -141,7 +143,7 @@ def finish(
         metrics["merged_eval_loss"] = merged.merged_eval_loss
         metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - metrics["eval_loss"]
     tags = {**(lineage or {}), **gate_tags(probe_report.gate)}  # the gate's verdict is on the version from the start
-    registered = stages.register_model(config, data, run, trained, merged, metrics, tags)
+    registered = stages.register_model(config, data, run, trained, merged, metrics, tags, tokenized.package())
     decision = stages.promote(registered, run, config, data, probe_report)
     return Finished(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
 
@@ -159,7 +161,9 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
     source = stages.resolve_model(config.model)
     with tracked_run(config, resume=resume) as run:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
-        tokenized = stages.tokenize_dataset(data, source, config.task, config.data.max_length, cache_dir / "tokenized")
+        tokenized = stages.tokenize_dataset(
+            data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
+        )
         base_metrics = stages.evaluate_base(source, tokenized, eval_batch)
         adapted = stages.apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
         trained = stages.train_model(adapted, tokenized, config.train, run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def _model_fingerprint(source: modeling.ModelSource) -> str:
 def _tokenized_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Tokenization is keyed on data fingerprint + tokenizer files + settings."""
     key = tokenization.tokenize_key(
-        parameters["data"], parameters["source"], parameters["task"], parameters["max_length"]
+        parameters["data"], parameters["source"], parameters["task"], parameters["max_length"], parameters["options"]
     )
     return f"tokenize-{key}"
 
@@ -79,11 +80,18 @@ _tokenize = task(name="tokenize", cache_key_fn=_tokenized_key, persist_result=Tr
 
 
 def tokenize_dataset(
-    data: load.DataRef, source: modeling.ModelSource, task: str, max_length: int, cache_dir: Path
+    data: load.DataRef,
+    source: modeling.ModelSource,
+    task: str,
+    max_length: int,
+    cache_dir: Path,
+    options: dict[str, Any] | None = None,
 ) -> tokenization.TokenizedRef:
     """Cached tokenization; recomputed (cache refreshed) only if its output folder was deleted."""
-    folder = cache_dir / tokenization.tokenize_key(data, source, task, max_length)
-    return _tokenize.with_options(refresh_cache=not folder.exists())(data, source, task, max_length, cache_dir)
+    folder = cache_dir / tokenization.tokenize_key(data, source, task, max_length, options)
+    return _tokenize.with_options(refresh_cache=not folder.exists())(
+        data, source, task, max_length, cache_dir, options or {}
+    )
 
 
 evaluate_base = task(name="evaluate-base", cache_key_fn=_base_eval_key, persist_result=True, result_serializer="json")(
@@ -109,8 +117,10 @@ report_evaluation = task(name="evaluation-report", cache_policy=NO_CACHE)(report
 
 def _base_generations_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     data: load.DataRef = parameters["data"]
+    tokenized: tokenization.TokenizedRef = parameters["tokenized"]
     settings = f"{reports.PROMPTS}-{reports.PROMPT_WORDS}-{reports.GREEDY.model_dump_json()}"
-    text = f"{_model_fingerprint(parameters['source'])}|{data.fingerprint}|{parameters['task']}|{settings}"
+    options = json.dumps(tokenized.options, sort_keys=True, default=str)
+    text = f"{_model_fingerprint(parameters['source'])}|{data.fingerprint}|{tokenized.task}|{settings}|{options}"
     return "base-generations-" + hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -153,6 +163,7 @@ def promote(
 run_trial = task(name="trial", cache_policy=NO_CACHE)(grid.run_trial)
 report_grid = task(name="compare", cache_policy=NO_CACHE)(grid_report.report_grid)
 log_metrics = task(name="log-metrics", cache_policy=NO_CACHE)(tracking.log_metrics)
+log_params = task(name="log-params", cache_policy=NO_CACHE)(tracking.log_params)
 
 
 end_run = task(name="end-run", cache_policy=NO_CACHE)(tracking.end_run)

@@ -116,7 +116,95 @@ class ModelSettings(Section):
     )
 
 
-class DataSettings(Section):
+# Methods that prepend virtual tokens to the sequence: in a packed sequence every row after the first would see them
+# at the wrong position, and the rows would share one prefix.
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
+
+
+def packing_problem(method_name: str) -> str | None:
+    """Why `train.packing` cannot be used with this method, or None."""
+    if method_name not in VIRTUAL_TOKEN_METHODS:
+        return None
+    return (
+        f"train.packing: not supported with method {method_name}: its virtual tokens are prepended once to the "
+        "whole packed sequence, so only the first row would see them at the right positions; "
+        "set train.packing: false or choose another method"
+    )
+
+
+# task: instruction — the roles of a conversation and the columns of each data format.
+ROLES = ("system", "user", "assistant")
+
+# The columns each format needs (required) and may have (optional), in their canonical names.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+OPTIONAL: dict[str, tuple[str, ...]] = {"alpaca": ("input", "system")}
+CANONICAL = sorted({c for cols in (*REQUIRED.values(), *OPTIONAL.values()) for c in cols})
+DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+LossOn = Literal["assistant", "last", "all"]
+
+
+class InstructionSettings(Section):
+    """The `instruction:` section (task instruction)."""
+
+    template: str = Field(
+        "tokenizer",
+        description="tokenizer (its chat template, else plain) | plain | chatml | a path to a .jinja file",
+    )
+    loss_on: LossOn = Field("assistant", description="assistant: every assistant turn; last: the last one; all")
+    eval_generations: int = Field(64, ge=0, description="held-out prompts answered greedily for ROUGE-L/exact match")
+    max_new_tokens: int = Field(128, gt=0, description="longest answer generated in evaluation and by predict")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value in ("tokenizer", "plain", "chatml") or value.endswith(".jinja"):
+            return value
+        raise ValueError(f"expected tokenizer, plain, chatml or a path ending in .jinja, got {value!r}")
+
+
+class InstructionDataSettings(Section):
+    """The `data:` keys only task instruction reads (its row formats); part of every `data:` section."""
+
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="the format's column name -> the file's column name, e.g. {output: answer}"
+    )
+    role_map: dict[str, str] = Field(
+        default_factory=dict, description="sharegpt `from` value -> role, added to human/gpt/system"
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(CANONICAL))
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; the formats' columns are {CANONICAL}")
+        return value
+
+    @field_validator("role_map")
+    @classmethod
+    def _role_map(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = {k: v for k, v in value.items() if v not in ROLES}
+        if bad:
+            raise ValueError(f"roles must be one of {list(ROLES)}, got {bad}")
+        return value
+
+    def column(self, canonical: str) -> str:
+        """The file's name for a canonical column."""
+        return self.columns.get(canonical, canonical)
+
+    def roles(self) -> dict[str, str]:
+        """The sharegpt `from` -> role map: the defaults with `role_map` on top."""
+        return {**DEFAULT_ROLE_MAP, **self.role_map}
+
+
+class DataSettings(InstructionDataSettings):
     train: str = Field(..., description="a file (.jsonl .json .csv .tsv .parquet .txt), a folder of them, or a hub id")
     eval: str | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -141,6 +229,7 @@ class TrainSettings(Section):
     save_steps: int = Field(100, gt=0)
     logging_steps: int = Field(10, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    packing: bool = Field(False, description="several rows per sequence, rows kept apart (causal_lm, instruction)")
     output_dir: str = Field("runs", description="run folders (checkpoints, adapters, reports) and caches")
 
     @model_validator(mode="after")
@@ -275,6 +364,7 @@ class RunConfig(Section):
     registry: RegistrySettings = RegistrySettings()
     bias_probe: ProbeSettings = ProbeSettings()
     grid: GridSettings | None = None
+    instruction: InstructionSettings | None = Field(None, description="task instruction: template, loss, eval")
 
     @model_validator(mode="before")
     @classmethod
@@ -290,12 +380,35 @@ class RunConfig(Section):
             raise ValueError(
                 f"method.name: '{method.name}' cannot do task '{self.task}': {method.unsupported[self.task]}"
             )
+        problem = self._task_settings_problem()
+        if problem:
+            raise ValueError(problem)
         if self.grid and not self.grid.method and self.method.name not in GRID_METHODS:
             raise ValueError(
                 f"grid: a grid over rank, alpha and target modules needs a low-rank method "
                 f"({', '.join(GRID_METHODS)}); method.name is '{self.method.name}' (set method.name or grid.method)"
             )
         return self
+
+    def _task_settings_problem(self) -> str | None:
+        """Settings the chosen objective does not read, set anyway (a config meant for another task)."""
+        if self.task != "instruction":
+            if self.instruction is not None:
+                return f"instruction: only task instruction reads this section (task is '{self.task}')"
+            for key in InstructionDataSettings.model_fields:
+                if getattr(self.data, key) != InstructionDataSettings.model_fields[key].get_default(
+                    call_default_factory=True
+                ):
+                    return f"data.{key}: only task instruction reads it (task is '{self.task}')"
+        if self.train.packing:
+            if self.task == "classification":
+                return "train.packing: a classifier scores one row per sequence; set train.packing: false"
+            return packing_problem(self.method.name)
+        return None
+
+    def task_options(self) -> dict[str, Any]:
+        """The objective's settings from this config, for its encoder (`Objective.options`)."""
+        return OBJECTIVES[self.task].options(self)
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as dotted keys, for MLflow params."""
@@ -361,7 +474,7 @@ def _describe(error: Any) -> str:
     if kind == "missing":
         return f"{key}: required"
     message = error["msg"].removeprefix("Value error, ")
-    if message.startswith(("method.", "train.")):
+    if message.startswith(("method.", "train.", "data.", "instruction")):
         return message
     shown = error.get("input")
     got = "" if isinstance(shown, dict) else f" (got {shown!r})"
@@ -383,7 +496,8 @@ def _allowed_keys(problem: str) -> str:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return problem
         model = annotation
-    return problem + f"; allowed: {', '.join(model.model_fields)}"
+    own = [k for k in model.model_fields if k in vars(model).get("__annotations__", {})]  # before inherited keys
+    return problem + f"; allowed: {', '.join([*own, *(k for k in model.model_fields if k not in own)])}"
 
 
 def validate_config(raw: Any, source: str = "config") -> RunConfig:

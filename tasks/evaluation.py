@@ -35,13 +35,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def causal_lm_nll(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int) -> tuple[float, int]:
-    """Total negative log-likelihood and the number of scored tokens; padding (label -100) is excluded.
+def causal_lm_scores(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int) -> tuple[float, int, int]:
+    """Total negative log-likelihood, the number of scored tokens, and how many of them the model ranks first;
+    padding and unscored prompt tokens (label -100) are excluded.
 
     Summing over tokens, not averaging per batch, weights every real token the same.
     """
     model.eval()
-    total, count = 0.0, 0
+    total, count, correct = 0.0, 0, 0
     for batch in _batches(dataset, collator, batch_size, model_device(model)):
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
@@ -53,9 +54,17 @@ def causal_lm_nll(model: nn.Module, dataset: Dataset, collator: Any, batch_size:
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
+        scored = targets != IGNORE_INDEX
         total += float(loss)
-        count += int((targets != IGNORE_INDEX).sum())
-    return total, count
+        count += int(scored.sum())
+        correct += int((shifted.argmax(-1).eq(targets) & scored).sum())
+    return total, count, correct
+
+
+def causal_lm_nll(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int) -> tuple[float, int]:
+    """Total negative log-likelihood and the number of scored tokens (see `causal_lm_scores`)."""
+    nll, tokens, _ = causal_lm_scores(model, dataset, collator, batch_size)
+    return nll, tokens
 
 
 @torch.no_grad()
@@ -82,6 +91,19 @@ def causal_lm_metrics(
     nll, tokens = causal_lm_nll(model, dataset, collator, batch_size)
     loss = nll / max(tokens, 1)
     return {f"{prefix}eval_loss": loss, f"{prefix}eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def response_metrics(
+    model: nn.Module, dataset: Dataset, collator: Any, batch_size: int, prefix: str
+) -> dict[str, float]:
+    """Loss, perplexity and next-token accuracy over the scored (response) tokens only."""
+    nll, tokens, correct = causal_lm_scores(model, dataset, collator, batch_size)
+    loss = nll / max(tokens, 1)
+    return {
+        f"{prefix}eval_loss": loss,
+        f"{prefix}eval_perplexity": math.exp(min(loss, 50.0)),
+        f"{prefix}eval_token_accuracy": correct / max(tokens, 1),
+    }
 
 
 def eval_loss(model: nn.Module, dataset: Dataset, collator: Any, batch_size: int, task: str) -> float:
@@ -114,9 +136,16 @@ def model_metrics(
 
 
 def evaluate_registered(
-    model_uri: str, data: DataRef, task: str, max_length: int, cache_dir: Path, batch_size: int = EVAL_BATCH_SIZE
+    model_uri: str,
+    data: DataRef,
+    task: str,
+    max_length: int,
+    cache_dir: Path,
+    batch_size: int = EVAL_BATCH_SIZE,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """A registered model's metrics on this data's eval split, tokenized with the model's own tokenizer.
+    """A registered model's metrics on this data's eval split, tokenized with the model's own tokenizer (and what
+    its package records, e.g. its chat template).
 
     Raises:
         ValueError: the model's outputs differ from this data's (a classifier's label names): its scores would
@@ -128,7 +157,7 @@ def evaluate_registered(
 
     served = download_registered(model_uri)
     source = local_source(served.tokenizer_dir, display_name=model_uri)
-    tokenized = tokenize_dataset(data, source, task, max_length, cache_dir)
+    tokenized = tokenize_dataset(data, source, task, max_length, cache_dir, {**(options or {}), **served.serving})
     problem = get_objective(task).check_comparable(tokenized, served.label_names)
     if problem:
         raise ValueError(f"{model_uri} {problem}")

@@ -43,3 +43,28 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], settings: Dec
     )
     continuations = output[:, batch["input_ids"].shape[1] :]
     return [str(text) for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model: nn.Module, pad_id: int, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]
+) -> list[list[int]]:
+    """Greedy continuations of already-encoded prompts (their ids only), batched and left-padded, each ending at
+    its first stop id (which is kept)."""
+    model.eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model_device(model))
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ids.device)
+    output = model.generate(  # type: ignore[operator]
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_ids or None,
+        pad_token_id=pad_id,
+    )
+    out = []
+    for row in output[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        out.append(row[:end])
+    return out

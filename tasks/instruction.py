@@ -48,32 +48,22 @@ from typing import Any, Literal
 
 import jinja2
 import torch
-from pydantic import Field, field_validator
 from transformers import DataCollatorWithFlattening, PreTrainedModel, PreTrainedTokenizerBase
 
-from tasks.config import Section
+from adapters_impl.packaged import response_only as packaged_response_only
+from adapters_impl.packaged import stop_ids, tokenize_with_one_bos
+from tasks.config import (
+    REQUIRED,
+    InstructionDataSettings,
+    InstructionSettings,
+    LossOn,
+    packing_problem,
+)
 from tasks.errors import UserInputError, capped
+from tasks.objectives.base import IGNORE_INDEX as IGNORE
 
 Message = dict[str, str]
 Format = Literal["alpaca", "prompt_completion", "messages", "sharegpt"]
-LossOn = Literal["assistant", "last", "all"]
-ROLES = ("system", "user", "assistant")
-IGNORE = -100
-
-# The columns each format needs (required) and may have (optional), in their canonical names.
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-}
-OPTIONAL: dict[str, tuple[str, ...]] = {"alpaca": ("input", "system")}
-CANONICAL = sorted({c for cols in (*REQUIRED.values(), *OPTIONAL.values()) for c in cols})
-DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-# Methods that prepend virtual tokens to the sequence: in a packed sequence every row after the first would see them
-# at the wrong position, and the rows would share one prefix.
-VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
 
 PLAIN_TEMPLATE = (
     "{%- for m in messages -%}"
@@ -93,60 +83,6 @@ CHATML_TEMPLATE = (
 )
 # Contents used to find what a template writes after a response (its end of turn).
 _PROBE = [{"role": "user", "content": "adaptflow-probe-question"}, {"role": "assistant", "content": "adaptflow-probe"}]
-
-
-class InstructionSettings(Section):
-    """The `instruction:` section."""
-
-    template: str = Field(
-        "tokenizer",
-        description="tokenizer (its chat template, else plain) | plain | chatml | a path to a .jinja file",
-    )
-    loss_on: LossOn = Field("assistant", description="assistant: every assistant turn; last: the last one; all")
-    eval_generations: int = Field(64, ge=0, description="held-out prompts answered greedily for ROUGE-L/exact match")
-
-    @field_validator("template")
-    @classmethod
-    def _template(cls, value: str) -> str:
-        if value in ("tokenizer", "plain", "chatml") or value.endswith(".jinja"):
-            return value
-        raise ValueError(f"expected tokenizer, plain, chatml or a path ending in .jinja, got {value!r}")
-
-
-class InstructionDataSettings(Section):
-    """The instruction task's keys of the `data:` section."""
-
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="the format's column name -> the file's column name, e.g. {output: answer}"
-    )
-    role_map: dict[str, str] = Field(
-        default_factory=dict, description="sharegpt `from` value -> role, added to human/gpt/system"
-    )
-
-    @field_validator("columns")
-    @classmethod
-    def _columns(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(CANONICAL))
-        if unknown:
-            raise ValueError(f"unknown column(s) {unknown}; the formats' columns are {CANONICAL}")
-        return value
-
-    @field_validator("role_map")
-    @classmethod
-    def _role_map(cls, value: dict[str, str]) -> dict[str, str]:
-        bad = {k: v for k, v in value.items() if v not in ROLES}
-        if bad:
-            raise ValueError(f"roles must be one of {list(ROLES)}, got {bad}")
-        return value
-
-    def column(self, canonical: str) -> str:
-        """The file's name for a canonical column."""
-        return self.columns.get(canonical, canonical)
-
-    def roles(self) -> dict[str, str]:
-        """The sharegpt `from` -> role map: the defaults with `role_map` on top."""
-        return {**DEFAULT_ROLE_MAP, **self.role_map}
 
 
 # ---------------------------------------------------------------- formats
@@ -460,27 +396,9 @@ class Encoded:
     dropped: int
 
 
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-
-
 def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids and character offsets of `text`, with exactly the one BOS the tokenizer's convention wants.
-
-    Tokenized without special tokens (a template that writes BOS as text already has it; some tokenizers would
-    also append an EOS the template did not write), then BOS prepended when the tokenizer adds one and the text
-    lacks it; repeated leading BOS collapse to one.
-    """
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    bos = tokenizer.bos_token_id
-    if bos is not None:
-        while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-            del ids[0], offsets[0]
-        if ids[:1] != [bos] and _adds_bos(tokenizer):
-            ids, offsets = [bos, *ids], [(0, 0), *offsets]
-    return ids, offsets  # type: ignore[return-value]
+    """Ids and character offsets of `text` with exactly one BOS (the encoding served prompts get too)."""
+    return tokenize_with_one_bos(tokenizer, text)
 
 
 def response_spans(
@@ -605,19 +523,12 @@ def encode_prompt(
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> list[int]:
     """Ids that end a generated response: the template's end-of-turn token (when it is one token) and EOS."""
-    eot = tokenizer(template.end_of_turn, add_special_tokens=False)["input_ids"]
-    ids = eot[:1] if len(eot) == 1 else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    return stop_ids(tokenizer, template.end_of_turn)
 
 
 def response_only(text: str, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> str:
     """A generated continuation (decoded with special tokens kept) cut at the first end of turn or EOS."""
-    for stop in (template.end_of_turn, tokenizer.eos_token):
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text.strip()
+    return packaged_response_only(text, template.end_of_turn, tokenizer.eos_token)
 
 
 # ---------------------------------------------------------------- packing and loss
@@ -625,12 +536,9 @@ def response_only(text: str, tokenizer: PreTrainedTokenizerBase, template: ChatT
 
 def check_packing(method_name: str) -> None:
     """Raises UserInputError naming train.packing for methods that prepend virtual tokens."""
-    if method_name in VIRTUAL_TOKEN_METHODS:
-        raise UserInputError(
-            f"train.packing: not supported with method {method_name}: its virtual tokens are prepended once to the "
-            "whole packed sequence, so only the first row would see them at the right positions; "
-            "set train.packing: false or choose another method"
-        )
+    problem = packing_problem(method_name)
+    if problem:
+        raise UserInputError(problem)
 
 
 class PackingCollator(DataCollatorWithFlattening):

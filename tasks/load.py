@@ -294,8 +294,11 @@ def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
     for name, table, key in (("train", train, "data.train"), ("eval", eval_, "data.eval")):
         if len(table) == 0:
             raise UserInputError(f"{key}: the {name} split has no usable rows (empty text is dropped)")
+    if objective.data_key(settings):  # settings that change the rows (e.g. an instruction file's format)
+        digests["rows"] = objective.data_key(settings)
     fingerprint = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir / f"{fingerprint}-{settings.text_column}-{label_column or ''}"
+    text_column = objective.row_column or settings.text_column
+    folder = cache_dir / f"{fingerprint}-{text_column}-{label_column or ''}"
     if not folder.exists():
         publish(
             folder,
@@ -308,7 +311,7 @@ def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
         train_dir=str(folder / "train"),
         eval_dir=str(folder / "eval"),
         fingerprint=fingerprint,
-        text_column=settings.text_column,
+        text_column=text_column,
         label_column=label_column,
         train_rows=len(train),
         eval_rows=len(eval_),

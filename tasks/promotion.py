@@ -180,7 +180,9 @@ def champion_reevaluator(config: RunConfig, data: DataRef) -> Reevaluate:
     def score(version: ModelVersion) -> float | None:
         uri = f"models:/{version.name}/{version.version}"
         try:
-            metrics = evaluate_registered(uri, data, config.task, config.data.max_length, cache_dir)
+            metrics = evaluate_registered(
+                uri, data, config.task, config.data.max_length, cache_dir, options=config.task_options()
+            )
         except ValueError as exc:  # e.g. other label names: no comparable score, the new version wins
             logging.getLogger(__name__).warning("cannot re-evaluate %s: %s", uri, exc)
             return None

@@ -1,29 +1,55 @@
-"""The MLflow pyfunc that serves an adaptflow model: generates text or returns label names.
+"""The MLflow pyfunc that serves an adaptflow model: generates text, answers chats, or returns label names.
 
 Logged as "models from code": MLflow stores this file's source, not a pickle, and runs it on load.
 It loads the package through `adapters_impl.packaged`; `adapters_impl` is logged with the model (`code_paths`),
 so adapter-only versions (bottleneck adapters, prefix, prompt) load where adaptflow is not installed.
+
+Inputs: a string, a list of strings, or a DataFrame (`text` or `prompt` column; `messages` for instruction
+models). An instruction model also takes one conversation (a list of `{role, content}`) and an OpenAI-style chat
+request (`{"messages": [...], "max_tokens": N}`, what `mlflow models serve` passes on for a JSON body with
+`messages`), which it answers with a `chat.completion` object.
 """
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+Conversation = list[dict[str, str]]
+
 
 def _texts(model_input: Any) -> list[str]:
     if isinstance(model_input, str):
         return [model_input]
-    if hasattr(model_input, "columns"):  # a pandas DataFrame: the text column, else the first one
-        column = "text" if "text" in model_input.columns else model_input.columns[0]
+    if hasattr(model_input, "columns"):  # a pandas DataFrame: the text or prompt column, else the first one
+        column = next((c for c in ("text", "prompt") if c in model_input.columns), model_input.columns[0])
         return [str(t) for t in model_input[column]]
     return [str(t) for t in model_input]
 
 
+def _conversation(value: Any) -> Conversation:
+    if isinstance(value, str):
+        value = json.loads(value)  # a JSON cell of a DataFrame
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def _conversations(model_input: Any) -> list[Conversation]:
+    """Every input as a conversation: texts become one user message each."""
+    if hasattr(model_input, "columns") and "messages" in model_input.columns:
+        return [_conversation(v) for v in model_input["messages"]]
+    if isinstance(model_input, list) and model_input and isinstance(model_input[0], dict):
+        return [_conversation(model_input)]  # one conversation
+    return [[{"role": "user", "content": text}] for text in _texts(model_input)]
+
+
 class AdaptflowModel(PythonModel):
-    """Generation for causal LMs (greedy, deterministic), label names for classifiers."""
+    """Generation for causal LMs and chat answers for instruction models (greedy, deterministic), label names for
+    classifiers."""
 
     def load_context(self, context: Any) -> None:
         from adapters_impl.packaged import load_packaged
@@ -35,29 +61,82 @@ class AdaptflowModel(PythonModel):
         # Untyped on purpose: MLflow would turn type hints into a strict input schema.
         import torch
 
-        texts = _texts(model_input)
         params = {**self.info.get("generation", {}), **(params or {})}
         with torch.no_grad():
             # What predict returns per objective is decided here, not by the objective registry: this file runs
             # where only adapters_impl is installed (MLflow's code_paths), so it cannot import tasks.objectives.
             if self.info["task"] == "classification":
+                texts = _texts(model_input)
                 self.tokenizer.padding_side = "right"
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
                 ids = self.model(**batch).logits.argmax(-1).tolist()
                 names = self.info["label_names"]
                 return [names[i] for i in ids]
-            outputs = []
-            for text in texts:  # one at a time: no padding to get wrong, and prompts are short
-                batch = self.tokenizer(text, return_tensors="pt")
-                generated = self.model.generate(  # type: ignore[operator]
-                    **batch,
-                    max_new_tokens=int(params.get("max_new_tokens", 40)),
-                    do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-                continuation = generated[0, batch["input_ids"].shape[1] :]
-                outputs.append(self.tokenizer.decode(continuation, skip_special_tokens=True))
-            return outputs
+            if self.info.get("chat"):
+                if isinstance(model_input, dict) and "messages" in model_input:  # an OpenAI-style chat request
+                    request = {k: v for k, v in model_input.items() if k != "messages"}
+                    limit = int(request.get("max_tokens") or params.get("max_new_tokens", 128))
+                    return self._chat_completion(_conversation(model_input["messages"]), limit)
+                limit = int(params.get("max_new_tokens", 128))
+                return [self._answer(c, limit)[0] for c in _conversations(model_input)]
+            return [self._continue(text, int(params.get("max_new_tokens", 40))) for text in _texts(model_input)]
+
+    def _continue(self, text: str, limit: int) -> str:
+        batch = self.tokenizer(text, return_tensors="pt")  # one at a time: no padding to get wrong
+        generated = self.model.generate(  # type: ignore[operator]
+            **batch, max_new_tokens=limit, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+        )
+        return str(self.tokenizer.decode(generated[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+
+    def _answer(self, messages: Conversation, limit: int) -> tuple[str, int, int, bool]:
+        """The response to a conversation, rendered with the model's chat template exactly as in training; with
+        the prompt's and the answer's token counts, and whether it ended at the end of turn."""
+        import torch
+
+        from adapters_impl.packaged import response_only, stop_ids, tokenize_with_one_bos
+
+        chat = self.info["chat"]
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=chat["source"], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenize_with_one_bos(self.tokenizer, text)[0]
+        stops = stop_ids(self.tokenizer, chat["end_of_turn"])
+        generated = self.model.generate(  # type: ignore[operator]
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=limit,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+        stopped = next((i + 1 for i, t in enumerate(generated) if t in stops), None)
+        new = generated[:stopped] if stopped else generated
+        decoded = self.tokenizer.decode(new, skip_special_tokens=False)
+        return response_only(decoded, chat["end_of_turn"], self.tokenizer.eos_token), len(ids), len(new), bool(stopped)
+
+    def _chat_completion(self, messages: Conversation, limit: int) -> dict[str, Any]:
+        """An OpenAI `chat.completion` object answering the conversation."""
+        content, prompt_tokens, new_tokens, stopped = self._answer(messages, limit)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": str(self.info.get("method", "adaptflow")),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop" if stopped else "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": new_tokens,
+                "total_tokens": prompt_tokens + new_tokens,
+            },
+        }
 
 
 mlflow.models.set_model(AdaptflowModel())

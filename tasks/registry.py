@@ -77,8 +77,11 @@ def serving_requirements() -> list[str]:
     return pins
 
 
-def package_model(trained: TrainedRef, merged: MergedRef, folder: Path, generation: dict[str, Any]) -> Path:
-    """A self-describing folder the pyfunc loads: merged weights, or base weights plus the adapter."""
+def package_model(
+    trained: TrainedRef, merged: MergedRef, folder: Path, generation: dict[str, Any], serving: dict[str, Any]
+) -> Path:
+    """A self-describing folder the pyfunc loads: merged weights, or base weights plus the adapter; `serving` is
+    what the objective records on top (an instruction model's chat template and answer length)."""
     adapted = trained.adapted
     shutil.rmtree(folder, ignore_errors=True)
     info: dict[str, Any] = {
@@ -87,6 +90,7 @@ def package_model(trained: TrainedRef, merged: MergedRef, folder: Path, generati
         "label_names": adapted.label_names,
         "generation": generation,
     }
+    info |= serving
     if merged.merged_dir:
         shutil.copytree(merged.merged_dir, folder / "model")
         info |= {"weights": "model", "tokenizer": "model", "adapter": None}
@@ -155,6 +159,7 @@ def register_model(
     merged: MergedRef,
     metrics: dict[str, float],
     extra_tags: dict[str, str] | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> RegisteredRef:
     """Log artifacts first, then create the version: the registry never points at missing files.
 
@@ -182,7 +187,7 @@ def register_model(
         trained.loss_history, f"{config.method.name} on {config.model.name_or_path}", reports / "loss_curve.png"
     )
     (run_dir / "config.yaml").write_text(dump_config(config))
-    package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40})
+    package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40}, serving or {})
     tags = creation_tags(config, data, run, metrics, extra_tags)
     client.set_tag(run.run_id, "adaptflow.data_fingerprint", data.fingerprint)
     with mlflow.start_run(run_id=run.run_id):

@@ -34,10 +34,10 @@ def fixed_prompts(data: DataRef) -> list[str]:
     return [" ".join(str(t).split()[:PROMPT_WORDS]) for t in texts]
 
 
-def base_generations(source: ModelSource, data: DataRef, task: str) -> list[str]:
+def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
     """The untouched base model's part of the report, e.g. its greedy continuations of the fixed prompts (causal
-    LM; deterministic)."""
-    return get_objective(task).base_generations(source, data)
+    LM) or its responses to held-out prompts (instruction); deterministic."""
+    return get_objective(tokenized.task).base_generations(source, data, tokenized)
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -45,10 +45,11 @@ def _markdown(report: dict[str, Any]) -> str:
     for key, (tuned, base) in report["metrics"].items():
         fmt = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
         lines.append(f"| {key} | {fmt(tuned)} | {fmt(base)} |")
-    if "generations" in report:
-        lines += ["", "## Greedy generations", "", "| prompt | tuned | base |", "|---|---|---|"]
+    if report.get("generations"):
+        columns = [k for k in ("prompt", "reference", "tuned", "base") if k in report["generations"][0]]
+        lines += ["", "## Greedy generations", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
         for g in report["generations"]:
-            cells = [g[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "tuned", "base")]
+            cells = [g[k].replace("|", "\\|").replace("\n", " ") for k in columns]
             lines.append("| " + " | ".join(cells) + " |")
     if "per_class" in report:
         lines += ["", "## Per class", "", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]

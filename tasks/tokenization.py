@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +28,53 @@ class TokenizedRef(BaseModel):
     label_names: list[str] | None = None
     train_tokens: int
     eval_tokens: int
+    options: dict[str, Any] = {}  # the objective's settings and what its encoder resolved (see Objective)
 
     def splits(self) -> tuple[Dataset, Dataset]:
         return load_from_disk(self.train_dir), load_from_disk(self.eval_dir)
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers the encoding found that the run logs (e.g. instruction rows dropped as too long)."""
+        return dict(self.options.get("metrics", {}))
 
-def tokenize_key(data: DataRef, source: ModelSource, task: str, max_length: int) -> str:
+    def params(self) -> dict[str, str]:
+        """Run params the encoding resolved (e.g. the instruction template used)."""
+        return dict(self.options.get("params", {}))
+
+    def package(self) -> dict[str, Any]:
+        """What a registered model's package records for serving (e.g. its chat template)."""
+        return dict(self.options.get("package", {}))
+
+
+def tokenize_key(
+    data: DataRef, source: ModelSource, task: str, max_length: int, options: dict[str, Any] | None = None
+) -> str:
     """What tokenization depends on: the data's content, the tokenizer's files, the settings."""
     parts = [data.fingerprint, source.tokenizer_fingerprint, task, str(max_length), data.text_column]
     parts.append(data.label_column or "")
+    if options:
+        parts.append(json.dumps(options, sort_keys=True, default=str))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: int, cache_dir: Path) -> TokenizedRef:
-    """Tokenize both splits into `cache_dir/<key>`; padding happens per batch in the collator."""
+def tokenize_dataset(
+    data: DataRef,
+    source: ModelSource,
+    task: str,
+    max_length: int,
+    cache_dir: Path,
+    options: dict[str, Any] | None = None,
+) -> TokenizedRef:
+    """Tokenize both splits into `cache_dir/<key>`; padding happens per batch in the collator.
+
+    `options` are the objective's settings from the run config (`Objective.options`).
+    """
     objective = get_objective(task)
     tokenizer = load_tokenizer(source)
     train, eval_ = data.splits()
-    encode, names = objective.encoder(tokenizer, data, train, eval_, max_length)
-    key = tokenize_key(data, source, task, max_length)
+    key = tokenize_key(data, source, task, max_length, options)
+    resolved = json.loads(json.dumps(options or {}))  # a copy the encoder adds to
+    encode, names = objective.encoder(tokenizer, data, train, eval_, max_length, resolved)
     folder = cache_dir / key
     encoded = {}
     for split, table in (("train", train), ("eval", eval_)):
@@ -63,7 +92,10 @@ def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: 
         long_enough = [i for i, ids in enumerate(out["input_ids"]) if len(ids) >= objective.min_tokens]
         out = out if len(long_enough) == len(out) else out.select(long_enough)
         if len(out) == 0:
-            raise UserInputError(f"data.{split}: no text left after tokenization (data.max_length={max_length})")
+            raise UserInputError(
+                f"data.max_length: no row of data.{split} is left after tokenization with data.max_length="
+                f"{max_length} (empty texts, or every response cut away); raise data.max_length or check the data"
+            )
         encoded[split] = out
     if not folder.exists():
         publish(folder, lambda staging: [encoded[s].save_to_disk(str(staging / s)) for s in encoded])
@@ -74,9 +106,15 @@ def tokenize_dataset(data: DataRef, source: ModelSource, task: str, max_length: 
         label_names=names,
         train_tokens=sum(len(ids) for ids in encoded["train"]["input_ids"]),
         eval_tokens=sum(len(ids) for ids in encoded["eval"]["input_ids"]),
+        options=resolved,
     )
 
 
-def make_collator(tokenizer: PreTrainedTokenizerBase, task: str) -> Any:
-    """Dynamic padding per batch, as the objective pads (labels padded with IGNORE_INDEX never count)."""
+def make_collator(tokenizer: PreTrainedTokenizerBase, task: str, packing: bool = False) -> Any:
+    """Dynamic padding per batch, as the objective pads (labels padded with IGNORE_INDEX never count); with
+    `packing` (train.packing, for training only), rows flattened into one sequence and kept apart."""
+    if packing:
+        from tasks.instruction import packing_collator
+
+        return packing_collator()
     return get_objective(task).collator(tokenizer)

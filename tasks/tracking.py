@@ -220,6 +220,16 @@ def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
         client_for(run).log_batch(run.run_id, metrics=batch)
 
 
+def log_params(run: RunRef, params: dict[str, str]) -> None:
+    """Log params the stages resolved (the config's own are logged when the run starts); a resumed run that
+    logged them already is left as it is (MLflow refuses to change a param)."""
+    client = client_for(run)
+    logged = client.get_run(run.run_id).data.params
+    fresh = [Param(k, str(v)) for k, v in params.items() if k not in logged]
+    if fresh:
+        client.log_batch(run.run_id, params=fresh)
+
+
 def clear_error(client: MlflowClient, run_id: str) -> None:
     """Drop the error tag an earlier, interrupted attempt of this run left."""
     if ERROR_TAG in client.get_run(run_id).data.tags:

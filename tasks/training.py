@@ -308,7 +308,7 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
             save_method=method.save,
             args=training_arguments(settings, checkpoints),
             train_dataset=train_split,
-            data_collator=make_collator(tokenizer, tokenized.task),
+            data_collator=make_collator(tokenizer, tokenized.task, settings.packing),
             callbacks=[stream, guard],
         )
         started = time.perf_counter()

@@ -38,6 +38,26 @@ def review(rng: random.Random, positive: bool) -> str:
     return f"The {thing} was {word}. {tail}"
 
 
+def instruction(rng: random.Random) -> dict[str, str]:
+    """An alpaca-style row: a question about a short story or review, answered from it."""
+    name, pet, adj = rng.choice(NAMES), rng.choice(PETS), rng.choice(ADJS)
+    place, verb = rng.choice(PLACES), rng.choice(VERBS)
+    text = f"{name} had a {adj} {pet}. Every day they {verb} together in the {place}."
+    kind = rng.randrange(4)
+    if kind == 0:
+        return {"instruction": "Which pet is in the story?", "input": text, "output": f"A {adj} {pet}."}
+    if kind == 1:
+        return {"instruction": "Where did they play?", "input": text, "output": f"In the {place}."}
+    if kind == 2:
+        return {"instruction": f"Write one sentence about {name} and a {pet}.", "input": "", "output": text}
+    positive = rng.random() < 0.5
+    return {
+        "instruction": "Is this review positive or negative?",
+        "input": review(rng, positive),
+        "output": "Positive." if positive else "Negative.",
+    }
+
+
 def main() -> None:
     rng = random.Random(0)
     stories = [story(rng) for _ in range(400)]
@@ -47,6 +67,8 @@ def main() -> None:
         positive = rng.random() < 0.5
         reviews.append({"text": review(rng, positive), "label": "positive" if positive else "negative"})
     (HERE / "sample_reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
+    rows = [instruction(rng) for _ in range(300)]
+    (HERE / "sample_instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

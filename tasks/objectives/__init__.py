@@ -6,7 +6,7 @@ A new objective = one module here + one line in OBJECTIVES + its rows in the tes
 from __future__ import annotations
 
 from adapters_impl import Method
-from tasks.objectives import causal_lm, classification
+from tasks.objectives import causal_lm, classification, instruction
 from tasks.objectives.base import IGNORE_INDEX, Objective, ReportInput
 
 OBJECTIVES: dict[str, Objective] = {
@@ -14,6 +14,7 @@ OBJECTIVES: dict[str, Objective] = {
     for o in (
         causal_lm.OBJECTIVE,
         classification.OBJECTIVE,
+        instruction.OBJECTIVE,
     )
 }
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the stages import this package: at run time these would be 
     from torch import nn
 
     from adapters_impl import Method
-    from tasks.config import DataSettings, ProbeSettings
+    from tasks.config import DataSettings, ProbeSettings, RunConfig
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
     from tasks.probe.suites import Suite
@@ -53,8 +53,16 @@ def no_head_options(label_names: list[str] | None) -> dict[str, Any]:
     return {}
 
 
-def no_base_generations(source: ModelSource, data: DataRef) -> list[str]:
+def no_base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
     return []
+
+
+def no_options(config: RunConfig) -> dict[str, Any]:
+    return {}
+
+
+def no_data_key(settings: DataSettings) -> str:
+    return ""
 
 
 def always_comparable(tokenized: TokenizedRef, served_label_names: list[str] | None) -> str | None:
@@ -71,15 +79,22 @@ class Objective:
 
     Data: `uses_labels` says whether `data.label_column` is read, checked and kept (and stratifies the split);
     `prepare_rows(table, data_settings, label_column, key, source)` checks a split's columns and keeps the usable
-    rows, normalised (default: the text and label columns, rows without either dropped); `encoder(tokenizer, data,
-    train, eval, max_length)` returns the batched row encoder (ids and labels) and the label names, if any;
-    rows with fewer than `min_tokens` tokens are dropped; `collator(tokenizer)` pads a batch.
+    rows, normalised (default: the text and label columns, rows without either dropped), in column `row_column`
+    when it names one (else `data.text_column`); `data_key(data_settings)` the data settings that change those rows
+    (part of the data's fingerprint).
+    Encoding: `options(config)` picks the objective's settings from the run config (part of the tokenization cache
+    key); `encoder(tokenizer, data, train, eval, max_length, options)` returns the batched row encoder (ids and
+    labels) and the label names, if any. The encoder gets a copy of `options` and may add to it what later stages
+    need; TokenizedRef.options carries it, and three keys have a meaning for every stage: "metrics" (numbers
+    logged with the run, e.g. rows dropped), "params" (run params, e.g. the resolved template) and "package" (what
+    a registered model's package records for serving, e.g. its chat template). Rows with fewer than `min_tokens`
+    tokens are dropped; `collator(tokenizer)` pads a batch.
     Model: `auto_model()` gives the transformers auto class of its models, `head_options(label_names)` the extra
     `from_pretrained` arguments of a new head; `architecture` is the suffix of its models' class names (to recognise a plain model folder).
     Metrics: `metrics(model, eval_split, collator, batch_size)` the eval metrics; `eval_loss` the one loss that
     compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
     `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
-    Reports: `base_generations(source, data)` the base model's part of the report (cached per base model),
+    Reports: `base_generations(source, data, tokenized)` the base model's part of the report (cached per base model),
     `report(ReportInput)` the objective's sections of eval_report.json and its extra metrics.
     Probe: `probe(model, tokenizer, suite, settings, texts, labels)` the suite's checks that apply;
     `probes_base` whether the untouched base's probe means anything; `probe_inputs(data, tokenized)` the eval
@@ -90,7 +105,7 @@ class Objective:
 
     name: str
     summary: str
-    encoder: Callable[[Any, DataRef, Dataset, Dataset, int], tuple[Encode, list[str] | None]]
+    encoder: Callable[[Any, DataRef, Dataset, Dataset, int, dict[str, Any]], tuple[Encode, list[str] | None]]
     collator: Callable[[Any], Any]
     auto_model: Callable[[], Any]
     architecture: str
@@ -103,7 +118,10 @@ class Objective:
     prepare_rows: Callable[[Dataset, DataSettings, str | None, str, str], Dataset] = text_rows
     min_tokens: int = 1
     check_comparable: Callable[[TokenizedRef, list[str] | None], str | None] = always_comparable
-    base_generations: Callable[[ModelSource, DataRef], list[str]] = no_base_generations
+    base_generations: Callable[[ModelSource, DataRef, TokenizedRef], list[str]] = no_base_generations
+    options: Callable[[RunConfig], dict[str, Any]] = no_options
+    row_column: str | None = None
+    data_key: Callable[[DataSettings], str] = no_data_key
     probes_base: bool = False
     probe_inputs: Callable[[DataRef, TokenizedRef], tuple[list[str] | None, list[int] | None]] = no_probe_inputs
     head_options: Callable[[list[str] | None], dict[str, Any]] = no_head_options

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("adaptflow.probe")
 
 
-def encoder(tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int) -> tuple[Encode, None]:
+def encoder(
+    tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int, options: dict[str, Any]
+) -> tuple[Encode, None]:
     """Ids with an eos at the end; the labels are the ids (the model shifts them)."""
     eos = tokenizer.eos_token_id
     column = data.text_column
@@ -83,7 +85,7 @@ def base_metrics(source: ModelSource, tokenized: TokenizedRef, batch_size: int) 
     return causal_lm_metrics(model, eval_split, collator(tokenizer), batch_size, prefix="base_")
 
 
-def base_generations(source: ModelSource, data: DataRef) -> list[str]:
+def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
     """The untouched base model's greedy continuations of the report's fixed prompts (deterministic)."""
     from tasks.generation import generate
     from tasks.reports import GREEDY, fixed_prompts

@@ -45,7 +45,9 @@ def label_names_of(train: Dataset, eval_: Dataset, column: str) -> list[str]:
     return sorted(seen, key=int) if numeric else sorted(seen)
 
 
-def encoder(tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int) -> tuple[Encode, list[str]]:
+def encoder(
+    tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int, options: dict[str, Any]
+) -> tuple[Encode, list[str]]:
     """Ids, and the label's index among the label names as the one label."""
     assert data.label_column, "load_data keeps the label column for classification"
     text_column, label_column = data.text_column, data.label_column

@@ -1,0 +1,216 @@
+"""Instruction and chat tuning: conversations in any common format, loss on the responses only.
+
+Rows are normalised to messages when loaded (tasks/instruction.py: alpaca, prompt_completion, messages, sharegpt),
+rendered with the run's chat template and labelled on the responses only when tokenized. Metrics: loss,
+perplexity and next-token accuracy over response tokens; greedy answers to held-out prompts scored with ROUGE-L
+(the `rouge-score` package) and exact match, tuned vs base, in `reports/predictions.jsonl` and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from tasks.objectives import causal_lm
+from tasks.objectives.base import Encode, Objective, ReportInput
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from torch import nn
+
+    from tasks.config import DataSettings, RunConfig
+    from tasks.instruction import ChatTemplate
+    from tasks.load import DataRef
+    from tasks.modeling import ModelSource
+    from tasks.tokenization import TokenizedRef
+
+log = logging.getLogger("adaptflow.instruction")
+
+REPORTED = 8  # answers shown side by side in the Markdown report (all are in predictions.jsonl)
+
+
+def options(config: RunConfig) -> dict[str, Any]:
+    """The `instruction:` section (its defaults when absent)."""
+    from tasks.config import InstructionSettings
+
+    return (config.instruction or InstructionSettings()).model_dump(mode="json")
+
+
+def data_key(settings: DataSettings) -> str:
+    """The data keys that change how rows become messages."""
+    return json.dumps(
+        {"format": settings.format, "columns": settings.columns, "role_map": settings.role_map}, sort_keys=True
+    )
+
+
+def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> Dataset:
+    """Every row as a validated conversation (column `messages`); errors name the file, row and format."""
+    from datasets import Dataset
+
+    from tasks.instruction import to_messages
+
+    fmt, conversations = to_messages(table.to_list(), settings, f"{key} ({value})")
+    log.info("%s: %d %s rows", key, len(conversations), fmt)
+    return Dataset.from_dict({"messages": conversations})
+
+
+def template_of(tokenizer: Any, settings: dict[str, Any]) -> ChatTemplate:
+    """The run's template: the one already resolved (`chat`, e.g. a registered model's), else `template`'s."""
+    from tasks.config import InstructionSettings
+    from tasks.errors import UserInputError
+    from tasks.instruction import ChatTemplate, resolve_template
+
+    if "chat" in settings:
+        return ChatTemplate(**settings["chat"])
+    size = len(tokenizer)
+    template = resolve_template(tokenizer, InstructionSettings(template=settings.get("template", "tokenizer")))
+    if len(tokenizer) > size:
+        raise UserInputError(
+            f"instruction.template: {template.name} adds the tokens {list(template.added_tokens)}, which this "
+            "tokenizer lacks; training new token embeddings is not supported yet: choose plain, tokenizer or a "
+            ".jinja template written with the tokenizer's own tokens"
+        )
+    return template
+
+
+def encoder(
+    tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int, settings: dict[str, Any]
+) -> tuple[Encode, None]:
+    """Conversations rendered with the template, labels on the responses; rows whose last response does not fit
+    are dropped and counted (`sft_dropped_rows`). Records the template for the later stages and the package."""
+    from tasks.instruction import encode_conversation
+
+    template = template_of(tokenizer, settings)
+    chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
+    settings["chat"] = chat
+    settings["params"] = {"sft.template": template.name}
+    settings["package"] = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
+    counts = settings["metrics"] = {"sft_dropped_rows": 0}
+    loss_on = settings.get("loss_on", "assistant")
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        rows = []
+        for messages in batch["messages"]:
+            row = encode_conversation(messages, tokenizer, template, loss_on, max_length)
+            if row is None:
+                counts["sft_dropped_rows"] += 1
+            else:
+                rows.append(row.as_dict())
+        return {key: [r[key] for r in rows] for key in ("input_ids", "attention_mask", "labels")}
+
+    return encode, None
+
+
+def metrics(model: nn.Module, dataset: Dataset, collate: Any, batch_size: int) -> dict[str, float]:
+    from tasks.evaluation import response_metrics
+
+    return response_metrics(model, dataset, collate, batch_size, prefix="")
+
+
+def base_metrics(source: ModelSource, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
+    """The untouched base model's response loss, perplexity and token accuracy on the same eval set."""
+    from tasks.evaluation import response_metrics
+
+    model, tokenizer = causal_lm.base_model(source)
+    _, eval_split = tokenized.splits()
+    return response_metrics(model, eval_split, causal_lm.collator(tokenizer), batch_size, prefix="base_")
+
+
+def held_out(data: DataRef, tokenized: TokenizedRef) -> list[list[dict[str, str]]]:
+    """The eval conversations answered in the report: the first `eval_generations`."""
+    count = int(tokenized.options.get("eval_generations", 64))
+    return list(data.splits()[1]["messages"][:count]) if count else []
+
+
+def answers(model: nn.Module, tokenizer: Any, data: DataRef, tokenized: TokenizedRef, batch_size: int) -> list[str]:
+    """Greedy answers to the held-out prompts: rendered with the run's template, stopped at its end of turn."""
+    from tasks.generation import generate_from_ids
+    from tasks.instruction import encode_prompt, response_only, stop_token_ids
+
+    conversations = held_out(data, tokenized)
+    if not conversations:
+        return []
+    template = template_of(tokenizer, tokenized.options)
+    stops = stop_token_ids(tokenizer, template)
+    limit = int(tokenized.options.get("max_new_tokens", 128))
+    prompts = [encode_prompt(c, tokenizer, template) for c in conversations]
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        generated = generate_from_ids(model, tokenizer.pad_token_id, prompts[start : start + batch_size], limit, stops)
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=False)
+        out += [response_only(text, tokenizer, template) for text in texts]
+    return out
+
+
+def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
+    """The untouched base model's answers to the held-out prompts (deterministic; cached per base model)."""
+    from tasks.evaluation import EVAL_BATCH_SIZE
+
+    model, tokenizer = causal_lm.base_model(source)
+    return answers(model, tokenizer, data, tokenized, EVAL_BATCH_SIZE)
+
+
+def normalized(text: str) -> str:
+    """Whitespace collapsed: exact match ignores line breaks and spacing, nothing else."""
+    return " ".join(text.split())
+
+
+def answer_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-L F1 (rouge-score's own tokenizer, no stemming) and exact match (after `normalized`)."""
+    from rouge_score import rouge_scorer
+
+    if not references:
+        return {}
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+    exact = [normalized(p) == normalized(r) for p, r in zip(predictions, references, strict=True)]
+    return {"eval_rouge_l": sum(rouge) / len(rouge), "eval_exact_match": sum(exact) / len(exact)}
+
+
+def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
+    """Response loss, perplexity and accuracy tuned vs base; greedy answers to held-out prompts, tuned vs base,
+    scored with ROUGE-L and exact match (`reports/predictions.jsonl` has every one)."""
+    from tasks.instruction import prompt_for_generation, split_reference
+
+    conversations = held_out(given.data, given.tokenized)
+    tuned = answers(given.model, given.tokenizer, given.data, given.tokenized, given.batch_size)
+    references = [split_reference(c)[1] for c in conversations]
+    extra = answer_scores(tuned, references)
+    extra |= {f"base_{k}": v for k, v in answer_scores(given.base_texts, references).items()}
+    template = template_of(given.tokenizer, given.tokenized.options)
+    rows = [
+        {"prompt": prompt_for_generation(c, given.tokenizer, template), "reference": ref, "base": b, "tuned": t}
+        for c, ref, b, t in zip(conversations, references, given.base_texts, tuned, strict=True)
+    ]
+    with (given.folder / "predictions.jsonl").open("w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    scores = {**given.metrics, **extra}
+    keys = ("eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_rouge_l", "eval_exact_match")
+    sections = {
+        "metrics": {key: (scores.get(key), scores.get(f"base_{key}")) for key in keys},
+        "generations": rows[:REPORTED],
+    }
+    return sections, extra
+
+
+OBJECTIVE = Objective(
+    name="instruction",
+    summary="Instruction / chat tuning: loss on responses only; response loss, ROUGE-L and exact match vs the base",
+    encoder=encoder,
+    collator=causal_lm.collator,
+    auto_model=causal_lm.auto_model,
+    architecture="ForCausalLM",
+    metrics=metrics,
+    eval_loss=causal_lm.eval_loss,
+    base_metrics=base_metrics,
+    report=report,
+    probe=causal_lm.probe,
+    prepare_rows=prepare_rows,
+    min_tokens=2,
+    base_generations=base_generations,
+    probes_base=True,
+    options=options,
+    row_column="messages",
+    data_key=data_key,
+)
