@@ -177,6 +177,31 @@ def _memory(results: dict[str, Any]) -> str:
     )
 
 
+def _instruction(results: dict[str, Any]) -> str:
+    i = results["instruction"]
+    runs = _table(
+        ["model", "data", "steps", "max length", "rows dropped", "response loss base → tuned",
+         "ROUGE-L base → tuned", "exact match base → tuned", "token accuracy base → tuned", "train s"],
+        [[r["model"], r["data"], r["steps"], r["max_length"], r["sft_dropped_rows"],
+          f"{r['base_eval_loss']:.3f} → {r['eval_loss']:.3f}", f"{r['base_eval_rouge_l']:.3f} → {r['eval_rouge_l']:.3f}",
+          f"{r['base_eval_exact_match']:.3f} → {r['eval_exact_match']:.3f}",
+          f"{r['base_eval_token_accuracy']:.3f} → {r['eval_token_accuracy']:.3f}", r["train_seconds"]]
+         for r in i["runs"]],
+    )  # fmt: skip
+    p = i["packing"]
+    packing = _table(
+        ["runs per side", "unpacked tok/s", "packed tok/s", "packed / unpacked (range)"],
+        [[p["repeats"], _seconds(p["unpacked_tokens_per_second"]), _seconds(p["packed_tokens_per_second"]),
+          _ratio(p["ratio"], p["ratio_range"])]],
+    )  # fmt: skip
+    return (
+        "LoRA r8 all-linear, plain template, loss on responses; ROUGE-L (rouge-score) and exact match of greedy "
+        f"answers to up to 64 held-out prompts.\n\n{runs}\n\n"
+        "`train.packing` on the sample's short rows (bench model, 40 steps, batch 16, alternated):\n\n"
+        f"{packing}"
+    )
+
+
 # (results key, heading, renderer), in page order.
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("throughput", "Training throughput and MFU", _throughput),
@@ -184,6 +209,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("whole_run", "Whole run: `adaptflow run` vs the plain script", _whole_run),
     ("overhead", "Fixed overhead of `adaptflow run deployments/demo.yaml`", _overhead),
     ("grid", "Grid: 8 trials of `deployments/grid.yaml`", _grid),
+    ("instruction", "Instruction tuning: response loss, ROUGE-L, packing", _instruction),
     ("memory", "Memory: full vs LoRA vs QLoRA", _memory),
 ]
 

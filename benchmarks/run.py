@@ -310,6 +310,88 @@ def grid(work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def flatten_alpaca_seed(path: Path) -> Path:
+    """../shared's Alpaca seed tasks as alpaca rows: one {instruction, input, output} per instance."""
+    rows = [json.loads(line) for line in (SHARED / "data" / "alpaca_seed" / "seed_tasks.jsonl").open()]
+    flat = [
+        {"instruction": r["instruction"], "input": i["input"], "output": i["output"]}
+        for r in rows
+        for i in r["instances"]
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in flat))
+    return path
+
+
+def instruction(work: Path, repeats: int) -> dict[str, Any]:
+    """`task: instruction` (LoRA all-linear, plain template, loss on responses): response loss and ROUGE-L of
+    held-out answers, base -> tuned, on the bundled sample (builtin:tiny, the `instruct` preset) and, when
+    ../shared is there, on the flattened Alpaca seed tasks with stories260k; then tokens/s with and without
+    `train.packing` on the sample's short rows (alternated, `repeats` runs each)."""
+    cases = [("builtin:tiny", ROOT / "tasks" / "builtin" / "sample_instructions.jsonl", 96, 80, 24)]
+    if (SHARED / "models" / "stories260k").is_dir():
+        alpaca = flatten_alpaca_seed(work / "alpaca_seed.jsonl")
+        cases.append((str(SHARED / "models" / "stories260k"), alpaca, 384, 150, 64))
+    rows = []
+    for model, data, max_length, steps, answer in cases:
+        log(f"instruction: {Path(model).name} on {data.name}")
+        config = work / "instruct.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "model": {"name_or_path": model},
+                    "task": "instruction",
+                    "data": {"train": str(data), "eval_fraction": 0.1, "max_length": max_length},
+                    "instruction": {"eval_generations": 64, "max_new_tokens": answer},
+                    "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+                    "train": {"max_steps": steps, "batch_size": 16, "learning_rate": 5e-3, "save_steps": steps},
+                    "registry": {"name": "bench-instruct"},
+                    "bias_probe": {"suite": None},
+                }
+            )
+        )
+        metrics = adaptflow(["run", str(config)], work / "instruct")[0]["metrics"]
+        keys = ("eval_loss", "eval_rouge_l", "eval_exact_match", "eval_token_accuracy")
+        rows.append(
+            {"model": Path(model).name, "data": data.name, "steps": steps, "max_length": max_length}
+            | {k: round(metrics[k], 4) for k in keys}
+            | {f"base_{k}": round(metrics[f"base_{k}"], 4) for k in keys}
+            | {"sft_dropped_rows": metrics["sft_dropped_rows"], "train_seconds": round(metrics["train_seconds"], 1)}
+        )
+    packed: dict[bool, list[float]] = {False: [], True: []}
+    sample = ROOT / "tasks" / "builtin" / "sample_instructions.jsonl"
+    for attempt in range(repeats):
+        for packing in (False, True):
+            log(f"instruction: packing={packing} {attempt + 1}/{repeats}")
+            config = work / "packing.json"
+            config.write_text(
+                json.dumps(
+                    {
+                        "model": {"name_or_path": str(work / "bench-model")},
+                        "task": "instruction",
+                        "data": {"train": str(sample), "eval_fraction": 0.1, "max_length": 96},
+                        "instruction": {"eval_generations": 0},
+                        "method": {"name": "lora", "target_modules": "all-linear"},
+                        "train": {"max_steps": 40, "batch_size": 16, "packing": packing, "save_steps": 40},
+                        "registry": {"name": f"bench-packing-{packing}".lower()},
+                        "bias_probe": {"suite": None},
+                    }
+                )
+            )
+            metrics = adaptflow(["run", str(config)], work / "packing")[0]["metrics"]
+            packed[packing].append(metrics["train_tokens_per_second"])
+    ratio, spread = ratios(packed[True], packed[False])
+    return {
+        "runs": rows,
+        "packing": {
+            "repeats": repeats,
+            "unpacked_tokens_per_second": [round(v) for v in packed[False]],
+            "packed_tokens_per_second": [round(v) for v in packed[True]],
+            "ratio": ratio,
+            "ratio_range": spread,
+        },
+    }
+
+
 def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
     """This machine's measured fp32 matmul throughput (FLOP/s): the denominator of MFU."""
     import torch
@@ -345,7 +427,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods for throughput")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side for throughput and overhead")
     parser.add_argument(
-        "--skip", default="", help="comma-separated sections to skip: throughput,whole_run,overhead,grid,memory"
+        "--skip",
+        default="",
+        help="comma-separated sections to skip: throughput,whole_run,overhead,grid,instruction,memory",
     )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -377,6 +461,8 @@ def main() -> None:
             results["overhead"] = overhead(work, 1 if args.quick else args.repeats)
         if "grid" not in skip and not args.quick:
             results["grid"] = grid(work)
+        if "instruction" not in skip and not args.quick:
+            results["instruction"] = instruction(work, args.repeats)
         if "memory" not in skip and not args.quick:
             from benchmarks import memory
 
@@ -393,6 +479,7 @@ def main() -> None:
     print(json.dumps(results))
 
 
+SECTIONS = ("throughput", "whole_run", "overhead", "grid", "instruction", "memory")
 # Keys that belong to a section and travel with it when a later run skips that section.
 SECTION_KEYS = {"throughput": ("throughput", "mfu", "control", "settings", "bench_model_params")}
 
@@ -401,12 +488,12 @@ def keep_earlier_sections(results: dict[str, Any], path: Path) -> None:
     """Sections this run skipped keep the earlier run's measurement from `path`, stamped with that run's date
     and machine (`results["stamps"]`), so that measuring one section again does not drop the others."""
     stamp = {"date": results["date"], "machine": results["machine"]}
-    measured = {key for key in ("throughput", "whole_run", "overhead", "grid", "memory") if key in results}
+    measured = {key for key in SECTIONS if key in results}
     results["stamps"] = {key: stamp for key in measured}
     if not path.exists():
         return
     earlier = json.loads(path.read_text())
-    for key in ("throughput", "whole_run", "overhead", "grid", "memory"):
+    for key in SECTIONS:
         if key in measured or key not in earlier:
             continue
         for part in SECTION_KEYS.get(key, (key,)):

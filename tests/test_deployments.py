@@ -27,7 +27,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "tasks" / "builtin"
 
 def test_every_deployment_schedule_and_trigger_parses_and_parameters_fit_their_flow() -> None:
     specs = {d["name"]: d for d in read_deployments()}
-    assert set(METHODS) | {"grid", "retrain"} <= set(specs)
+    assert set(METHODS) | {"grid", "retrain", "instruct"} <= set(specs)
     deployments = {d.name: d for d in build_deployments()}
     retrain = deployments["retrain"]
     (schedule,) = retrain.schedules

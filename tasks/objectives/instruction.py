@@ -79,6 +79,7 @@ def encoder(
 ) -> tuple[Encode, None]:
     """Conversations rendered with the template, labels on the responses; rows whose last response does not fit
     are dropped and counted (`sft_dropped_rows`). Records the template for the later stages and the package."""
+    from tasks.errors import UserInputError
     from tasks.instruction import encode_conversation
 
     template = template_of(tokenizer, settings)
@@ -92,7 +93,12 @@ def encoder(
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         rows = []
         for messages in batch["messages"]:
-            row = encode_conversation(messages, tokenizer, template, loss_on, max_length)
+            try:
+                row = encode_conversation(messages, tokenizer, template, loss_on, max_length)
+            except UserInputError as exc:  # rows are shuffled by now: name the conversation by its opening
+                raise UserInputError(
+                    f"{exc} (in the conversation that opens {messages[0]['content'][:60]!r})"
+                ) from None
             if row is None:
                 counts["sft_dropped_rows"] += 1
             else:
