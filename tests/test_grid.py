@@ -293,3 +293,41 @@ def test_a_trial_continued_across_rungs_ends_where_the_same_trial_unpruned_ends(
     assert last.metrics["eval_loss"] == pytest.approx(unpruned.metrics["eval_loss"], rel=1e-6)
     history = MlflowClient().get_metric_history(first.run_id, "eval_loss")
     assert sorted(m.step for m in history) == [2, 4, 6]  # each rung's evaluation, at its step
+
+
+@pytest.mark.slow
+def test_a_pruned_grid_finishes_only_the_best_and_selects_among_those_that_reached_max_steps(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = grid_config(tmp_path, tiny_model, stories_file)
+    # 4 trials, 2 failing (a module this model lacks); rungs at steps 3 and 6; the better half of those left go on.
+    pruned = ["--set", "grid.target_modules=[[q_proj, v_proj], [qkv]]", "--set", "grid.prune={eta: 2, min_steps: 3}"]
+
+    assert main(["grid", str(config), *pruned, "--set", "grid.prune.metric=eval_nope", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "grid.prune.metric: no trial reports 'eval_nope'; the trials report:" in err and "eval_loss" in err
+    assert MlflowClient().search_registered_models() == []
+
+    assert main(["grid", str(config), *pruned, "--json"]) == 0
+    local = last_json(capsys.readouterr().out)
+    trials = local["trials"]
+    assert [(t["status"], t["steps"]) for t in trials][2:] == [("failed", 0), ("failed", 0)]
+    survivor, loser = sorted(trials[:2], key=lambda t: t["rungs"][0]["value"])
+    assert (survivor["status"], survivor["steps"], loser["status"], loser["steps"]) == ("ok", 6, "pruned", 3)
+    assert [r["steps"] for r in survivor["rungs"]] == [3, 6] and [r["steps"] for r in loser["rungs"]] == [3]
+    assert survivor["rungs"][-1]["value"] == survivor["metrics"]["eval_loss"]
+    assert local["best"]["index"] == survivor["index"]
+    assert (local["steps_total"], local["steps_saved"]) == (9, 3)
+    client = MlflowClient()
+    assert client.get_model_version("grid", local["model_version"]).run_id == survivor["run_id"]
+    assert client.get_run(loser["run_id"]).data.tags["adaptflow.grid_status"] == "pruned"
+    reports = {a.path for a in client.list_artifacts(local["parent_run_id"], "reports")}
+    assert {"reports/grid_rungs.csv", "reports/grid_rungs.md", "reports/grid_rungs.png"} <= reports
+    rungs = Path(client.download_artifacts(local["parent_run_id"], "reports/grid_rungs.md")).read_text()
+    assert rungs.splitlines()[0] == "| trial | name | status | steps | step 3 | step 6 |"
+
+    # The same rungs on a Dask LocalCluster: the same table.
+    assert main(["grid", str(config), *pruned, "--set", "grid.runner=dask", "--json"]) == 0
+    dask = last_json(capsys.readouterr().out)
+    assert comparable(dask) == comparable(local)
+    assert [t["rungs"] for t in dask["trials"]] == [t["rungs"] for t in trials]
