@@ -20,8 +20,11 @@ from tasks.grid import (
     TrialResult,
     TrialSpec,
     at_rung,
+    before_rung,
     expand_grid,
     mark_pruned,
+    recorded_trials,
+    replay_rung,
     rung_ranking,
     rung_steps,
     select_best,
@@ -136,9 +139,13 @@ def successive_halving(
     context: dict[str, Any],
     grid: GridSettings,
     max_steps: int,
+    recorded: dict[int, TrialResult],
 ) -> list[TrialResult]:
     """Train every trial to the first rung, keep the best 1/eta, continue those from their checkpoints to the
     next rung, and so on to max_steps; returns every trial's last result (ok, failed or pruned).
+
+    A resumed grid takes the rungs its trials had logged (`recorded`) as they were and trains the others on from
+    the trials' checkpoints, so it ranks exactly as the interrupted grid would have.
 
     Raises:
         UserInputError: no trial reports the metric that ranks them (naming its key).
@@ -146,11 +153,20 @@ def successive_halving(
     assert grid.prune is not None
     ranking = rung_ranking(grid)
     rungs = rung_steps(max_steps, grid.prune, len(specs))
-    work: list[tuple[TrialSpec, TrialResult | None]] = [(spec, None) for spec in specs]
+    first = rungs[0]
+    work = [(spec, before_rung(recorded[spec.index], first) if spec.index in recorded else None) for spec in specs]
     final: list[TrialResult] = []
     for number, steps in enumerate(rungs, 1):
         stage = f"rung {number}/{len(rungs)}, step {steps}: "
-        results = [at_rung(r, ranking) for r in fan_out(runner, threads, work, context, grid, steps, stage)]
+        # The last rung is always run: finishing needs the trained model (a trial already there only evaluates).
+        replayed = {
+            spec.index: done
+            for spec, _ in work
+            if steps < max_steps and spec.index in recorded and (done := replay_rung(recorded[spec.index], steps))
+        }
+        to_train = [(spec, previous) for spec, previous in work if spec.index not in replayed]
+        trained = [at_rung(r, ranking) for r in fan_out(runner, threads, to_train, context, grid, steps, stage)]
+        results = sorted([*trained, *replayed.values()], key=lambda r: r.index)
         finished = [r for r in results if r.status == "ok"]
         if finished and not any(ranking.metric in r.metrics for r in finished):
             key = "grid.prune.metric" if grid.prune.metric else "grid.select.metric"
@@ -177,24 +193,28 @@ def run_trials(
     """Fan the trials out on the configured runner: once each to the end, or in rungs under `grid.prune`."""
     runner, threads = trial_runner(grid)
     context = {"source": source, "tokenized": tokenized, "parent": parent}
+    metric = rung_ranking(grid).metric if grid.prune else None
+    # A resumed grid continues each trial it had started in that trial's run, from its own checkpoint.
+    recorded = recorded_trials(parent, specs, metric) if parent.resumed else {}
     with runner:
         if grid.prune is None:
-            return fan_out(runner, threads, [(spec, None) for spec in specs], context, grid)
+            return fan_out(runner, threads, [(spec, recorded.get(spec.index)) for spec in specs], context, grid)
         assert max_steps is not None  # the config's validation asks for it
-        return successive_halving(runner, threads, specs, context, grid, max_steps)
+        return successive_halving(runner, threads, specs, context, grid, max_steps, recorded)
 
 
 @flow(name="lora_grid", log_prints=True)
-def lora_grid(config: RunConfig) -> GridResult:
+def lora_grid(config: RunConfig, resume: bool = False) -> GridResult:
     """Compare LoRA-family settings over rank x alpha x target modules; register the best, promote if it wins.
 
-    The best trial is bias-probed before registration; a failed gate keeps it out of @champion.
+    The best trial is bias-probed before registration; a failed gate keeps it out of @champion. With `resume`,
+    the newest unfinished grid of this config continues: each trial from its own checkpoint.
     """
     grid = config.grid or GridSettings()
     config = config.model_copy(update={"grid": grid})
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
     source = stages.resolve_model(config.model)
-    with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}") as parent:
+    with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
         tokenized = stages.tokenize_dataset(data, source, config.task, config.data.max_length, cache_dir / "tokenized")
         base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)

@@ -18,7 +18,7 @@ from tasks.config import GridSettings, PruneSettings, RunConfig, SelectSettings
 from tasks.evaluation import evaluate_model
 from tasks.modeling import ModelSource
 from tasks.tokenization import TokenizedRef
-from tasks.tracking import RunRef, client_for, end_run, log_metrics, start_run
+from tasks.tracking import RunRef, clear_error, client_for, end_run, log_metrics, start_run
 from tasks.training import TrainedRef, train_model
 
 TrialStatus = Literal["ok", "failed", "pruned"]
@@ -136,6 +136,7 @@ def run_trial(
         run = trial_run(previous, parent)
         client = client_for(run)
         client.update_run(run.run_id, status="RUNNING")
+        clear_error(client, run.run_id)  # a failure of an interrupted attempt is no longer the trial's state
     kept = {"steps": previous.steps, "rungs": previous.rungs} if previous else {}
     try:
         if previous is not None and previous.trained is not None:
@@ -230,6 +231,48 @@ def mark_pruned(result: TrialResult, parent: RunRef) -> TrialResult:
     """A trial that stops at this rung: tagged in its run, status `pruned`, no model to select."""
     client_for(parent).set_tag(trial_run(result, parent).run_id, "adaptflow.grid_status", "pruned")
     return result.model_copy(update={"status": "pruned", "trained": None})
+
+
+def recorded_trials(parent: RunRef, specs: list[TrialSpec], metric: str | None) -> dict[int, TrialResult]:
+    """The trials a resumed grid had started, by index: their runs and folders to continue in (from their own
+    checkpoints) and, under pruning, the rung evaluations they logged (`metric` at each rung's step)."""
+    client = client_for(parent)
+    runs = client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+        order_by=["attributes.start_time ASC"],  # the newest run of a trial wins
+        max_results=5000,
+    )
+    found = {}
+    for run in runs:
+        index = int(run.data.tags.get("adaptflow.grid_trial", "-1"))
+        if not 0 <= index < len(specs):
+            continue
+        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step) if metric else []
+        rungs = [RungRecord(steps=m.step, metric=m.key, value=m.value) for m in history if m.step > 0]
+        found[index] = specs[index].outcome(
+            "ok",
+            run_id=run.info.run_id,
+            run_dir=str(Path(parent.run_dir).parent / run.info.run_id),  # beside the parent, as start_run makes them
+            metrics=dict(run.data.metrics),
+            rungs=rungs,
+        )
+    return found
+
+
+def before_rung(result: TrialResult, steps: int) -> TrialResult:
+    """A recorded trial as it was before the rung at `steps`: what a resumed grid continues from."""
+    rungs = [rung for rung in result.rungs if rung.steps < steps]
+    return result.model_copy(update={"rungs": rungs, "steps": rungs[-1].steps if rungs else 0})
+
+
+def replay_rung(result: TrialResult, steps: int) -> TrialResult | None:
+    """A recorded trial's result at the rung at `steps`, if it logged one (a resumed grid does not train it again)."""
+    rungs = [rung for rung in result.rungs if rung.steps <= steps]
+    if not rungs or rungs[-1].steps != steps or rungs[-1].value is None:
+        return None
+    metrics = {**result.metrics, rungs[-1].metric: rungs[-1].value}
+    return result.model_copy(update={"rungs": rungs, "steps": steps, "metrics": metrics, "status": "ok"})
 
 
 def steps_saved(results: list[TrialResult], max_steps: int | None) -> int:

@@ -6,6 +6,11 @@ import csv
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -331,3 +336,51 @@ def test_a_pruned_grid_finishes_only_the_best_and_selects_among_those_that_reach
     dask = last_json(capsys.readouterr().out)
     assert comparable(dask) == comparable(local)
     assert [t["rungs"] for t in dask["trials"]] == [t["rungs"] for t in trials]
+
+
+@pytest.mark.slow
+def test_a_pruned_grid_killed_mid_rung_resumes_from_the_trials_checkpoints_to_the_same_table(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 3 trials one after another; rungs at steps 4 and 12: one trial goes on, checkpointing every 2 steps.
+    config = grid_config(
+        tmp_path, tiny_model, stories_file, r=[2, 4, 8], max_parallel=1, prune={"eta": 3, "min_steps": 4}
+    )
+    longer = ["--set", "train.max_steps=12", "--set", "train.save_steps=2"]
+    assert main(["grid", str(config), *longer, "--json"]) == 0
+    uninterrupted = last_json(capsys.readouterr().out)
+
+    # The same grid in a separate process, SIGKILLed (with its process group) while the survivor is between rungs.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    command = [str(Path(sys.executable).with_name("adaptflow")), "grid", str(config), *longer]
+    child = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    runs = tmp_path / "runs"
+    finished = {t["run_id"] for t in uninterrupted["trials"]}
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if any(
+                p.parents[1].name not in finished for p in runs.glob("*/checkpoints/checkpoint-[68]/trainer_state.json")
+            ):
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("adaptflow").experiment_id
+    running = client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    (killed,) = [r for r in running if "mlflow.parentRunId" not in r.data.tags]  # SIGKILL: nobody could mark it
+    assert main(["grid", str(config), *longer, "--resume", "--json"]) == 0
+    resumed = last_json(capsys.readouterr().out)
+    assert resumed["parent_run_id"] == killed.info.run_id
+    nested = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{killed.info.run_id}'")
+    assert len(nested) == 3, "every trial continued in its own run"
+    assert comparable(resumed) == comparable(uninterrupted)
+    assert [t["rungs"] for t in resumed["trials"]] == [t["rungs"] for t in uninterrupted["trials"]]
+    assert (resumed["steps_total"], resumed["steps_saved"]) == (uninterrupted["steps_total"], 16) == (20, 16)
+    for t in resumed["trials"]:  # the pruned trials' rung was taken as logged, not trained again
+        steps = sorted(m.step for m in client.get_metric_history(t["run_id"], "eval_loss") if m.step)  # 0: finish's
+        assert steps == ([4] if t["status"] == "pruned" else [4, 12])
