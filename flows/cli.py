@@ -111,7 +111,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
         config = config.model_copy(update={"grid": GridSettings()})
     preflight(config)
     temporary_server.ready(while_waiting=_run_preparations(config))
-    result = lora_grid(config).model_dump()
+    result = lora_grid(config, args.resume).model_dump()
 
     def human(r: dict[str, Any]) -> None:
         print(
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid = add("grid", cmd_grid, "the comparison grid, then register and promote the best")
     grid.add_argument("config", help="YAML config file (its grid section; defaults when absent)")
     grid.add_argument("--set", **overrides)  # type: ignore[arg-type]
+    grid.add_argument("--resume", action="store_true", help="continue the newest unfinished grid of this config")
     promote = add("promote", cmd_promote, "champion/challenger decision for the newest version")
     promote.add_argument("--name", required=True, help="registered model name")
     predict = add("predict", cmd_predict, "generate or classify with a registered model")
@@ -418,8 +419,8 @@ def _main(args: argparse.Namespace) -> int:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
             name = signal.Signals(signum).name
             hint = ""
-            if args.command == "run":
-                hint = f"; the run is marked KILLED: `adaptflow run {args.config} --resume` continues it"
+            if args.command in ("run", "grid"):
+                hint = f"; the run is marked KILLED: `adaptflow {args.command} {args.config} --resume` continues it"
             print(f"adaptflow: interrupted ({name}){hint}", file=sys.stderr)
             outcome, code = {"command": args.command, "status": "interrupted", "signal": name}, 128 + signum
         except RunFailed as exc:  # a failure we can explain: the message says it all

@@ -15,8 +15,22 @@ from pydantic import BaseModel
 from flows import stages
 from flows.pipeline import finish, tracked_run
 from tasks.config import GridSettings, RunConfig
-from tasks.errors import RunFailed
-from tasks.grid import TrialResult, TrialSpec, expand_grid, select_best
+from tasks.errors import RunFailed, UserInputError
+from tasks.grid import (
+    TrialResult,
+    TrialSpec,
+    at_rung,
+    before_rung,
+    expand_grid,
+    mark_pruned,
+    recorded_trials,
+    replay_rung,
+    rung_ranking,
+    rung_steps,
+    select_best,
+    steps_saved,
+    survivors,
+)
 from tasks.modeling import ModelSource
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef
@@ -47,6 +61,8 @@ class GridResult(BaseModel):
     promotion: str
     bias_probe: dict[str, Any]
     table: str
+    steps_total: int = 0  # training steps of all trials together
+    steps_saved: int = 0  # steps the pruned trials did not take (0 without grid.prune)
 
 
 def trial_runner(grid: GridSettings) -> tuple[TaskRunner[Any], int | None]:
@@ -73,61 +89,139 @@ def trial_runner(grid: GridSettings) -> tuple[TaskRunner[Any], int | None]:
     return ProcessPoolTaskRunner(max_workers=grid.max_parallel), threads
 
 
-def run_trials(
-    specs: list[TrialSpec], source: ModelSource, tokenized: TokenizedRef, parent: RunRef, grid: GridSettings
+def fan_out(
+    runner: TaskRunner[Any],
+    threads: int | None,
+    work: list[tuple[TrialSpec, TrialResult | None]],
+    context: dict[str, Any],
+    grid: GridSettings,
+    stop_at: int | None = None,
+    stage: str = "",
 ) -> list[TrialResult]:
-    """Fan the trials out on the configured runner, reporting trials done / total and the best so far."""
-    runner, threads = trial_runner(grid)
+    """Run the trials (each continuing from its previous result, if any) on the runner, reporting trials done /
+    total and the best so far."""
     results: list[TrialResult] = []
-    with runner:
-        futures = {
-            runner.submit(
-                stages.run_trial,
-                {"spec": spec, "source": source, "tokenized": tokenized, "parent": parent, "threads": threads},
-            ): spec
-            for spec in specs
-        }
-        for future in as_completed(list(futures)):
-            spec = futures[future]
-            try:
-                result = future.result()
-            except Exception as exc:  # the worker died before the trial could record its own failure
-                result = spec.outcome("failed", error=f"{type(exc).__name__}: {exc}")
-            results.append(result)
-            best = select_best(results, grid.select)
-            metric = grid.select.metric
-            outcome = f"{metric} {result.metrics[metric]:.4g}" if metric in result.metrics else result.error
-            so_far = f"trial {best.index} ({metric} {best.metrics[metric]:.4g})" if best else "none yet"
-            progress.info(
-                "[%d/%d trials done] trial %d %s: %s; best so far: %s",
-                len(results),
-                len(specs),
-                result.index,
-                result.name,
-                outcome,
-                so_far,
-            )
+    futures = {
+        runner.submit(
+            stages.run_trial,
+            {"spec": spec, **context, "threads": threads, "stop_at": stop_at, "previous": previous},
+        ): spec
+        for spec, previous in work
+    }
+    for future in as_completed(list(futures)):
+        spec = futures[future]
+        try:
+            result = future.result()
+        except Exception as exc:  # the worker died before the trial could record its own failure
+            result = spec.outcome("failed", error=f"{type(exc).__name__}: {exc}")
+        results.append(result)
+        best = select_best(results, grid.select)
+        metric = grid.select.metric
+        outcome = f"{metric} {result.metrics[metric]:.4g}" if metric in result.metrics else result.error
+        so_far = f"trial {best.index} ({metric} {best.metrics[metric]:.4g})" if best else "none yet"
+        progress.info(
+            "[%s%d/%d trials done] trial %d %s: %s; best so far: %s",
+            stage,
+            len(results),
+            len(work),
+            result.index,
+            result.name,
+            outcome,
+            so_far,
+        )
     return sorted(results, key=lambda r: r.index)
 
 
+def successive_halving(
+    runner: TaskRunner[Any],
+    threads: int | None,
+    specs: list[TrialSpec],
+    context: dict[str, Any],
+    grid: GridSettings,
+    max_steps: int,
+    recorded: dict[int, TrialResult],
+) -> list[TrialResult]:
+    """Train every trial to the first rung, keep the best 1/eta, continue those from their checkpoints to the
+    next rung, and so on to max_steps; returns every trial's last result (ok, failed or pruned).
+
+    A resumed grid takes the rungs its trials had logged (`recorded`) as they were and trains the others on from
+    the trials' checkpoints, so it ranks exactly as the interrupted grid would have.
+
+    Raises:
+        UserInputError: no trial reports the metric that ranks them (naming its key).
+    """
+    assert grid.prune is not None
+    ranking = rung_ranking(grid)
+    rungs = rung_steps(max_steps, grid.prune, len(specs))
+    first = rungs[0]
+    work = [(spec, before_rung(recorded[spec.index], first) if spec.index in recorded else None) for spec in specs]
+    final: list[TrialResult] = []
+    for number, steps in enumerate(rungs, 1):
+        stage = f"rung {number}/{len(rungs)}, step {steps}: "
+        # The last rung is always run: finishing needs the trained model (a trial already there only evaluates).
+        replayed = {
+            spec.index: done
+            for spec, _ in work
+            if steps < max_steps and spec.index in recorded and (done := replay_rung(recorded[spec.index], steps))
+        }
+        to_train = [(spec, previous) for spec, previous in work if spec.index not in replayed]
+        trained = [at_rung(r, ranking) for r in fan_out(runner, threads, to_train, context, grid, steps, stage)]
+        results = sorted([*trained, *replayed.values()], key=lambda r: r.index)
+        finished = [r for r in results if r.status == "ok"]
+        if finished and not any(ranking.metric in r.metrics for r in finished):
+            key = "grid.prune.metric" if grid.prune.metric else "grid.select.metric"
+            reported = ", ".join(sorted(finished[0].metrics))
+            raise UserInputError(f"{key}: no trial reports {ranking.metric!r}; the trials report: {reported}")
+        if steps == max_steps:
+            return sorted([*final, *results], key=lambda r: r.index)
+        going_on = set(survivors(results, ranking, grid.prune.eta))
+        final += [r for r in results if r.status == "failed"]
+        final += [mark_pruned(r, context["parent"]) for r in finished if r.index not in going_on]
+        work = [(specs[r.index], r) for r in results if r.index in going_on]
+        progress.info("[rung %d/%d] %d trials go on to step %d", number, len(rungs), len(work), rungs[number])
+    raise AssertionError("the last rung is max_steps")
+
+
+def run_trials(
+    specs: list[TrialSpec],
+    source: ModelSource,
+    tokenized: TokenizedRef,
+    parent: RunRef,
+    grid: GridSettings,
+    max_steps: int | None,
+) -> list[TrialResult]:
+    """Fan the trials out on the configured runner: once each to the end, or in rungs under `grid.prune`."""
+    runner, threads = trial_runner(grid)
+    context = {"source": source, "tokenized": tokenized, "parent": parent}
+    metric = rung_ranking(grid).metric if grid.prune else None
+    # A resumed grid continues each trial it had started in that trial's run, from its own checkpoint.
+    recorded = recorded_trials(parent, specs, metric) if parent.resumed else {}
+    with runner:
+        if grid.prune is None:
+            return fan_out(runner, threads, [(spec, recorded.get(spec.index)) for spec in specs], context, grid)
+        assert max_steps is not None  # the config's validation asks for it
+        return successive_halving(runner, threads, specs, context, grid, max_steps, recorded)
+
+
 @flow(name="lora_grid", log_prints=True)
-def lora_grid(config: RunConfig) -> GridResult:
+def lora_grid(config: RunConfig, resume: bool = False) -> GridResult:
     """Compare LoRA-family settings over rank x alpha x target modules; register the best, promote if it wins.
 
-    The best trial is bias-probed before registration; a failed gate keeps it out of @champion.
+    The best trial is bias-probed before registration; a failed gate keeps it out of @champion. With `resume`,
+    the newest unfinished grid of this config continues: each trial from its own checkpoint.
     """
     grid = config.grid or GridSettings()
     config = config.model_copy(update={"grid": grid})
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
     source = stages.resolve_model(config.model)
-    with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}") as parent:
+    with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
         tokenized = stages.tokenize_dataset(
             data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
         )
         base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)
         specs = expand_grid(config)
-        results = run_trials(specs, source, tokenized, parent, grid)
+        results = run_trials(specs, source, tokenized, parent, grid, config.train.max_steps)
         table = stages.report_grid(results, grid.select, parent)
         best = select_best(results, grid.select)
         if best is None:
@@ -160,4 +254,6 @@ def lora_grid(config: RunConfig) -> GridResult:
         promotion=done.decision.reason,
         bias_probe=done.probe_report.public(),
         table=table,
+        steps_total=sum(r.steps for r in results),
+        steps_saved=steps_saved(results, config.train.max_steps),
     )

@@ -321,6 +321,18 @@ GRID_METHODS = tuple(name for name, m in METHODS.items() if issubclass(m.setting
 GridMethod: Any = Literal[GRID_METHODS]  # type: ignore[valid-type]
 
 
+class PruneSettings(Section):
+    """Successive halving over the grid's trials: all train to the first rung, the best 1/eta go on, and so on."""
+
+    strategy: Literal["halving"] = "halving"
+    eta: int = Field(3, ge=2, description="keep the best 1/eta of the trials at each rung")
+    min_steps: int | None = Field(
+        None, gt=0, description="steps of the first rung (null: train.max_steps / eta^k, the last rung max_steps)"
+    )
+    metric: str | None = Field(None, description="the metric that ranks trials at a rung (null: grid.select's)")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max of `metric` is best (null: grid.select's)")
+
+
 class GridSettings(Section):
     """The comparison grid: every combination of these, one trial each."""
 
@@ -334,6 +346,9 @@ class GridSettings(Section):
     runner: Literal["local", "dask"] = "local"
     max_parallel: int = Field(2, ge=1, description="trials at once (local processes or Dask workers)")
     dask_address: str | None = Field(None, description="scheduler address to join; null: start a LocalCluster")
+    prune: PruneSettings | None = Field(
+        None, description="stop losing trials early (null: every trial runs to the end)"
+    )
 
     @property
     def size(self) -> int:
@@ -388,6 +403,15 @@ class RunConfig(Section):
                 f"grid: a grid over rank, alpha and target modules needs a low-rank method "
                 f"({', '.join(GRID_METHODS)}); method.name is '{self.method.name}' (set method.name or grid.method)"
             )
+        prune = self.grid.prune if self.grid else None
+        if prune is not None:
+            if self.train.max_steps is None:
+                raise ValueError("grid.prune: pruning trains to step counts; set train.max_steps (not train.epochs)")
+            if prune.min_steps is not None and prune.min_steps >= self.train.max_steps:
+                raise ValueError(
+                    f"grid.prune.min_steps: must be below train.max_steps ({self.train.max_steps}) "
+                    f"(got {prune.min_steps})"
+                )
         return self
 
     def _task_settings_problem(self) -> str | None:
@@ -474,7 +498,7 @@ def _describe(error: Any) -> str:
     if kind == "missing":
         return f"{key}: required"
     message = error["msg"].removeprefix("Value error, ")
-    if message.startswith(("method.", "train.", "data.", "instruction")):
+    if message.startswith(("method.", "train.", "data.", "instruction", "grid.")):
         return message
     shown = error.get("input")
     got = "" if isinstance(shown, dict) else f" (got {shown!r})"

@@ -14,12 +14,22 @@ from pydantic import BaseModel
 
 from adapters_impl import METHODS
 from tasks.adapting import apply_method
-from tasks.config import RunConfig, SelectSettings
+from tasks.config import GridSettings, PruneSettings, RunConfig, SelectSettings
 from tasks.evaluation import evaluate_model
 from tasks.modeling import ModelSource
 from tasks.tokenization import TokenizedRef
-from tasks.tracking import RunRef, client_for, end_run, log_metrics, start_run
+from tasks.tracking import RunRef, clear_error, client_for, end_run, log_metrics, start_run
 from tasks.training import TrainedRef, train_model
+
+TrialStatus = Literal["ok", "failed", "pruned"]
+
+
+class RungRecord(BaseModel):
+    """A trial's evaluation at a pruning rung: the metric that ranked it there after `steps` steps."""
+
+    steps: int
+    metric: str
+    value: float | None
 
 
 class TrialSpec(BaseModel):
@@ -30,18 +40,21 @@ class TrialSpec(BaseModel):
     params: dict[str, Any]
     config: RunConfig
 
-    def outcome(self, status: Literal["ok", "failed"], **fields: Any) -> TrialResult:
+    def outcome(self, status: TrialStatus, **fields: Any) -> TrialResult:
         """This trial's result: its identity plus what happened."""
         return TrialResult(index=self.index, name=self.name, params=self.params, status=status, **fields)
 
 
 class TrialResult(BaseModel):
-    """What a trial produced; a failed trial keeps its error and has no trained model."""
+    """What a trial produced; a failed trial keeps its error and has no trained model. Under pruning, `ok` is
+    also a trial between rungs; a pruned one keeps the metrics of the last rung it reached."""
 
     index: int
     name: str
     params: dict[str, Any]
-    status: Literal["ok", "failed"]
+    status: TrialStatus
+    steps: int = 0
+    rungs: list[RungRecord] = []
     run_id: str | None = None
     run_dir: str | None = None
     metrics: dict[str, float] = {}
@@ -55,9 +68,11 @@ class TrialResult(BaseModel):
             "name": self.name,
             "run_id": self.run_id,
             "status": self.status,
+            "steps": self.steps,
             "params": self.params,
             "metrics": self.metrics,
             "error": self.error,
+            "rungs": [rung.model_dump() for rung in self.rungs],
         }
 
 
@@ -85,30 +100,70 @@ def expand_grid(config: RunConfig) -> list[TrialSpec]:
     return specs
 
 
+def trial_run(result: TrialResult, parent: RunRef) -> RunRef:
+    """The nested MLflow run (and folder) a trial already has."""
+    assert result.run_id and result.run_dir
+    return RunRef(
+        run_id=result.run_id,
+        experiment_id=parent.experiment_id,
+        tracking_uri=parent.tracking_uri,
+        run_dir=result.run_dir,
+    )
+
+
 def run_trial(
-    spec: TrialSpec, source: ModelSource, tokenized: TokenizedRef, parent: RunRef, threads: int | None
+    spec: TrialSpec,
+    source: ModelSource,
+    tokenized: TokenizedRef,
+    parent: RunRef,
+    threads: int | None,
+    stop_at: int | None = None,
+    previous: TrialResult | None = None,
 ) -> TrialResult:
-    """apply -> train -> evaluate in a nested MLflow run and its own folder; a failure is a result, not a crash."""
+    """apply -> train -> evaluate in a nested MLflow run and its own folder; a failure is a result, not a crash.
+
+    Under pruning, training stops at `stop_at` (a rung) and a trial that goes on (`previous`, its result at the
+    rung before) continues in the same run from its own checkpoint, with the adapter it was given then.
+    """
     if threads:
         torch.set_num_threads(threads)  # trials share the machine's cores instead of fighting over them
     config = spec.config
-    run = start_run(config, run_name=f"trial {spec.index}: {spec.name}", parent_run_id=parent.run_id)
-    client = client_for(run)
-    client.set_tag(run.run_id, "adaptflow.grid_trial", str(spec.index))
+    if previous is None:
+        run = start_run(config, run_name=f"trial {spec.index}: {spec.name}", parent_run_id=parent.run_id)
+        client = client_for(run)
+        client.set_tag(run.run_id, "adaptflow.grid_trial", str(spec.index))
+    else:
+        run = trial_run(previous, parent)
+        client = client_for(run)
+        client.update_run(run.run_id, status="RUNNING")
+        clear_error(client, run.run_id)  # a failure of an interrupted attempt is no longer the trial's state
+    kept = {"steps": previous.steps, "rungs": previous.rungs} if previous else {}
     try:
-        adapted = apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
-        trained = train_model(adapted, tokenized, config.train, run)
+        if previous is not None and previous.trained is not None:
+            adapted = previous.trained.adapted
+        else:
+            adapted = apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
+        trained = train_model(adapted, tokenized, config.train, run, stop_at)
         metrics = evaluate_model(trained, tokenized, run, config.train.eval_batch_size)
     except Exception as exc:  # isolation: the grid goes on with the other trials
         error = f"{type(exc).__name__}: {exc}".strip()
         client.set_tag(run.run_id, "adaptflow.error", error[:5000])
         (Path(run.run_dir) / "error.txt").write_text(traceback.format_exc())
         end_run(run, "FAILED")
-        return spec.outcome("failed", run_id=run.run_id, run_dir=run.run_dir, error=error)
+        return spec.outcome("failed", run_id=run.run_id, run_dir=run.run_dir, error=error, **kept)
     metrics = {**metrics, **trained.metrics()}
-    log_metrics(run, metrics)
+    # Under pruning each rung's evaluation is logged at its step: the trial's metric history is its rungs.
+    log_metrics(run, metrics, step=trained.steps if stop_at else 0)
     end_run(run, "FINISHED")
-    return spec.outcome("ok", run_id=run.run_id, run_dir=run.run_dir, metrics=metrics, trained=trained)
+    return spec.outcome(
+        "ok",
+        run_id=run.run_id,
+        run_dir=run.run_dir,
+        metrics=metrics,
+        trained=trained,
+        steps=trained.steps,
+        rungs=previous.rungs if previous else [],
+    )
 
 
 def selection_score(result: TrialResult, select: SelectSettings) -> float | None:
@@ -118,12 +173,111 @@ def selection_score(result: TrialResult, select: SelectSettings) -> float | None
     return value if select.mode == "min" else -value
 
 
+def ranked(results: list[TrialResult], select: SelectSettings) -> list[TrialResult]:
+    """The finished trials with a finite `select` metric, best first; ties go to fewer trainable parameters, then
+    to the earlier trial."""
+    scored = [(score, r) for r in results if (score := selection_score(r, select)) is not None]
+    scored.sort(key=lambda sr: (sr[0], sr[1].metrics.get("trainable_params", math.inf), sr[1].index))
+    return [r for _, r in scored]
+
+
 def select_best(results: list[TrialResult], select: SelectSettings) -> TrialResult | None:
-    """The best finished trial by `select`; ties go to fewer trainable parameters, then to the earlier trial."""
-    ranked = [(score, r) for r in results if (score := selection_score(r, select)) is not None]
-    if not ranked:
+    """The best finished trial by `select` (ties as in `ranked`)."""
+    best = ranked(results, select)
+    return best[0] if best else None
+
+
+def rung_steps(max_steps: int, prune: PruneSettings, trials: int) -> list[int]:
+    """The step counts at which the trials are ranked, growing by eta, the last one max_steps.
+
+    From `prune.min_steps` when set; else max_steps / eta^k with k the most halvings `trials` allow
+    (eta^k <= trials), so that about one trial is left for the last rung.
+    """
+    if prune.min_steps is not None:
+        rungs, step = [], prune.min_steps
+        while step < max_steps:
+            rungs.append(step)
+            step *= prune.eta
+        return [*rungs, max_steps]
+    k = 0
+    while prune.eta ** (k + 1) <= trials:
+        k += 1
+    return sorted({max(1, round(max_steps / prune.eta**i)) for i in range(k + 1)})
+
+
+def rung_ranking(grid: GridSettings) -> SelectSettings:
+    """What ranks the trials at a rung: `grid.prune`'s metric and mode, else `grid.select`'s."""
+    assert grid.prune is not None
+    return SelectSettings(metric=grid.prune.metric or grid.select.metric, mode=grid.prune.mode or grid.select.mode)
+
+
+def survivors(results: list[TrialResult], ranking: SelectSettings, eta: int) -> list[int]:
+    """Indices of the trials that go on after a rung: the best ceil(n / eta) of the n that finished it with a
+    finite metric (a failed trial is out; ties as in `ranked`)."""
+    finished = ranked(results, ranking)
+    return sorted(r.index for r in finished[: math.ceil(len(finished) / eta)])
+
+
+def at_rung(result: TrialResult, ranking: SelectSettings) -> TrialResult:
+    """The trial's result with its evaluation at this rung recorded (a failed trial records none)."""
+    if result.status != "ok":
+        return result
+    value = result.metrics.get(ranking.metric)
+    rung = RungRecord(steps=result.steps, metric=ranking.metric, value=value)
+    return result.model_copy(update={"rungs": [*result.rungs, rung]})
+
+
+def mark_pruned(result: TrialResult, parent: RunRef) -> TrialResult:
+    """A trial that stops at this rung: tagged in its run, status `pruned`, no model to select."""
+    client_for(parent).set_tag(trial_run(result, parent).run_id, "adaptflow.grid_status", "pruned")
+    return result.model_copy(update={"status": "pruned", "trained": None})
+
+
+def recorded_trials(parent: RunRef, specs: list[TrialSpec], metric: str | None) -> dict[int, TrialResult]:
+    """The trials a resumed grid had started, by index: their runs and folders to continue in (from their own
+    checkpoints) and, under pruning, the rung evaluations they logged (`metric` at each rung's step)."""
+    client = client_for(parent)
+    runs = client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+        order_by=["attributes.start_time ASC"],  # the newest run of a trial wins
+        max_results=5000,
+    )
+    found = {}
+    for run in runs:
+        index = int(run.data.tags.get("adaptflow.grid_trial", "-1"))
+        if not 0 <= index < len(specs):
+            continue
+        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step) if metric else []
+        rungs = [RungRecord(steps=m.step, metric=m.key, value=m.value) for m in history if m.step > 0]
+        found[index] = specs[index].outcome(
+            "ok",
+            run_id=run.info.run_id,
+            run_dir=str(Path(parent.run_dir).parent / run.info.run_id),  # beside the parent, as start_run makes them
+            metrics=dict(run.data.metrics),
+            rungs=rungs,
+        )
+    return found
+
+
+def before_rung(result: TrialResult, steps: int) -> TrialResult:
+    """A recorded trial as it was before the rung at `steps`: what a resumed grid continues from."""
+    rungs = [rung for rung in result.rungs if rung.steps < steps]
+    return result.model_copy(update={"rungs": rungs, "steps": rungs[-1].steps if rungs else 0})
+
+
+def replay_rung(result: TrialResult, steps: int) -> TrialResult | None:
+    """A recorded trial's result at the rung at `steps`, if it logged one (a resumed grid does not train it again)."""
+    rungs = [rung for rung in result.rungs if rung.steps <= steps]
+    if not rungs or rungs[-1].steps != steps or rungs[-1].value is None:
         return None
-    return min(ranked, key=lambda sr: (sr[0], sr[1].metrics.get("trainable_params", math.inf), sr[1].index))[1]
+    metrics = {**result.metrics, rungs[-1].metric: rungs[-1].value}
+    return result.model_copy(update={"rungs": rungs, "steps": steps, "metrics": metrics, "status": "ok"})
+
+
+def steps_saved(results: list[TrialResult], max_steps: int | None) -> int:
+    """Training steps the pruned trials did not take."""
+    return sum(max_steps - r.steps for r in results if r.status == "pruned" and max_steps)
 
 
 def pareto_front(results: list[TrialResult], select: SelectSettings) -> list[int]:

@@ -26,6 +26,7 @@ def results_table(results: list[TrialResult], select: SelectSettings) -> pd.Data
                 "r": r.params["r"],
                 "alpha": r.params["alpha"],
                 "status": r.status,
+                "steps": r.steps,
                 select.metric: r.metrics.get(select.metric, math.nan),
                 "trainable_params": r.metrics.get("trainable_params", math.nan),
                 "train_seconds": r.metrics.get("train_seconds", math.nan),
@@ -33,7 +34,45 @@ def results_table(results: list[TrialResult], select: SelectSettings) -> pd.Data
             }
         )
     table = pd.DataFrame(rows)
-    return table.sort_values(select.metric, ascending=select.mode == "min", na_position="last", kind="stable")
+    table = table.sort_values(select.metric, ascending=select.mode == "min", na_position="last", kind="stable")
+    # Finished trials first: a pruned trial's metric is from fewer steps and does not compare with theirs.
+    return table.sort_values("status", key=lambda s: s != "ok", kind="stable")
+
+
+def rung_table(results: list[TrialResult]) -> pd.DataFrame:
+    """Under pruning: one row per trial, its metric at each rung it reached (one column per rung's steps)."""
+    steps = sorted({rung.steps for r in results for rung in r.rungs})
+    rows = []
+    for r in sorted(results, key=lambda r: r.index):
+        at = {rung.steps: rung.value for rung in r.rungs}
+        row = {"trial": r.index, "name": r.name, "status": r.status, "steps": r.steps}
+        rows.append(row | {f"step {s}": at.get(s, math.nan) for s in steps})
+    return pd.DataFrame(rows)
+
+
+def plot_rungs(results: list[TrialResult], folder: Path) -> Path:
+    """The metric of every trial at every rung it reached: finished trials solid, pruned ones dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = next(rung.metric for r in results for rung in r.rungs)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        points = [(rung.steps, rung.value) for rung in r.rungs if rung.value is not None]
+        if points:
+            steps, values = zip(*points, strict=True)
+            style = "-o" if r.status == "ok" else "--x" if r.status == "pruned" else ":"
+            ax.plot(steps, values, style, label=f"{r.index}: {r.name}", linewidth=1, markersize=4)
+    ax.set(xscale="log", xlabel="steps (rungs)", ylabel=metric, title="successive halving: metric per rung")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = folder / "grid_rungs.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -70,11 +109,16 @@ def plot_grid(results: list[TrialResult], select: SelectSettings, folder: Path) 
         ranks = sorted({t.params["r"] for t in trials})
         alphas = sorted({t.params["alpha"] for t in trials})
         grid = pd.DataFrame(math.nan, index=ranks, columns=alphas)
-        for t in trials:
-            grid.loc[t.params["r"], t.params["alpha"]] = t.metrics.get(select.metric, math.nan)
+        labels = pd.DataFrame("", index=ranks, columns=alphas)
+        for t in trials:  # a pruned trial's metric is from fewer steps: shown as its status, like a failed one
+            grid.loc[t.params["r"], t.params["alpha"]] = (
+                t.metrics.get(select.metric, math.nan) if t.status == "ok" else math.nan
+            )
+            labels.loc[t.params["r"], t.params["alpha"]] = t.status
         image = ax.imshow(grid.values, cmap="viridis_r" if select.mode == "min" else "viridis", aspect="auto")
         for (i, j), value in pd.DataFrame(grid.values).stack(future_stack=True).items():
-            ax.text(j, i, "failed" if math.isnan(value) else f"{value:.4g}", ha="center", va="center", fontsize=8)
+            shown = labels.iat[i, j] if math.isnan(value) else f"{value:.4g}"
+            ax.text(j, i, shown, ha="center", va="center", fontsize=8)
         ax.set(
             xticks=range(len(alphas)),
             xticklabels=[f"{a:g}" for a in alphas],
@@ -133,7 +177,8 @@ def plot_grid(results: list[TrialResult], select: SelectSettings, folder: Path) 
 
 
 def report_grid(results: list[TrialResult], select: SelectSettings, parent: RunRef) -> str:
-    """The results table (CSV + Markdown) and the plots, written to the parent run; returns the Markdown."""
+    """The results table (CSV + Markdown) and the plots, written to the parent run, with the rung table and plot
+    under pruning; returns the Markdown."""
     folder = Path(parent.run_dir) / "reports"
     folder.mkdir(parents=True, exist_ok=True)
     table = results_table(results, select)
@@ -141,5 +186,10 @@ def report_grid(results: list[TrialResult], select: SelectSettings, parent: RunR
     markdown = markdown_table(table)
     (folder / "grid_results.md").write_text(markdown)
     plot_grid(results, select, folder)
+    if any(r.rungs for r in results):
+        rungs = rung_table(results)
+        rungs.to_csv(folder / "grid_rungs.csv", index=False)
+        (folder / "grid_rungs.md").write_text(markdown_table(rungs))
+        plot_rungs(results, folder)
     client_for(parent).log_artifacts(parent.run_id, str(folder), "reports")
     return markdown

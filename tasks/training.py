@@ -188,6 +188,19 @@ class _StopOnNonFinite(TrainerCallback):
             control.should_training_stop = True
 
 
+class StopAtStep(TrainerCallback):
+    """Ends training at a step count with a checkpoint there, leaving max_steps and so the learning-rate schedule
+    as they are: a grid's pruning rung, which the trial may later continue from that checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
 class MethodTrainer(Trainer):
     """The HF Trainer, saving checkpoints in the method's own format (adapter weights, not the whole model).
 
@@ -274,8 +287,11 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> Trainin
     )
 
 
-def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSettings, run: RunRef) -> TrainedRef:
-    """Train, save the result to `<run_dir>/adapter`, log loss/lr as they happen.
+def train_model(
+    adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSettings, run: RunRef, stop_at: int | None = None
+) -> TrainedRef:
+    """Train, save the result to `<run_dir>/adapter`, log loss/lr as they happen; `stop_at` ends training at that
+    step (with a checkpoint to continue from) instead of at max_steps.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (the run stops with that message).
@@ -292,7 +308,7 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
     method = get_method(adapted.method_name)
     state = TrainerState.load_from_json(str(resume_from / "trainer_state.json")) if resume_from else None
     failures, bad_step, tokens, checkpoint_seconds = 0, None, 0, 0.0
-    if state is not None and 0 < state.max_steps <= state.global_step:
+    if state is not None and 0 < min(state.max_steps, stop_at or state.max_steps) <= state.global_step:
         # Killed after training ended (while evaluating, say): the Trainer would take one step more.
         log.info("checkpoint %s is at the last step: training is done, going on to evaluation", resume_from)
         history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e]
@@ -309,7 +325,7 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
             args=training_arguments(settings, checkpoints),
             train_dataset=train_split,
             data_collator=make_collator(tokenizer, tokenized.task, settings.packing),
-            callbacks=[stream, guard],
+            callbacks=[stream, guard, *([StopAtStep(stop_at)] if stop_at else [])],
         )
         started = time.perf_counter()
         try:

@@ -6,6 +6,11 @@ import csv
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +18,13 @@ from conftest import write_config
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from tasks.config import RunConfig, SelectSettings
-from tasks.grid import TrialResult, expand_grid, pareto_front, select_best
+from tasks.config import PruneSettings, RunConfig, SelectSettings, resolve_paths
+from tasks.grid import TrialResult, expand_grid, pareto_front, run_trial, rung_steps, select_best, survivors
 from tasks.grid_report import markdown_table, results_table
+from tasks.load import load_data
+from tasks.modeling import resolve_model
+from tasks.tokenization import tokenize_dataset
+from tasks.tracking import start_run
 
 
 def last_json(text: str) -> dict:
@@ -190,3 +199,188 @@ def test_a_grid_where_every_trial_fails_exits_1_with_a_summary(
 def test_promote_unknown_model_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["promote", "--name", "nope", "--json"]) == 2
     assert "--name: no registered model called 'nope'" in capsys.readouterr().err
+
+
+def test_prune_settings_bad_input_exits_2_naming_the_key(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = grid_config(tmp_path, tiny_model, stories_file)
+    for setting, message in [
+        ("grid.prune={eta: 1}", "grid.prune.eta: Input should be greater than or equal to 2"),
+        ("grid.prune={min_steps: 6}", "grid.prune.min_steps: must be below train.max_steps (6) (got 6)"),
+        ("grid.prune={min_steps: 9}", "grid.prune.min_steps: must be below train.max_steps (6) (got 9)"),
+        ("grid.prune={strategy: hyperband}", "grid.prune.strategy: Input should be 'halving'"),
+    ]:
+        assert main(["grid", str(config), "--set", setting, "--json"]) == 2
+        assert message in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "grid",
+                str(config),
+                "--set",
+                "grid.prune={}",
+                "--set",
+                "train.max_steps=null",
+                "--set",
+                "train.epochs=1",
+                "--json",
+            ]
+        )
+        == 2
+    )
+    assert "grid.prune: pruning trains to step counts; set train.max_steps" in capsys.readouterr().err
+
+
+def halving(eta: int = 3, min_steps: int | None = None) -> PruneSettings:
+    return PruneSettings(eta=eta, min_steps=min_steps)
+
+
+def test_rung_steps_grow_by_eta_and_end_at_max_steps() -> None:
+    assert rung_steps(90, halving(), 16) == [10, 30, 90]  # 3^2 <= 16 < 3^3: two halvings
+    assert rung_steps(90, halving(), 27) == [3, 10, 30, 90]
+    assert rung_steps(90, halving(), 2) == [90]  # nothing to halve with fewer trials than eta
+    assert rung_steps(100, halving(eta=2), 8) == [12, 25, 50, 100]
+    assert rung_steps(90, halving(min_steps=5), 16) == [5, 15, 45, 90]
+    assert rung_steps(6, halving(eta=2), 64) == [1, 2, 3, 6]  # rounding never repeats a rung
+
+
+def test_survivors_are_the_best_third_of_those_that_finished_the_rung() -> None:
+    # 7 trials, one failed, one NaN: 5 ranked, ceil(5/3) = 2 go on; the tie at 1.5 goes to fewer parameters.
+    results = [
+        trial(0, 2.0, 800),
+        trial(1, 1.5, 3200),
+        trial(2, None, 10),
+        trial(3, 1.5, 1600),
+        trial(4, float("nan"), 5),
+        trial(5, 1.2, 9000),
+        trial(6, 3.0, 100),
+    ]
+    assert survivors(results, SelectSettings(), eta=3) == [3, 5]
+    assert survivors(results, SelectSettings(mode="max"), eta=2) == [0, 3, 6]  # 3.0, 2.0, then the tie
+    assert survivors([trial(0, None, 1)], SelectSettings(), eta=3) == []
+    assert survivors([trial(0, 1.0, 1)], SelectSettings(), eta=3) == [0]
+
+
+def test_a_trial_continued_across_rungs_ends_where_the_same_trial_unpruned_ends(
+    tmp_path: Path, tiny_model: str, stories_file: Path
+) -> None:
+    """Pruning changes which trials go on, never the numbers of one that does: the continued trial resumes its
+    optimizer, scheduler (of the full max_steps run), RNG and data position."""
+    config = RunConfig.model_validate(
+        {
+            "model": {"name_or_path": tiny_model},
+            "data": {"train": str(stories_file), "max_length": 32, "eval_fraction": 0.2},
+            "method": {"name": "lora", "dropout": 0.1},
+            "train": {"max_steps": 6, "batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.3, "logging_steps": 1},
+            "tracking": {"experiment": "prune"},
+            "grid": {"r": [4], "alpha": [8], "target_modules": ["all-linear"]},
+        }
+    )
+    config = resolve_paths(
+        config.model_copy(update={"train": config.train.model_copy(update={"output_dir": str(tmp_path / "runs")})}),
+        tmp_path,
+    )
+    source = resolve_model(config.model)
+    data = load_data(config.data, config.task, tmp_path / "cache" / "d")
+    tokenized = tokenize_dataset(data, source, config.task, 32, tmp_path / "cache" / "t")
+    parent = start_run(config, "parent")
+    spec = expand_grid(config)[0]
+
+    unpruned = run_trial(spec, source, tokenized, parent, None)
+    first = run_trial(spec, source, tokenized, parent, None, stop_at=2)
+    assert (first.status, first.steps) == ("ok", 2) and first.run_id != unpruned.run_id
+    second = run_trial(spec, source, tokenized, parent, None, stop_at=4, previous=first)
+    last = run_trial(spec, source, tokenized, parent, None, stop_at=6, previous=second)
+    assert (last.status, last.steps, last.run_id) == ("ok", 6, first.run_id)
+    assert last.trained is not None and last.trained.resumed_from_step == 4
+    assert first.metrics["eval_loss"] != pytest.approx(last.metrics["eval_loss"])
+    assert last.metrics["eval_loss"] == pytest.approx(unpruned.metrics["eval_loss"], rel=1e-6)
+    history = MlflowClient().get_metric_history(first.run_id, "eval_loss")
+    assert sorted(m.step for m in history if m.step) == [2, 4, 6]  # each rung's evaluation at its step (0: evaluate's)
+
+
+@pytest.mark.slow
+def test_a_pruned_grid_finishes_only_the_best_and_selects_among_those_that_reached_max_steps(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = grid_config(tmp_path, tiny_model, stories_file)
+    # 4 trials, 2 failing (a module this model lacks); rungs at steps 3 and 6; the better half of those left go on.
+    pruned = ["--set", "grid.target_modules=[[q_proj, v_proj], [qkv]]", "--set", "grid.prune={eta: 2, min_steps: 3}"]
+
+    assert main(["grid", str(config), *pruned, "--set", "grid.prune.metric=eval_nope", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "grid.prune.metric: no trial reports 'eval_nope'; the trials report:" in err and "eval_loss" in err
+    assert MlflowClient().search_registered_models() == []
+
+    assert main(["grid", str(config), *pruned, "--json"]) == 0
+    local = last_json(capsys.readouterr().out)
+    trials = local["trials"]
+    assert [(t["status"], t["steps"]) for t in trials][2:] == [("failed", 0), ("failed", 0)]
+    survivor, loser = sorted(trials[:2], key=lambda t: t["rungs"][0]["value"])
+    assert (survivor["status"], survivor["steps"], loser["status"], loser["steps"]) == ("ok", 6, "pruned", 3)
+    assert [r["steps"] for r in survivor["rungs"]] == [3, 6] and [r["steps"] for r in loser["rungs"]] == [3]
+    assert survivor["rungs"][-1]["value"] == survivor["metrics"]["eval_loss"]
+    assert local["best"]["index"] == survivor["index"]
+    assert (local["steps_total"], local["steps_saved"]) == (9, 3)
+    client = MlflowClient()
+    assert client.get_model_version("grid", local["model_version"]).run_id == survivor["run_id"]
+    assert client.get_run(loser["run_id"]).data.tags["adaptflow.grid_status"] == "pruned"
+    reports = {a.path for a in client.list_artifacts(local["parent_run_id"], "reports")}
+    assert {"reports/grid_rungs.csv", "reports/grid_rungs.md", "reports/grid_rungs.png"} <= reports
+    rungs = Path(client.download_artifacts(local["parent_run_id"], "reports/grid_rungs.md")).read_text()
+    assert rungs.splitlines()[0] == "| trial | name | status | steps | step 3 | step 6 |"
+
+    # The same rungs on a Dask LocalCluster: the same table.
+    assert main(["grid", str(config), *pruned, "--set", "grid.runner=dask", "--json"]) == 0
+    dask = last_json(capsys.readouterr().out)
+    assert comparable(dask) == comparable(local)
+    assert [t["rungs"] for t in dask["trials"]] == [t["rungs"] for t in trials]
+
+
+@pytest.mark.slow
+def test_a_pruned_grid_killed_mid_rung_resumes_from_the_trials_checkpoints_to_the_same_table(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 3 trials one after another; rungs at steps 4 and 12: one trial goes on, checkpointing every 2 steps.
+    config = grid_config(
+        tmp_path, tiny_model, stories_file, r=[2, 4, 8], max_parallel=1, prune={"eta": 3, "min_steps": 4}
+    )
+    longer = ["--set", "train.max_steps=12", "--set", "train.save_steps=2"]
+    assert main(["grid", str(config), *longer, "--json"]) == 0
+    uninterrupted = last_json(capsys.readouterr().out)
+
+    # The same grid in a separate process, SIGKILLed (with its process group) while the survivor is between rungs.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    command = [str(Path(sys.executable).with_name("adaptflow")), "grid", str(config), *longer]
+    child = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    runs = tmp_path / "runs"
+    finished = {t["run_id"] for t in uninterrupted["trials"]}
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if any(
+                p.parents[1].name not in finished for p in runs.glob("*/checkpoints/checkpoint-[68]/trainer_state.json")
+            ):
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("adaptflow").experiment_id
+    running = client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    (killed,) = [r for r in running if "mlflow.parentRunId" not in r.data.tags]  # SIGKILL: nobody could mark it
+    assert main(["grid", str(config), *longer, "--resume", "--json"]) == 0
+    resumed = last_json(capsys.readouterr().out)
+    assert resumed["parent_run_id"] == killed.info.run_id
+    nested = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{killed.info.run_id}'")
+    assert len(nested) == 3, "every trial continued in its own run"
+    assert comparable(resumed) == comparable(uninterrupted)
+    assert [t["rungs"] for t in resumed["trials"]] == [t["rungs"] for t in uninterrupted["trials"]]
+    assert (resumed["steps_total"], resumed["steps_saved"]) == (uninterrupted["steps_total"], 16) == (20, 16)
+    for t in resumed["trials"]:  # the pruned trials' rung was taken as logged, not trained again
+        steps = sorted(m.step for m in client.get_metric_history(t["run_id"], "eval_loss") if m.step)  # 0: finish's
+        assert steps == ([4] if t["status"] == "pruned" else [4, 12])
