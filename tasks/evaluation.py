@@ -130,9 +130,7 @@ def model_metrics(
 ) -> dict[str, float]:
     """The objective's metrics on the eval split: loss and perplexity (causal LM), loss, accuracy and macro F1
     (classification)."""
-    _, eval_split = tokenized.splits()
-    objective = get_objective(tokenized.task)
-    return objective.metrics(model, eval_split, objective.collator(tokenizer), batch_size)
+    return get_objective(tokenized.task).metrics(model, tokenizer, tokenized, batch_size)
 
 
 def evaluate_registered(

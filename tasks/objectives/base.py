@@ -91,7 +91,7 @@ class Objective:
     tokens are dropped; `collator(tokenizer)` pads a batch.
     Model: `auto_model()` gives the transformers auto class of its models, `head_options(label_names)` the extra
     `from_pretrained` arguments of a new head; `architecture` is the suffix of its models' class names (to recognise a plain model folder).
-    Metrics: `metrics(model, eval_split, collator, batch_size)` the eval metrics; `eval_loss` the one loss that
+    Metrics: `metrics(model, tokenizer, tokenized, batch_size)` the eval metrics on the eval split; `eval_loss` the one loss that
     compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
     `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
     Reports: `base_generations(source, data, tokenized)` the base model's part of the report (cached per base model),
@@ -109,7 +109,7 @@ class Objective:
     collator: Callable[[Any], Any]
     auto_model: Callable[[], Any]
     architecture: str
-    metrics: Callable[[nn.Module, Dataset, Any, int], dict[str, float]]
+    metrics: Callable[[nn.Module, Any, TokenizedRef, int], dict[str, float]]
     eval_loss: Callable[[nn.Module, Dataset, Any, int], float]
     base_metrics: Callable[[ModelSource, TokenizedRef, int], dict[str, float]]
     report: Callable[[ReportInput], tuple[dict[str, Any], dict[str, float]]]

@@ -55,10 +55,11 @@ def auto_model() -> Any:
     return AutoModelForCausalLM
 
 
-def metrics(model: nn.Module, dataset: Dataset, collate: Any, batch_size: int) -> dict[str, float]:
+def metrics(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
     from tasks.evaluation import causal_lm_metrics
 
-    return causal_lm_metrics(model, dataset, collate, batch_size, prefix="")
+    _, eval_split = tokenized.splits()
+    return causal_lm_metrics(model, eval_split, collator(tokenizer), batch_size, prefix="")
 
 
 def eval_loss(model: nn.Module, dataset: Dataset, collate: Any, batch_size: int) -> float:

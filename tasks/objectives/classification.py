@@ -83,13 +83,14 @@ def head_options(label_names: list[str] | None) -> dict[str, Any]:
     }
 
 
-def metrics(model: nn.Module, dataset: Dataset, collate: Any, batch_size: int) -> dict[str, float]:
+def metrics(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
     """Loss, accuracy and macro F1."""
     from sklearn.metrics import accuracy_score, f1_score  # scipy takes a second to import
 
     from tasks.evaluation import predict_labels
 
-    predicted, truth, loss = predict_labels(model, dataset, collate, batch_size)
+    _, eval_split = tokenized.splits()
+    predicted, truth, loss = predict_labels(model, eval_split, collator(tokenizer), batch_size)
     return {
         "eval_loss": loss,
         "eval_accuracy": float(accuracy_score(truth, predicted)),

@@ -85,6 +85,7 @@ def encoder(
     template = template_of(tokenizer, settings)
     chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
     settings["chat"] = chat
+    settings["held_out"] = data.eval_dir  # the eval conversations, answered in evaluation
     settings["params"] = {"sft.template": template.name}
     settings["package"] = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
     counts = settings["metrics"] = {"sft_dropped_rows": 0}
@@ -108,33 +109,47 @@ def encoder(
     return encode, None
 
 
-def metrics(model: nn.Module, dataset: Dataset, collate: Any, batch_size: int) -> dict[str, float]:
-    from tasks.evaluation import response_metrics
-
-    return response_metrics(model, dataset, collate, batch_size, prefix="")
+def metrics(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
+    """Response loss, perplexity and token accuracy; ROUGE-L and exact match of greedy held-out answers."""
+    return scored(model, tokenizer, tokenized, batch_size, prefix="")
 
 
 def base_metrics(source: ModelSource, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
-    """The untouched base model's response loss, perplexity and token accuracy on the same eval set."""
+    """The same metrics for the untouched base model on the same eval set."""
+    model, tokenizer = causal_lm.base_model(source)
+    return scored(model, tokenizer, tokenized, batch_size, prefix="base_")
+
+
+def scored(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, prefix: str) -> dict[str, float]:
     from tasks.evaluation import response_metrics
 
-    model, tokenizer = causal_lm.base_model(source)
     _, eval_split = tokenized.splits()
-    return response_metrics(model, eval_split, causal_lm.collator(tokenizer), batch_size, prefix="base_")
+    result = response_metrics(model, eval_split, causal_lm.collator(tokenizer), batch_size, prefix=prefix)
+    references = [split_reference(c)[1] for c in held_out(tokenized)]
+    scores = answer_scores(answers(model, tokenizer, tokenized, batch_size), references)
+    return result | {f"{prefix}{k}": v for k, v in scores.items()}
 
 
-def held_out(data: DataRef, tokenized: TokenizedRef) -> list[list[dict[str, str]]]:
-    """The eval conversations answered in the report: the first `eval_generations`."""
+def split_reference(conversation: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    from tasks.instruction import split_reference
+
+    return split_reference(conversation)
+
+
+def held_out(tokenized: TokenizedRef) -> list[list[dict[str, str]]]:
+    """The eval conversations whose last response is generated and scored: the first `eval_generations`."""
+    from datasets import load_from_disk
+
     count = int(tokenized.options.get("eval_generations", 64))
-    return list(data.splits()[1]["messages"][:count]) if count else []
+    return list(load_from_disk(tokenized.options["held_out"])["messages"][:count]) if count else []
 
 
-def answers(model: nn.Module, tokenizer: Any, data: DataRef, tokenized: TokenizedRef, batch_size: int) -> list[str]:
+def answers(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int) -> list[str]:
     """Greedy answers to the held-out prompts: rendered with the run's template, stopped at its end of turn."""
     from tasks.generation import generate_from_ids
     from tasks.instruction import encode_prompt, response_only, stop_token_ids
 
-    conversations = held_out(data, tokenized)
+    conversations = held_out(tokenized)
     if not conversations:
         return []
     template = template_of(tokenizer, tokenized.options)
@@ -154,7 +169,7 @@ def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef
     from tasks.evaluation import EVAL_BATCH_SIZE
 
     model, tokenizer = causal_lm.base_model(source)
-    return answers(model, tokenizer, data, tokenized, EVAL_BATCH_SIZE)
+    return answers(model, tokenizer, tokenized, EVAL_BATCH_SIZE)
 
 
 def normalized(text: str) -> str:
@@ -175,15 +190,13 @@ def answer_scores(predictions: list[str], references: list[str]) -> dict[str, fl
 
 
 def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
-    """Response loss, perplexity and accuracy tuned vs base; greedy answers to held-out prompts, tuned vs base,
-    scored with ROUGE-L and exact match (`reports/predictions.jsonl` has every one)."""
-    from tasks.instruction import prompt_for_generation, split_reference
+    """The metrics tuned vs base, and the greedy answers to the held-out prompts, tuned vs base, next to the
+    reference (`reports/predictions.jsonl` has every one; evaluation scored them)."""
+    from tasks.instruction import prompt_for_generation
 
-    conversations = held_out(given.data, given.tokenized)
-    tuned = answers(given.model, given.tokenizer, given.data, given.tokenized, given.batch_size)
+    conversations = held_out(given.tokenized)
+    tuned = answers(given.model, given.tokenizer, given.tokenized, given.batch_size)
     references = [split_reference(c)[1] for c in conversations]
-    extra = answer_scores(tuned, references)
-    extra |= {f"base_{k}": v for k, v in answer_scores(given.base_texts, references).items()}
     template = template_of(given.tokenizer, given.tokenized.options)
     rows = [
         {"prompt": prompt_for_generation(c, given.tokenizer, template), "reference": ref, "base": b, "tuned": t}
@@ -191,13 +204,12 @@ def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
     ]
     with (given.folder / "predictions.jsonl").open("w", encoding="utf-8") as out:
         out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    scores = {**given.metrics, **extra}
     keys = ("eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_rouge_l", "eval_exact_match")
     sections = {
-        "metrics": {key: (scores.get(key), scores.get(f"base_{key}")) for key in keys},
+        "metrics": {key: (given.metrics.get(key), given.metrics.get(f"base_{key}")) for key in keys},
         "generations": rows[:REPORTED],
     }
-    return sections, extra
+    return sections, {}
 
 
 OBJECTIVE = Objective(
