@@ -62,6 +62,31 @@ class WorkerError(BaseModel):
     time: float
 
 
+def check_device(settings: TrainSettings) -> None:
+    """What the config alone cannot tell: FSDP and the process count against this machine's devices.
+
+    Raises:
+        UserInputError: FSDP without CUDA (accelerate shards with FSDP on GPUs only), or more processes per
+            node than GPUs.
+    """
+    import torch
+
+    distributed = settings.distributed
+    if distributed is None or distributed.world_size == 1:
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if distributed.strategy == "fsdp" and gpus == 0:
+        raise UserInputError(
+            "train.distributed.strategy: fsdp needs CUDA GPUs (accelerate shards with FSDP on GPUs only; on CPU "
+            "torch.distributed trains with gloo under ddp); use strategy: ddp here"
+        )
+    if gpus and distributed.nproc_per_node > gpus:
+        raise UserInputError(
+            f"train.distributed.nproc_per_node: {distributed.nproc_per_node} processes, but this node has {gpus} "
+            "GPU(s); one process per GPU"
+        )
+
+
 def fsdp_arguments(fsdp: FsdpSettings) -> dict[str, Any]:
     """The HF Trainer's `fsdp` and `fsdp_config` for our settings; full state dicts, so rank 0 saves whole
     (consolidated) weights in the method's own format."""
@@ -106,8 +131,8 @@ _DIE_WITH_PARENT = (
 
 def train_distributed(
     adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSettings, run: RunRef, resume_from: Path | None
-) -> TrainedRef:
-    """Train on `train.distributed`'s processes and return rank 0's TrainedRef.
+) -> TrainedRef | None:
+    """Train on `train.distributed`'s processes and return rank 0's TrainedRef (None on a node other than 0).
 
     Raises:
         UserInputError: a worker found the user's input wrong (exit 2).
@@ -160,7 +185,7 @@ def train_distributed(
     if code != 0 or (distributed.node_rank == 0 and not result.exists()):
         shown = "\n".join(f"  {line}" for line in tail)
         raise RunFailed(f"distributed training failed: torchrun exited with code {code}; its last lines:\n{shown}")
-    return TrainedRef.model_validate_json(result.read_text())
+    return TrainedRef.model_validate_json(result.read_text()) if distributed.node_rank == 0 else None
 
 
 def run_launcher(command: list[str]) -> tuple[int, list[str]]:

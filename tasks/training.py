@@ -59,6 +59,8 @@ def checkpoint_problems(folder: Path) -> list[str]:
         problems.append(f"{state}: {exc.__class__.__name__}: {exc}")
     for name in ("optimizer.pt", "scheduler.pt"):
         path = folder / name
+        if name == "optimizer.pt" and not path.exists() and (folder / "optimizer.bin").exists():
+            path = folder / "optimizer.bin"  # FSDP's consolidated optimizer state
         try:
             zipfile.ZipFile(path).close()
         except (OSError, zipfile.BadZipFile) as exc:
@@ -226,6 +228,12 @@ class MethodTrainer(Trainer):
         folder = Path(output_dir or str(self.args.output_dir))
         folder.mkdir(parents=True, exist_ok=True)
         assert self.model is not None
+        if self.is_fsdp_enabled and state_dict is not None:
+            # Under FSDP the model's own weights are shards: save the full state dict the ranks gathered for
+            # rank 0. FSDP trains full and lora only, whose own save is exactly this save_pretrained.
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            unwrapped.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+            return
         self.save_method(self.model, folder)
 
 
@@ -320,7 +328,9 @@ def train_model(adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSet
         from tasks.distributed import train_distributed
 
         take(adapted.adapter_dir)  # the workers load it from disk; this process holds no model meanwhile
-        trained = train_distributed(adapted, tokenized, settings, run, resume_from)
+        result = train_distributed(adapted, tokenized, settings, run, resume_from)
+        assert result is not None, "nodes other than node 0 train through flows.pipeline.worker_node"
+        trained = result
     else:
         if resume_from is not None:  # a resumed run or a retried task: continue, do not start again at step 0
             take(adapted.adapter_dir)
@@ -394,7 +404,9 @@ def train_loaded(
             "lower train.learning_rate or check the data"
         )
     folder = Path(run.run_dir) / "adapter"
-    if rank == 0:
+    if finished is None and trainer.is_fsdp_enabled:
+        trainer.save_model(str(folder))  # every rank takes part in gathering the shards; rank 0 writes
+    elif rank == 0:
         method.save(model, folder)
         remember(folder, model)
     training_only = seconds - checkpoint_seconds

@@ -13,13 +13,14 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+import torch
 from conftest import write_config
 from mlflow.tracking import MlflowClient
 
 from adapters_impl.lora import LoraSettings
 from tasks.adapting import apply_method
 from tasks.config import DataSettings, DistributedSettings, ModelSettings, TrainSettings, validate_config
-from tasks.distributed import launch_command
+from tasks.distributed import check_device, launch_command
 from tasks.errors import RunFailed, UserInputError
 from tasks.evaluation import evaluate_model
 from tasks.load import load_data
@@ -58,6 +59,14 @@ def test_the_launcher_runs_one_node_standalone_and_nodes_at_a_static_rendezvous(
     many = launch_command(TrainSettings(distributed=two), spec, "r")
     assert {"--nnodes=2", "--node_rank=1", "--rdzv_backend=static", "--rdzv_endpoint=10.0.0.1:29400"} <= set(many)
     assert "--standalone" not in many
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs on GPUs")
+def test_fsdp_without_gpus_is_refused_before_launching() -> None:
+    settings = TrainSettings(distributed=DistributedSettings(nproc_per_node=2, strategy="fsdp"))
+    with pytest.raises(UserInputError, match="fsdp needs CUDA GPUs"):
+        check_device(settings)
+    check_device(TrainSettings(distributed=DistributedSettings(nproc_per_node=2)))  # ddp with gloo is fine
 
 
 class Stage:
