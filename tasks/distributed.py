@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -102,7 +103,15 @@ def fsdp_arguments(fsdp: FsdpSettings) -> dict[str, Any]:
     return {"fsdp": " ".join(options), "fsdp_config": config}
 
 
-def launch_command(settings: TrainSettings, spec: Path, run_id: str) -> list[str]:
+def rendezvous_id(settings: TrainSettings) -> str:
+    """The same on every node of one run (the rendezvous keys are prefixed with it): the training settings but
+    what may differ between nodes (the node's rank, its output folder)."""
+    assert settings.distributed is not None
+    shared = settings.model_dump(mode="json", exclude={"output_dir": True, "distributed": {"node_rank"}})
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def launch_command(settings: TrainSettings, spec: Path) -> list[str]:
     """torchrun for this node: one node on a free local port, or a static rendezvous at rdzv_endpoint
     (node 0 hosts it; node ranks fix which node holds global rank 0, the one that tracks)."""
     distributed = settings.distributed
@@ -116,7 +125,7 @@ def launch_command(settings: TrainSettings, spec: Path, run_id: str) -> list[str
             f"--node_rank={distributed.node_rank}",
             "--rdzv_backend=static",
             f"--rdzv_endpoint={distributed.rdzv_endpoint}",
-            f"--rdzv_id={run_id}",
+            f"--rdzv_id={rendezvous_id(settings)}",
         ]
     return [*command, "--max_restarts=0", "--monitor_interval=0.5", "-m", "tasks.train_worker", str(spec)]
 
@@ -168,7 +177,7 @@ def train_distributed(
         settings.batch_size,
         settings.grad_accum,
     )
-    code, tail = run_launcher(launch_command(settings, spec, run.run_id))
+    code, tail = run_launcher(launch_command(settings, spec))
     errors = sorted(
         (WorkerError.model_validate_json(p.read_text()) for p in folder.glob("error-rank*.json")),
         key=lambda e: e.time,

@@ -53,10 +53,12 @@ def test_distributed_settings_are_checked_before_anything_runs(method: str, dist
 
 def test_the_launcher_runs_one_node_standalone_and_nodes_at_a_static_rendezvous() -> None:
     spec = Path("spec.json")
-    one = launch_command(TrainSettings(distributed=DistributedSettings(nproc_per_node=2)), spec, "r")
+    one = launch_command(TrainSettings(distributed=DistributedSettings(nproc_per_node=2)), spec)
     assert "--standalone" in one and "--nproc_per_node=2" in one and one[-2:] == ["tasks.train_worker", "spec.json"]
     two = DistributedSettings(nproc_per_node=2, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400")
-    many = launch_command(TrainSettings(distributed=two), spec, "r")
+    many = launch_command(TrainSettings(distributed=two), spec)
+    node0 = launch_command(TrainSettings(distributed=two.model_copy(update={"node_rank": 0})), spec)
+    assert [a for a in many if a.startswith("--rdzv_id")] == [a for a in node0 if a.startswith("--rdzv_id")]
     assert {"--nnodes=2", "--node_rank=1", "--rdzv_backend=static", "--rdzv_endpoint=10.0.0.1:29400"} <= set(many)
     assert "--standalone" not in many
 
