@@ -77,15 +77,23 @@ def load_peft(base: nn.Module, directory: Path, trainable: bool) -> nn.Module:
     """The saved adapter on a fresh base model (from safetensors only: peft would fall back to a pickle)."""
     if not (directory / ADAPTER_WEIGHTS).exists():
         raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS}; adaptflow loads saved weights only as safetensors")
+    # peft refuses to load prompt learning (prefix, prompt) as trainable. Loaded for inference, their saved
+    # prompt embeddings are used as they are (a prefix's projection MLP is not saved: its output is) and train
+    # directly: a resumed run or a distributed worker goes on from the same values.
+    prompt_learning = PeftConfig.from_pretrained(str(directory)).is_prompt_learning
+    peft_trainable = trainable and not prompt_learning
     if (directory / HEAD_FILE).exists():
         head = output_head(base)
         head.load_state_dict(load_file(str(directory / HEAD_FILE)))
-        backbone = PeftModel.from_pretrained(base.base_model, str(directory), is_trainable=trainable)  # type: ignore[arg-type]
+        backbone = PeftModel.from_pretrained(base.base_model, str(directory), is_trainable=peft_trainable)  # type: ignore[arg-type]
         model: nn.Module = LastTokenClassifier(backbone, head, base.config)
     else:
-        model = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)  # type: ignore[arg-type]
+        backbone = model = PeftModel.from_pretrained(base, str(directory), is_trainable=peft_trainable)  # type: ignore[arg-type]
     if not trainable:  # peft leaves prompt encoders trainable even then
         model.requires_grad_(False)
+    elif prompt_learning:
+        for encoder in backbone.prompt_encoder.values():
+            encoder.embedding.requires_grad_(True)
     return model
 
 

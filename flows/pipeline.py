@@ -90,11 +90,12 @@ def check_writable(folder: Path, key: str) -> None:
 
 def preflight(config: RunConfig) -> None:
     """Cheap checks before any service starts: the output folder is writable, the data files and the model
-    folder exist.
+    folder exist, the devices fit `train.distributed`.
 
     Raises:
         UserInputError: naming the key and the missing file or unwritable folder.
     """
+    from tasks.distributed import check_device
     from tasks.load import check_source
     from tasks.modeling import resolve_model
 
@@ -103,6 +104,7 @@ def preflight(config: RunConfig) -> None:
     if config.data.eval:
         check_source(config.data.eval, "data.eval")
     resolve_model(config.model)
+    check_device(config.train)
 
 
 class Finished(BaseModel):
@@ -154,6 +156,9 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
     With `resume`, the newest unfinished run of this config continues from its last checkpoint.
     """
     finished.clear()
+    distributed = config.train.distributed
+    if distributed is not None and distributed.node_rank > 0:
+        return _finish(worker_node(config, resume))
     if resume and (pending := finish_pending(config)):  # killed between registration and promotion
         return _finish(_pending_result(config, *pending[-1]))
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
@@ -192,6 +197,50 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
             run_dir=run.run_dir,
             resumed_from_step=trained.resumed_from_step,
         )
+    )
+
+
+def worker_node(config: RunConfig, resume: bool) -> RunResult:
+    """A node other than node 0 of a multi-node run: it prepares the same adapted model and data, runs its share
+    of the workers, and leaves tracking, evaluation and registration to node 0 (global rank 0 lives there).
+
+    Raises:
+        UserInputError: --resume (the checkpoints are node 0's).
+    """
+    from tasks.distributed import train_distributed
+    from tasks.tracking import config_hash, tracking_uri
+
+    distributed = config.train.distributed
+    assert distributed is not None
+    if resume:
+        raise UserInputError(
+            "--resume: a multi-node run resumes from node 0's checkpoints; restart every node without --resume "
+            f"(train.distributed.node_rank is {distributed.node_rank})"
+        )
+    output = Path(config.train.output_dir).resolve()
+    folder = output / f"node{distributed.node_rank}-{config_hash(config)}"
+    source = stages.resolve_model(config.model)
+    data = stages.load_data(config.data, config.task, output / ".cache" / "data")
+    tokenized = stages.tokenize_dataset(
+        data, source, config.task, config.data.max_length, output / ".cache" / "tokenized"
+    )
+    # Seeded like node 0's; DDP and FSDP (sync_module_states) also start every rank from rank 0's weights.
+    adapted = stages.apply_method(source, config.method, config.task, tokenized, str(folder), config.train.seed)
+    run = RunRef(run_id="", experiment_id="", tracking_uri=tracking_uri(config.tracking), run_dir=str(folder))
+    train_distributed(adapted, tokenized, config.train, run, None)
+    return RunResult(
+        run_id="",
+        method=config.method.name,
+        task=config.task,
+        metrics={"world_size": distributed.world_size},
+        model_name="",
+        model_version="",
+        model_uri="",
+        aliases=[],
+        mergeable=adapted.mergeable,
+        promotion=f"node {distributed.node_rank} of {distributed.nnodes} trained its share; node 0 evaluates, "
+        "registers and promotes",
+        run_dir=str(folder),
     )
 
 

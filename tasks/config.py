@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -214,6 +214,60 @@ class DataSettings(InstructionDataSettings):
     max_length: int = Field(256, gt=1)
 
 
+class FsdpSettings(Section):
+    """What `train.distributed.strategy: fsdp` shards and how (the HF Trainer's `fsdp` / `fsdp_config`)."""
+
+    sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = Field(
+        "full_shard", description="what each process keeps: full_shard = parameters, gradients, optimizer state"
+    )
+    auto_wrap: Literal["transformer", "size"] = Field(
+        "transformer", description="wrap each decoder layer (transformer) or every block of min_num_params (size)"
+    )
+    min_num_params: int = Field(100_000_000, gt=0, description="block size of auto_wrap: size")
+    cpu_offload: bool = Field(False, description="keep sharded parameters on the CPU between uses")
+    activation_checkpointing: bool = False
+
+
+# The methods each strategy trains (FSDP shards the base the method's modules live in; tested: these).
+FSDP_METHODS = ("full", "lora")
+
+
+class DistributedSettings(Section):
+    """One run on several processes (torchrun): `batch_size` stays per process; global batch = it x world size."""
+
+    nproc_per_node: int = Field(1, ge=1, description="processes on this node (one per GPU; on CPU, gloo)")
+    nnodes: int = Field(1, ge=1, description="nodes in the run; each runs `adaptflow run` with its node_rank")
+    node_rank: int = Field(0, ge=0, description="this node's rank, 0 .. nnodes-1 (rank 0 tracks and registers)")
+    rdzv_endpoint: str | None = Field(None, description="host:port every node reaches (node 0's); null on one node")
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FsdpSettings = FsdpSettings()
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _nodes(self) -> DistributedSettings:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"train.distributed.node_rank: {self.node_rank} is not below nnodes ({self.nnodes}); "
+                "node ranks are 0 .. nnodes-1"
+            )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                "train.distributed.rdzv_endpoint: required when nnodes > 1: host:port of node 0 that every node "
+                "reaches (e.g. 10.0.0.1:29400)"
+            )
+        if self.rdzv_endpoint is not None:
+            host, sep, port = self.rdzv_endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"train.distributed.rdzv_endpoint: expected host:port (e.g. 10.0.0.1:29400), got "
+                    f"{self.rdzv_endpoint!r}"
+                )
+        return self
+
+
 class TrainSettings(Section):
     max_steps: int | None = Field(200, gt=0)
     epochs: float | None = Field(None, gt=0)
@@ -231,6 +285,9 @@ class TrainSettings(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     packing: bool = Field(False, description="several rows per sequence, rows kept apart (causal_lm, instruction)")
     output_dir: str = Field("runs", description="run folders (checkpoints, adapters, reports) and caches")
+    distributed: DistributedSettings | None = Field(
+        None, description="null (or one process on one node): train in this process"
+    )
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainSettings:
@@ -398,6 +455,19 @@ class RunConfig(Section):
         problem = self._task_settings_problem()
         if problem:
             raise ValueError(problem)
+        distributed = self.train.distributed
+        fsdp = distributed is not None and distributed.world_size > 1 and distributed.strategy == "fsdp"
+        if fsdp and method.name == "qlora":
+            raise ValueError(
+                "train.distributed.strategy: fsdp with qlora is not supported: its 4-bit base would need "
+                "bitsandbytes' quant storage in the training dtype on CUDA, which adaptflow does not set up "
+                "(use strategy: ddp)"
+            )
+        if fsdp and method.name not in FSDP_METHODS:
+            raise ValueError(
+                f"train.distributed.strategy: fsdp trains the methods {', '.join(FSDP_METHODS)}; "
+                f"method.name is '{method.name}' (use strategy: ddp)"
+            )
         if self.grid and not self.grid.method and self.method.name not in GRID_METHODS:
             raise ValueError(
                 f"grid: a grid over rank, alpha and target modules needs a low-rank method "
@@ -411,6 +481,11 @@ class RunConfig(Section):
                 raise ValueError(
                     f"grid.prune.min_steps: must be below train.max_steps ({self.train.max_steps}) "
                     f"(got {prune.min_steps})"
+                )
+            if self.train.distributed is not None and self.train.distributed.world_size > 1:
+                raise ValueError(
+                    "grid.prune: pruned trials stop and continue at rungs in one process each; "
+                    "remove train.distributed or grid.prune"
                 )
         return self
 
@@ -516,7 +591,8 @@ def _allowed_keys(problem: str) -> str:
             return problem
         if part == "method":
             return problem + " (see `adaptflow methods` for each method's settings)"
-        annotation = field.annotation
+        # An optional section (`distributed: ... | None`) names its section model among the union's members.
+        annotation = next((a for a in get_args(field.annotation) if isinstance(a, type)), field.annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return problem
         model = annotation

@@ -18,6 +18,7 @@ import torch
 from mlflow.entities import Metric
 from pydantic import BaseModel
 from safetensors import safe_open
+from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from adapters_impl import get_method
@@ -58,6 +59,8 @@ def checkpoint_problems(folder: Path) -> list[str]:
         problems.append(f"{state}: {exc.__class__.__name__}: {exc}")
     for name in ("optimizer.pt", "scheduler.pt"):
         path = folder / name
+        if name == "optimizer.pt" and not path.exists() and (folder / "optimizer.bin").exists():
+            path = folder / "optimizer.bin"  # FSDP's consolidated optimizer state
         try:
             zipfile.ZipFile(path).close()
         except (OSError, zipfile.BadZipFile) as exc:
@@ -125,6 +128,8 @@ class TrainedRef(BaseModel):
     loss_history: list[tuple[int, float]]
     resumed_from_step: int | None = None
     tracking_failures: int = 0
+    world_size: int = 1  # processes that trained together (train.distributed)
+    global_batch_size: int = 0  # sequences per optimizer step over all processes
 
     def metrics(self) -> dict[str, float]:
         """What training measured, as the run's metrics (the same keys for runs and grid trials)."""
@@ -138,6 +143,9 @@ class TrainedRef(BaseModel):
         }
         if self.tracking_failures:  # metrics were buffered and retried while the tracking server was away
             measured["tracking_failures"] = self.tracking_failures
+        if self.world_size > 1:  # in-process runs keep their metric keys
+            measured["world_size"] = self.world_size
+            measured["global_batch_size"] = self.global_batch_size
         return measured
 
 
@@ -233,6 +241,12 @@ class MethodTrainer(Trainer):
         folder = Path(output_dir or str(self.args.output_dir))
         folder.mkdir(parents=True, exist_ok=True)
         assert self.model is not None
+        if self.is_fsdp_enabled and state_dict is not None:
+            # Under FSDP the model's own weights are shards: save the full state dict the ranks gathered for
+            # rank 0. FSDP trains full and lora only, whose own save is exactly this save_pretrained.
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            unwrapped.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+            return
         self.save_method(self.model, folder)
 
 
@@ -253,9 +267,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> TrainingArguments:
-    """TrainingArguments for our settings; fp32 on CPU (see training_dtype)."""
+def training_arguments(
+    settings: TrainSettings, checkpoint_dir: Path, model: nn.Module | None = None
+) -> TrainingArguments:
+    """TrainingArguments for our settings; fp32 on CPU (see training_dtype). Under torchrun (WORLD_SIZE > 1)
+    the Trainer wraps the model in DDP or FSDP (see distributed_arguments)."""
     dtype = training_dtype(settings.precision)
+    distributed = distributed_arguments(settings, model) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
     max_steps = settings.max_steps or -1
     warmup = int(settings.warmup_ratio * settings.max_steps) if settings.max_steps else 0
     return TrainingArguments(
@@ -284,7 +302,25 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> Trainin
         # average of earlier losses; unfiltered, a NaN reaches the logged loss and _StopOnNonFinite stops the run.
         logging_nan_inf_filter=False,
         disable_tqdm=False,
+        **distributed,
     )
+
+
+def distributed_arguments(settings: TrainSettings, model: nn.Module | None) -> dict[str, Any]:
+    """The Trainer's DDP / FSDP arguments for `train.distributed`: gloo on CPU, NCCL on GPUs."""
+    assert settings.distributed is not None
+    checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
+    arguments: dict[str, Any] = {
+        "ddp_backend": "nccl" if torch.cuda.is_available() else "gloo",
+        # Some methods leave parameters without a gradient in a step (a prompt encoder's unused rows, a head
+        # outside the loss); DDP must not wait for them. Reentrant gradient checkpointing forbids the search.
+        "ddp_find_unused_parameters": not checkpointing,
+    }
+    if settings.distributed.strategy == "fsdp":
+        from tasks.distributed import fsdp_arguments
+
+        arguments |= fsdp_arguments(settings.distributed.fsdp)
+    return arguments
 
 
 def train_model(
@@ -293,23 +329,65 @@ def train_model(
     """Train, save the result to `<run_dir>/adapter`, log loss/lr as they happen; `stop_at` ends training at that
     step (with a checkpoint to continue from) instead of at max_steps.
 
+    With `train.distributed` over more than one process, torchrun's workers train (tasks.distributed) and
+    this process waits for rank 0's result.
+
     Raises:
         TrainingDiverged: the loss became NaN or infinite (the run stops with that message).
-        RunFailed: the run has checkpoints but none can be resumed from.
+        RunFailed: the run has checkpoints but none can be resumed from; a distributed worker failed.
     """
     checkpoints = Path(run.run_dir) / "checkpoints"
     resume_from = latest_checkpoint(checkpoints)
-    if resume_from is not None:  # a resumed run or a retried task: continue, do not start again at step 0
-        take(adapted.adapter_dir)
-        model = load_adapted(adapted, resume_from, trainable=True)
-        log.info("resuming training from %s (step %s)", resume_from, resume_from.name.split("-")[1])
-    else:
-        model = load_adapted(adapted, adapted.adapter_dir, trainable=True)
-    method = get_method(adapted.method_name)
     state = TrainerState.load_from_json(str(resume_from / "trainer_state.json")) if resume_from else None
+    done = state is not None and 0 < min(state.max_steps, stop_at or state.max_steps) <= state.global_step
+    if world_size(settings) > 1 and not done:
+        assert stop_at is None, "the config refuses grid.prune with train.distributed"
+        from tasks.distributed import train_distributed
+
+        take(adapted.adapter_dir)  # the workers load it from disk; this process holds no model meanwhile
+        result = train_distributed(adapted, tokenized, settings, run, resume_from)
+        assert result is not None, "nodes other than node 0 train through flows.pipeline.worker_node"
+        trained = result
+    else:
+        if resume_from is not None:  # a resumed run or a retried task: continue, do not start again at step 0
+            take(adapted.adapter_dir)
+            model = load_adapted(adapted, resume_from, trainable=True)
+            log.info("resuming training from %s (step %s)", resume_from, resume_from.name.split("-")[1])
+        else:
+            model = load_adapted(adapted, adapted.adapter_dir, trainable=True)
+        trained = train_loaded(
+            model, adapted, tokenized, settings, run, resume_from, state if done else None, stop_at=stop_at
+        )
+    log_metrics(run, trained.metrics())
+    return trained
+
+
+def world_size(settings: TrainSettings) -> int:
+    """Processes that train together (1: in this process)."""
+    return settings.distributed.world_size if settings.distributed else 1
+
+
+def train_loaded(
+    model: nn.Module,
+    adapted: AdaptedRef,
+    tokenized: TokenizedRef,
+    settings: TrainSettings,
+    run: RunRef,
+    resume_from: Path | None,
+    finished: TrainerState | None = None,
+    rank: int = 0,
+    stop_at: int | None = None,
+) -> TrainedRef:
+    """Train the loaded model (in this process, or as one rank of a distributed run) and save it from rank 0.
+
+    `finished`: the state of a checkpoint at the last step (killed after training ended, while evaluating, say):
+    the Trainer would take one step more, so the model is saved as it is. `stop_at`: see `train_model`.
+    """
+    checkpoints = Path(run.run_dir) / "checkpoints"
+    method = get_method(adapted.method_name)
     failures, bad_step, tokens, checkpoint_seconds = 0, None, 0, 0.0
-    if state is not None and 0 < min(state.max_steps, stop_at or state.max_steps) <= state.global_step:
-        # Killed after training ended (while evaluating, say): the Trainer would take one step more.
+    if finished is not None:
+        state = finished
         log.info("checkpoint %s is at the last step: training is done, going on to evaluation", resume_from)
         history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e]
         train_loss = mean_loss(history)
@@ -322,20 +400,22 @@ def train_model(
         trainer = MethodTrainer(
             model=model,
             save_method=method.save,
-            args=training_arguments(settings, checkpoints),
+            args=training_arguments(settings, checkpoints, model),
             train_dataset=train_split,
             data_collator=make_collator(tokenizer, tokenized.task, settings.packing),
-            callbacks=[stream, guard, *([StopAtStep(stop_at)] if stop_at else [])],
+            # Rank 0 alone tracks; a grid's rung stops at its step with a checkpoint to continue from.
+            callbacks=[*([stream] if rank == 0 else []), guard, *([StopAtStep(stop_at)] if stop_at else [])],
         )
         started = time.perf_counter()
         try:
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except Exception as exc:
-            drop_partial_checkpoints(checkpoints, exc)
+            if rank == 0:
+                drop_partial_checkpoints(checkpoints, exc)
             raise
         seconds = time.perf_counter() - started
         state, failures, bad_step, train_loss = trainer.state, stream.failures, guard.bad_step, output.training_loss
-        tokens, checkpoint_seconds = int(trainer.tokens_seen), trainer.checkpoint_seconds
+        tokens, checkpoint_seconds = all_ranks_sum(trainer.tokens_seen), trainer.checkpoint_seconds
         history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e]
     if bad_step is None and not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         bad_step = state.global_step  # diverged between two logging steps
@@ -345,10 +425,13 @@ def train_model(
             "lower train.learning_rate or check the data"
         )
     folder = Path(run.run_dir) / "adapter"
-    method.save(model, folder)
-    remember(folder, model)
+    if finished is None and trainer.is_fsdp_enabled:
+        trainer.save_model(str(folder))  # every rank takes part in gathering the shards; rank 0 writes
+    elif rank == 0:
+        method.save(model, folder)
+        remember(folder, model)
     training_only = seconds - checkpoint_seconds
-    trained = TrainedRef(
+    return TrainedRef(
         adapted=adapted,
         adapter_dir=str(folder),
         steps=state.global_step,
@@ -360,6 +443,16 @@ def train_model(
         loss_history=history,
         resumed_from_step=int(resume_from.name.split("-")[1]) if resume_from else None,
         tracking_failures=failures,
+        world_size=world_size(settings),
+        global_batch_size=settings.batch_size * settings.grad_accum * world_size(settings),
     )
-    log_metrics(run, trained.metrics())
-    return trained
+
+
+def all_ranks_sum(count: torch.Tensor | int) -> int:
+    """A count summed over the ranks of a distributed run (this rank's alone in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return int(count)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.as_tensor(count, dtype=torch.int64, device=device).clone()
+    torch.distributed.all_reduce(total)
+    return int(total.item())

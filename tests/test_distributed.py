@@ -1,0 +1,202 @@
+"""The train stage on torchrun (issue 19): settings, DDP with gloo on CPU, a failing rank, no orphaned worker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import torch
+from conftest import write_config
+from mlflow.tracking import MlflowClient
+
+from adapters_impl.lora import LoraSettings
+from tasks.adapting import apply_method
+from tasks.config import DataSettings, DistributedSettings, ModelSettings, TrainSettings, validate_config
+from tasks.distributed import check_device, launch_command
+from tasks.errors import RunFailed, UserInputError
+from tasks.evaluation import evaluate_model
+from tasks.load import load_data
+from tasks.modeling import resolve_model
+from tasks.tokenization import tokenize_dataset
+from tasks.tracking import RunRef
+from tasks.training import train_model
+
+
+@pytest.mark.parametrize(
+    ("method", "distributed", "problem"),
+    [
+        ("lora", {"nproc_per_node": 2, "fsdp": {"shard": 1}}, "train.distributed.fsdp.shard: unknown key; allowed:"),
+        ("lora", {"nnodes": 2}, "train.distributed.rdzv_endpoint: required when nnodes > 1"),
+        ("lora", {"nnodes": 2, "rdzv_endpoint": "node0"}, "train.distributed.rdzv_endpoint: expected host:port"),
+        ("lora", {"node_rank": 1}, "train.distributed.node_rank: 1 is not below nnodes (1)"),
+        ("lora", {"nproc_per_node": 0}, "train.distributed.nproc_per_node: Input should be greater than or equal"),
+        ("lora", {"strategy": "zero3"}, "train.distributed.strategy: Input should be 'ddp' or 'fsdp'"),
+        ("ia3", {"nproc_per_node": 2, "strategy": "fsdp"}, "fsdp trains the methods full, lora; method.name is 'ia3'"),
+        ("qlora", {"nproc_per_node": 2, "strategy": "fsdp"}, "fsdp with qlora is not supported"),
+    ],
+)
+def test_distributed_settings_are_checked_before_anything_runs(method: str, distributed: dict, problem: str) -> None:
+    with pytest.raises(UserInputError) as error:
+        validate_config(
+            {"data": {"train": "x.jsonl"}, "method": {"name": method}, "train": {"distributed": distributed}}
+        )
+    assert error.value.exit_code == 2 and problem in str(error.value)
+
+
+def test_the_launcher_runs_one_node_standalone_and_nodes_at_a_static_rendezvous() -> None:
+    spec = Path("spec.json")
+    one = launch_command(TrainSettings(distributed=DistributedSettings(nproc_per_node=2)), spec)
+    assert "--standalone" in one and "--nproc_per_node=2" in one and one[-2:] == ["tasks.train_worker", "spec.json"]
+    two = DistributedSettings(nproc_per_node=2, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400")
+    many = launch_command(TrainSettings(distributed=two), spec)
+    node0 = launch_command(TrainSettings(distributed=two.model_copy(update={"node_rank": 0})), spec)
+    assert [a for a in many if a.startswith("--rdzv_id")] == [a for a in node0 if a.startswith("--rdzv_id")]
+    assert {"--nnodes=2", "--node_rank=1", "--rdzv_backend=static", "--rdzv_endpoint=10.0.0.1:29400"} <= set(many)
+    assert "--standalone" not in many
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs on GPUs")
+def test_fsdp_without_gpus_is_refused_before_launching() -> None:
+    settings = TrainSettings(distributed=DistributedSettings(nproc_per_node=2, strategy="fsdp"))
+    with pytest.raises(UserInputError, match="fsdp needs CUDA GPUs"):
+        check_device(settings)
+    check_device(TrainSettings(distributed=DistributedSettings(nproc_per_node=2)))  # ddp with gloo is fine
+
+
+class Stage:
+    """The train stage called directly (no Prefect) on a tiny LoRA, dropout off so that ranks compute alike."""
+
+    def __init__(self, tmp_path: Path, tiny_model: str, stories_file: Path, name: str) -> None:
+        source = resolve_model(ModelSettings(name_or_path=tiny_model))
+        data = load_data(DataSettings(train=str(stories_file), max_length=48), "causal_lm", tmp_path / "cache" / "d")
+        self.tokenized = tokenize_dataset(data, source, "causal_lm", 48, tmp_path / "cache" / "t")
+        self.run_dir = tmp_path / name
+        settings = LoraSettings(r=4, dropout=0.0, target_modules="all-linear")
+        self.adapted = apply_method(source, settings, "causal_lm", self.tokenized, str(self.run_dir), 0)
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name("d") or client.get_experiment(client.create_experiment("d"))
+        run_id = client.create_run(experiment.experiment_id).info.run_id
+        self.run = RunRef(
+            run_id=run_id,
+            experiment_id=experiment.experiment_id,
+            tracking_uri=mlflow.get_tracking_uri(),
+            run_dir=str(self.run_dir),
+        )
+
+    def settings(self, nproc: int, global_batch: int = 8) -> TrainSettings:
+        distributed = DistributedSettings(nproc_per_node=nproc) if nproc > 1 else None
+        return TrainSettings(
+            max_steps=6,
+            save_steps=3,
+            batch_size=global_batch // nproc,
+            learning_rate=3e-3,
+            logging_steps=1,
+            distributed=distributed,
+        )
+
+
+def workers_of(folder: Path) -> list[psutil.Process]:
+    """Live processes whose command line names the run folder (the launcher and its workers)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(folder) in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(
+    tmp_path: Path, tiny_model: str, stories_file: Path
+) -> None:
+    one = Stage(tmp_path, tiny_model, stories_file, "one")
+    alone = train_model(one.adapted, one.tokenized, one.settings(1), one.run)
+    two = Stage(tmp_path, tiny_model, stories_file, "two")
+    together = train_model(two.adapted, two.tokenized, two.settings(2), two.run)
+
+    assert together.steps == alone.steps == 6 and together.world_size == 2
+    assert together.train_loss == pytest.approx(alone.train_loss, rel=0.03)
+    assert together.loss_history[-1][1] == pytest.approx(alone.loss_history[-1][1], rel=0.03)
+    eval_one = evaluate_model(alone, one.tokenized, one.run)["eval_loss"]
+    eval_two = evaluate_model(together, two.tokenized, two.run)["eval_loss"]
+    assert eval_two == pytest.approx(eval_one, rel=0.03)
+    # Rank 0 alone tracked and saved: the loss streamed once per step, checkpoints and adapter in the run folder.
+    client = MlflowClient()
+    steps = [[m.step for m in client.get_metric_history(r.run_id, "train_loss")] for r in (one.run, two.run)]
+    assert steps[1] == steps[0] and len(steps[1]) >= 6
+    logged = client.get_run(two.run.run_id).data.metrics
+    assert logged["world_size"] == 2 and logged["global_batch_size"] == 8
+    assert sorted(p.name for p in (two.run_dir / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert (two.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not workers_of(two.run_dir)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_stage_with_its_rank_and_message(
+    tmp_path: Path, tiny_model: str, stories_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rank 1 raises when it starts training: a real worker process, failed through a sitecustomize on its path.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from tasks import training\n"
+        "    def broken(*args, **kwargs):\n"
+        "        raise ValueError('rank one cannot go on')\n"
+        "    training.train_loaded = broken\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    stage = Stage(tmp_path, tiny_model, stories_file, "failing")
+    started = time.monotonic()
+    with pytest.raises(RunFailed) as failure:
+        train_model(stage.adapted, stage.tokenized, stage.settings(2), stage.run)
+    message = str(failure.value)
+    assert "failed on rank 1 of 2: ValueError: rank one cannot go on" in message
+    assert time.monotonic() - started < 90, "rank 0 was left waiting for its peer"
+    assert not (stage.run_dir / "distributed" / "trained.json").exists()
+    assert not workers_of(stage.run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the launcher's death signal is Linux's")
+def test_killing_the_cli_leaves_no_worker(tmp_path: Path, tiny_model: str, stories_file: Path) -> None:
+    config = write_config(
+        tmp_path / "run.yaml",
+        model={"name_or_path": tiny_model},
+        data={"train": str(stories_file), "max_length": 48},
+        method={"name": "full"},
+        train={"max_steps": 500, "batch_size": 4, "save_steps": 2, "distributed": {"nproc_per_node": 2}},
+        bias_probe={"suite": None},
+    )
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    log = (tmp_path / "cli.log").open("w")
+    command = [str(Path(sys.executable).with_name("adaptflow")), "run", str(config)]
+    child = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    runs = tmp_path / "runs"
+    try:
+        deadline = time.monotonic() + 240
+        while not any(runs.glob("*/checkpoints/checkpoint-*")):  # the workers are training
+            assert child.poll() is None and time.monotonic() < deadline, (tmp_path / "cli.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert len(workers_of(runs)) >= 3  # the launcher and two workers
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    output = (tmp_path / "cli.log").read_text()
+    assert child.returncode == 143, output[-3000:]
+    assert "adaptflow: interrupted (SIGTERM)" in output
+    assert not workers_of(runs), [p.cmdline() for p in workers_of(runs)]
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("adaptflow").experiment_id])
+    assert run.info.status == "KILLED"
