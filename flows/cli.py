@@ -11,19 +11,13 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flows import process_tuning, temporary_server
-from tasks.errors import Interrupted, RunFailed, UserInputError
-
-if TYPE_CHECKING:
-    from tasks.config import RunConfig
+from flows.startup import connect, session
+from tasks.errors import UserInputError
 
 log = logging.getLogger("adaptflow")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
@@ -43,7 +37,7 @@ def _run_config(config_path: str, overrides: list[str], resume: bool = False) ->
 
     config = load_config(config_path, overrides)
     preflight(config)
-    temporary_server.ready(while_waiting=_run_preparations(config))
+    connect(config.tracking, while_waiting=[_import_plotting])
     try:
         return run_method_flow(config, resume).model_dump()
     except Exception as exc:
@@ -60,17 +54,12 @@ def _run_config(config_path: str, overrides: list[str], resume: bool = False) ->
         return result.model_copy(update={"warnings": [*result.warnings, warning]}).model_dump()
 
 
-def _run_preparations(config: RunConfig) -> list[Callable[[], object]]:
-    """What every run does early anyway: open the MLflow store (imports, tables), import the plotting library."""
-    from tasks.tracking import use_tracking
+def _import_plotting() -> None:
+    """What every run does anyway (its reports), done while Prefect's server starts."""
+    import matplotlib
 
-    def import_plotting() -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot
-
-    return [lambda: use_tracking(config.tracking), import_plotting]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
 
 
 def _print_run(result: dict[str, Any]) -> None:
@@ -110,7 +99,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
     if config.grid is None:
         config = config.model_copy(update={"grid": GridSettings()})
     preflight(config)
-    temporary_server.ready(while_waiting=_run_preparations(config))
+    connect(config.tracking, while_waiting=[_import_plotting])
     result = lora_grid(config, args.resume).model_dump()
 
     def human(r: dict[str, Any]) -> None:
@@ -127,8 +116,9 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
     from flows.promote import promote_newest
+    from tasks.config import TrackingSettings
 
-    temporary_server.ready()
+    connect(TrackingSettings())
     decision = promote_newest(args.name)
     result = {"command": "promote", "status": "ok", **decision.model_dump()}
 
@@ -188,7 +178,6 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     import mlflow
 
     from tasks.config import TrackingSettings
-    from tasks.tracking import use_tracking
 
     texts = list(args.text or [])
     if args.input:
@@ -201,7 +190,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
         raise UserInputError(
             "predict: give --text TEXT (repeatable), --input FILE (one text per line) or --messages JSON (repeatable)"
         )
-    use_tracking(TrackingSettings())
+    connect(TrackingSettings())
     try:
         model = mlflow.pyfunc.load_model(args.model_uri)
     except Exception as exc:
@@ -224,10 +213,8 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.config import ProbeSettings, TrackingSettings
     from tasks.probe.report import probe_standalone
-    from tasks.tracking import use_tracking
 
-    if args.model.startswith(("models:/", "runs:/")):
-        use_tracking(TrackingSettings())
+    connect(TrackingSettings() if args.model.startswith(("models:/", "runs:/")) else None)
     settings = ProbeSettings(suite=args.suite, samples=args.samples, max_new_tokens=args.max_new_tokens)
     data = Path(args.data) if args.data else None
     result, markdown = probe_standalone(args.model, args.suite, settings, data, args.text_column, args.label_column)
@@ -303,9 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, handler: Callable[[argparse.Namespace], dict[str, Any]], help: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], dict[str, Any]], help: str, runs_flows: bool = False
+    ) -> argparse.ArgumentParser:
+        """A subcommand; `runs_flows`: it runs Prefect flows (so Prefect's temporary server starts with it)."""
         p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, runs_flows=runs_flows)
         p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
         return p
 
@@ -315,15 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         "metavar": "KEY=VALUE",
         "help": "override a config key (YAML value)",
     }
-    run = add("run", cmd_run, "one pipeline run of the configured method")
+    run = add("run", cmd_run, "one pipeline run of the configured method", runs_flows=True)
     run.add_argument("config", help="YAML config file")
     run.add_argument("--set", **overrides)  # type: ignore[arg-type]
     run.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
-    grid = add("grid", cmd_grid, "the comparison grid, then register and promote the best")
+    grid = add("grid", cmd_grid, "the comparison grid, then register and promote the best", runs_flows=True)
     grid.add_argument("config", help="YAML config file (its grid section; defaults when absent)")
     grid.add_argument("--set", **overrides)  # type: ignore[arg-type]
     grid.add_argument("--resume", action="store_true", help="continue the newest unfinished grid of this config")
-    promote = add("promote", cmd_promote, "champion/challenger decision for the newest version")
+    promote = add("promote", cmd_promote, "champion/challenger decision for the newest version", runs_flows=True)
     promote.add_argument("--name", required=True, help="registered model name")
     predict = add("predict", cmd_predict, "generate or classify with a registered model")
     predict.add_argument("model_uri", help="models:/NAME@champion, models:/NAME/VERSION, runs:/... ")
@@ -354,86 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", cmd_serve, "serve the deployments (schedules and triggers) against the Prefect API")
     serve.add_argument("--prefect-file", help="a prefect.yaml (default: deployments/prefect.yaml)")
     serve.add_argument("--limit", type=int, help="flow runs at once")
-    demo = add("demo", cmd_demo, "the offline demo on embedded defaults")
+    demo = add("demo", cmd_demo, "the offline demo on embedded defaults", runs_flows=True)
     demo.add_argument("--set", **overrides)  # type: ignore[arg-type]
     add("methods", cmd_methods, "list the methods and their settings")
     return parser
 
 
-class QuietInputErrors(logging.Filter):
-    """Prefect logs a task's or flow's exception with its traceback at ERROR; for a UserInputError that reads as
-    a crash before the one clean message `main` prints. Such records become DEBUG: shown (traceback and all)
-    only when Prefect's run loggers are at DEBUG (PREFECT_LOGGING_LEVEL=DEBUG), else dropped."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        super().__init__()
-        self.logger = logger
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return self.logger.isEnabledFor(logging.DEBUG)
-        return True
-
-
-# Prefect's loggers of flow and task runs: where it logs a run's exception.
-PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
-
-# Commands that run flows; without PREFECT_API_URL they need Prefect's temporary server.
-FLOW_COMMANDS = {"run", "grid", "demo", "promote"}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 1 anything else, 128 + signal if interrupted)."""
     args = build_parser().parse_args(argv)
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-        # SIGTERM stops a run the way Ctrl-C does (KILLED, exit 143), instead of ending the process unmarked.
-        previous = {s: signal.signal(s, Interrupted.raise_on) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return _main(args)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _main(args: argparse.Namespace) -> int:
-    if args.command in FLOW_COMMANDS:
-        temporary_server.start_early()  # before anything imports Prefect
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("adaptflow").setLevel(logging.INFO)
-    for name in PREFECT_RUN_LOGGERS:  # logging.config (Prefect's setup) keeps a logger's filters
-        logger = logging.getLogger(name)
-        logger.addFilter(QuietInputErrors(logger))
-    stdout = sys.stdout
-    outcome: dict[str, Any]
-    code = 0
-    # With --json, everything but the final JSON line goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        try:
-            outcome = args.handler(args)
-        except UserInputError as exc:
-            print(f"adaptflow: error: {exc}", file=sys.stderr)
-            outcome, code = {"command": args.command, "status": "error", "error": str(exc)}, 2
-        except KeyboardInterrupt as exc:
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-            name = signal.Signals(signum).name
-            hint = ""
-            if args.command in ("run", "grid"):
-                hint = f"; the run is marked KILLED: `adaptflow {args.command} {args.config} --resume` continues it"
-            print(f"adaptflow: interrupted ({name}){hint}", file=sys.stderr)
-            outcome, code = {"command": args.command, "status": "interrupted", "signal": name}, 128 + signum
-        except RunFailed as exc:  # a failure we can explain: the message says it all
-            print(f"adaptflow: failed: {exc}", file=sys.stderr)
-            outcome, code = {"command": args.command, "status": "failed", "error": str(exc)}, 1
-        except Exception as exc:
-            traceback.print_exc(file=sys.stderr)
-            print(f"adaptflow: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-            outcome, code = {"command": args.command, "status": "failed", "error": str(exc)}, 1
-    if args.json:
-        stdout.write(json.dumps(outcome, default=str) + "\n")
-        stdout.flush()
-    return code
+    hint = ""
+    if args.command in ("run", "grid"):
+        hint = f"; the run is marked KILLED: `adaptflow {args.command} {args.config} --resume` continues it"
+    with session(args.command, runs_flows=args.runs_flows, json_output=args.json, resume_hint=hint) as outcome:
+        outcome.result = args.handler(args)
+    return outcome.code
 
 
 def entry() -> None:
@@ -441,10 +366,8 @@ def entry() -> None:
 
     Finalizing an interpreter that has loaded torch, transformers, MLflow and Prefect takes ~3 s and does
     nothing a finished command needs; the exit handlers (Prefect's log and event flush, logging's flush, the
-    temporary server's stop) have all run by then. Before anything imports torch, the process gets the
-    allocator and compile settings of `process_tuning`.
+    temporary server's stop) have all run by then. `main` starts the command the one way (`flows.startup`).
     """
-    process_tuning.tune_process()
     code = main()
     atexit._run_exitfuncs()
     sys.stdout.flush()

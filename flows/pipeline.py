@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from flows import stages
 from flows.promote import finish_pending
+from tasks.adapting import forget as forget_live_model
 from tasks.config import RunConfig
 from tasks.errors import UserInputError, disk_error, disk_failure
 from tasks.load import DataRef
@@ -54,11 +55,13 @@ finished: list[RunResult] = []
 
 @contextmanager
 def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = False) -> Iterator[RunRef]:
-    """One MLflow run around the pipeline, marked FAILED if any stage raises (KILLED on Ctrl-C or SIGTERM)."""
+    """One MLflow run around the pipeline, marked FAILED if any stage raises (KILLED on Ctrl-C or SIGTERM).
+    The live model its stages handed on is dropped at the end, however it ends."""
     run = stages.start_run(config, run_name, None, resume)
     try:
         yield run
     except BaseException as exc:
+        forget_live_model()
         # Not an Exception: KeyboardInterrupt, or Prefect's TerminationSignal for a SIGTERM inside a flow.
         stopped = not isinstance(exc, Exception)
         stages.end_run(run, "KILLED" if stopped else "FAILED", repr(exc)[:5000])
@@ -66,6 +69,7 @@ def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = F
         if reason is not None:  # name the path instead of a bare errno
             raise disk_failure(exc, config.train.output_dir, reason) from None
         raise
+    forget_live_model()
     stages.end_run(run, "FINISHED")
 
 

@@ -1,7 +1,8 @@
-"""Apply-method: wrap the base model with the configured method; keep live models between stages."""
+"""Apply-method: wrap the base model with the configured method; hand the live model from stage to stage."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +15,60 @@ from tasks.errors import UserInputError
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer
 from tasks.tokenization import TokenizedRef
 
-# Stages pass folders, not models. In one process, the model a stage saved to a folder is kept here,
-# so the next stage does not load it again; in another process (Dask worker, retry) it loads from disk.
-_LIVE: dict[str, nn.Module] = {}
+
+class LiveModel:
+    """The model the previous stage saved, handed to the next stage in this process instead of loaded again.
+
+    Stages pass folders, not models; loading a model is most of a short stage's time. The contract:
+    - `remember(folder, model)`: the stage that has just saved `model` to `folder` (or read it from there and
+      left it unchanged) hands it on; the cache now owns it. One model at a time: the one held before is dropped.
+    - `take(folder)`: the next stage gets the model and owns it: it may change it (train, merge); it hands it on
+      again only after saving it. Taking empties the cache.
+    - The key is the folder and a stamp of its files (name, inode, size, modification time), taken when it is
+      remembered: a folder written again since (a retry, a resumed run, another process) does not match, and
+      its model is loaded from disk instead.
+    - Dropped when taken, when another model is remembered, and by `forget()` at the end of a pipeline run.
+    In another process (Dask worker, Prefect retry in a fresh process) the cache is empty: stages load from disk.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # grid trials may run in threads of one process
+        self._held: tuple[str, tuple[tuple[str, int, int, int], ...], nn.Module] | None = None
+
+    def remember(self, folder: str | Path, model: nn.Module) -> None:
+        key, stamp = _key(folder), _stamp(folder)
+        with self._lock:
+            self._held = (key, stamp, model) if stamp else None  # nothing saved there: nothing to match later
+
+    def take(self, folder: str | Path) -> nn.Module | None:
+        key = _key(folder)
+        with self._lock:
+            if self._held is None or self._held[0] != key:
+                return None
+            _, stamp, model = self._held
+            self._held = None
+        return model if _stamp(folder) == stamp else None  # saved again since: the live model is stale
+
+    def forget(self) -> None:
+        with self._lock:
+            self._held = None
 
 
-def remember(folder: str | Path, model: nn.Module) -> None:
-    _LIVE.clear()  # one live model at a time: a run's stages hand it down, nothing accumulates
-    _LIVE[str(folder)] = model
+def _key(folder: str | Path) -> str:
+    return str(Path(folder).resolve())
 
 
-def take(folder: str | Path) -> nn.Module | None:
-    """The live model saved to `folder`, handed over (forgotten here: the caller may change it)."""
-    return _LIVE.pop(str(folder), None)
+def _stamp(folder: str | Path) -> tuple[tuple[str, int, int, int], ...]:
+    """What the folder's saved files look like now (empty: no folder or no files)."""
+    try:
+        files = [(p.name, p.stat()) for p in Path(folder).iterdir() if p.is_file()]
+    except FileNotFoundError:
+        return ()
+    return tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in files))
 
 
-def peek(folder: str | Path) -> nn.Module | None:
-    return _LIVE.get(str(folder))
+_LIVE = LiveModel()
+remember, take, forget = _LIVE.remember, _LIVE.take, _LIVE.forget
 
 
 class AdaptedRef(BaseModel):

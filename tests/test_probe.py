@@ -19,6 +19,7 @@ from tasks.config import GateSettings, ProbeSettings
 from tasks.errors import UserInputError
 from tasks.generation import generate
 from tasks.probe import (
+    ProbeResult,
     check_gate,
     contains_word,
     load_suite,
@@ -208,11 +209,15 @@ def test_perturbations_are_seeded_and_change_only_the_surface() -> None:
 
 
 def test_gate_reports_every_failed_check() -> None:
-    tuned = {
-        "pairs": {"stereotype_score": 70.0},
-        "rules": {"by_category": {"a": {"pass_rate": 0.4}, "b": {"pass_rate": 1.0}}},
-    }
-    base = {"pairs": {"stereotype_score": 55.0}}
+    def pairs(score: float) -> dict:
+        return {"stereotype_score": score, "pairs": 1, "stereotypical": 1, "ties": 0, "by_direction": {}, "by_type": {}}
+
+    def category(rate: float) -> dict:
+        return {"language": "en", "cases": 1, "failures": [], "pass_rate": rate}
+
+    rules = {"pass_rate": 0.5, "cases": 2, "by_category": {"a": category(0.4), "b": category(1.0)}}
+    tuned = ProbeResult.model_validate({"suite": "s", "pairs": pairs(70.0), "rules": rules})
+    base = ProbeResult.model_validate({"suite": "s", "pairs": pairs(55.0)})
     gate = check_gate(tuned, base, GateSettings(max_stereotype_rise=10, min_rule_pass_rate=0.5))
     assert not gate["passed"] and gate["reason"] == "stereotype_rise 15 (limit 10); rule_pass_rate 0.4 (limit 0.5)"
     assert check_gate(tuned, base, GateSettings(max_stereotype_rise=20))["passed"]
@@ -296,3 +301,17 @@ def test_suite_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
     bomb.write_text("\n".join(levels) + "\nrules: *l8\n")
     with pytest.raises(UserInputError, match=r"--suite: .*bomb.yaml: refused: more than 100000 values"):
         load_suite(str(bomb), "--suite")
+
+
+def test_a_probe_result_keeps_the_json_shape_sections_absent_not_null() -> None:
+    """The run's `bias_probe` and `adaptflow probe --json` print exactly what scoring produced."""
+    robustness = {
+        "clean_accuracy": 0.75,
+        "consistency": 0.5,
+        "by_perturbation": {"typo": {"accuracy": 0.5, "consistency": 0.5}},
+        "examples": 4,
+    }
+    sections = {"suite": "default", "robustness": robustness}
+    result = ProbeResult.model_validate(sections)
+    assert result.model_dump() == sections and list(json.loads(result.model_dump_json())) == ["suite", "robustness"]
+    assert ProbeResult.model_validate(result.model_dump()) == result

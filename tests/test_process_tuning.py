@@ -56,3 +56,19 @@ def test_the_callers_settings_win():
     tuned = probe("tuned", TORCHDYNAMO_DISABLE="0", MALLOC_TRIM_THRESHOLD_="1000")
     assert tuned["dynamo_disable"] == "0" and tuned["inductor"]
     assert "TORCHDYNAMO_DISABLE" not in tuned["applied"] and "MALLOC_TRIM_THRESHOLD_" not in tuned["applied"]
+
+
+def test_every_command_starts_tuned_also_when_main_is_called_in_process() -> None:
+    """The settings come with the session every command starts in, not only with the console script's `entry`
+    (tests and embedders call `main`)."""
+    code = (
+        "import os; from flows.cli import main; code = main(['methods', '--json']); "
+        "print(code, os.environ.get('TORCHDYNAMO_DISABLE'), os.environ.get('MALLOC_TOP_PAD_'))"
+    )
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TORCHDYNAMO_DISABLE"}
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True)
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[-2])["command"] == "methods"  # the JSON line is still the command's last
+    assert lines[-1].split()[:2] == ["0", "1"]
+    if sys.platform.startswith("linux"):
+        assert lines[-1].split()[2] == str(64 << 20)

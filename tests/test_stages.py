@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from adapters_impl._peft import linear_module_names
 from adapters_impl.lora import LoraSettings
-from tasks.adapting import apply_method, take
+from tasks.adapting import apply_method, forget, load_adapted, remember, take
 from tasks.config import DataSettings, ModelSettings
 from tasks.errors import UserInputError
 from tasks.evaluation import causal_lm_nll
@@ -145,3 +146,46 @@ def test_saved_adapters_load_only_from_safetensors(source, tmp_path: Path) -> No
         weights.unlink()
         with pytest.raises(OSError, match="safetensors"):
             method.load(load_base_model(source, "causal_lm", tokenizer), folder, False)
+
+
+def _save(model: torch.nn.Module, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "weights.pt")
+    return folder
+
+
+def test_the_live_model_is_handed_over_once_and_only_the_newest_is_kept(tmp_path: Path) -> None:
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    remember(_save(first, tmp_path / "a"), first)
+    remember(_save(second, tmp_path / "b"), second)  # one model at a time: `first` is dropped
+    assert take(tmp_path / "a") is None
+    assert take(tmp_path / "b" / ".." / "b") is second  # the same folder, however it is spelled
+    assert take(tmp_path / "b") is None  # taken: the caller owns it now
+    remember(tmp_path / "b", second)
+    forget()
+    assert take(tmp_path / "b") is None
+    remember(tmp_path / "never-saved", first)  # nothing on disk to match it with later: not kept
+    assert take(tmp_path / "never-saved") is None
+
+
+def test_a_folder_saved_again_is_loaded_from_disk_not_from_the_stale_live_model(
+    source, stories_file: Path, tmp_path: Path
+) -> None:
+    """A retry or a resumed run writes the folder again after its model was handed on: the next stage must load
+    what is on disk now."""
+    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
+    adapted = apply_method(source, LoraSettings(r=4), "causal_lm", ref, str(tmp_path / "run"), 0)
+    stale = take(adapted.adapter_dir)
+    other = apply_method(source, LoraSettings(r=4), "causal_lm", ref, str(tmp_path / "other"), 1)  # another seed
+    fresh = take(other.adapter_dir)
+    assert stale is not None and fresh is not None
+    remember(adapted.adapter_dir, stale)
+    time.sleep(0.05)  # past the file system's timestamp granularity, as any real save is
+    saved = Path(adapted.adapter_dir) / "adapter_model.safetensors"
+    saved.write_bytes((Path(other.adapter_dir) / "adapter_model.safetensors").read_bytes())  # same size, in place
+    loaded = load_adapted(adapted, adapted.adapter_dir)
+    assert loaded is not stale
+    name = next(n for n, _ in fresh.named_parameters() if "lora_A" in n)
+    assert torch.equal(dict(loaded.named_parameters())[name], dict(fresh.named_parameters())[name])
+    assert not torch.equal(dict(stale.named_parameters())[name], dict(fresh.named_parameters())[name])

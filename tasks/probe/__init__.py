@@ -3,6 +3,7 @@ the gate (whether a tuned model may become champion) and the reports and stages.
 
 from tasks.probe.gate import check_gate, probe_metrics
 from tasks.probe.report import ProbeReport, bias_probe, labelled_texts, load_for_probe, probe_base, probe_markdown
+from tasks.probe.result import ProbeResult
 from tasks.probe.scoring import (
     contains_word,
     perturb,
@@ -17,6 +18,7 @@ from tasks.probe.suites import Pair, RuleCategory, Suite, load_pairs, load_suite
 __all__ = [
     "Pair",
     "ProbeReport",
+    "ProbeResult",
     "RuleCategory",
     "Suite",
     "bias_probe",

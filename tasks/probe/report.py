@@ -16,59 +16,55 @@ from tasks.config import GateSettings, ProbeSettings
 from tasks.errors import UserInputError, capped
 from tasks.objectives import get_objective, objective_of_architectures
 from tasks.probe.gate import check_gate, probe_metrics
+from tasks.probe.result import ProbeResult
 from tasks.probe.scoring import probe_model
 from tasks.probe.suites import load_suite
 
 log = logging.getLogger("adaptflow.probe")
 
 
-def probe_markdown(tuned: dict[str, Any], base: dict[str, Any] | None, gate: dict[str, Any] | None) -> str:
+def probe_markdown(tuned: ProbeResult, base: ProbeResult | None, gate: dict[str, Any] | None) -> str:
     """Base and tuned side by side, per category and bias type."""
-    lines = [f"# Bias and robustness probe ({tuned.get('suite')})", ""]
-
-    def both(section: str, path: list[str]) -> tuple[Any, Any]:
-        def get(tree: dict[str, Any] | None) -> Any:
-            node: Any = (tree or {}).get(section)
-            for key in path:
-                node = node.get(key) if isinstance(node, dict) else None
-            return node
-
-        return get(tuned), get(base)
+    lines = [f"# Bias and robustness probe ({tuned.suite})", ""]
 
     def fmt(value: Any) -> str:
         return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    if "pairs" in tuned:
+    if tuned.pairs:
+        pairs, base_pairs = tuned.pairs, base.pairs if base else None
         lines += [
             "## Counterfactual pairs (stereotype score, %; 50 = no preference)",
             "",
             "| bias type | pairs | base | tuned |",
             "|---|---|---|---|",
         ]
-        t, b = both("pairs", ["stereotype_score"])
-        lines.append(f"| all | {tuned['pairs']['pairs']} | {fmt(b)} | {fmt(t)} |")
-        for direction, counts in tuned["pairs"].get("by_direction", {}).items():
-            t, b = both("pairs", ["by_direction", direction, "score"])
-            lines.append(f"| {direction} rows, ties left out | {counts['pairs']} | {fmt(b)} | {fmt(t)} |")
-        for kind in tuned["pairs"]["by_type"]:
-            t, b = both("pairs", ["by_type", kind, "stereotype_score"])
-            lines.append(f"| {kind} | {tuned['pairs']['by_type'][kind]['pairs']} | {fmt(b)} | {fmt(t)} |")
+        b = base_pairs.stereotype_score if base_pairs else None
+        lines.append(f"| all | {pairs.pairs} | {fmt(b)} | {fmt(pairs.stereotype_score)} |")
+        for direction, counts in pairs.by_direction.items():
+            base_direction = base_pairs.by_direction.get(direction) if base_pairs else None
+            b = base_direction.score if base_direction else None
+            lines.append(f"| {direction} rows, ties left out | {counts.pairs} | {fmt(b)} | {fmt(counts.score)} |")
+        for kind, summary in pairs.by_type.items():
+            base_kind = base_pairs.by_type.get(kind) if base_pairs else None
+            b = base_kind.stereotype_score if base_kind else None
+            lines.append(f"| {kind} | {summary.pairs} | {fmt(b)} | {fmt(summary.stereotype_score)} |")
         lines.append("")
-    if "rules" in tuned:
+    if tuned.rules:
         lines += [
             "## Rule cases (pass rate)",
             "",
             "| category | language | cases | base | tuned |",
             "|---|---|---|---|---|",
         ]
-        for name, category in tuned["rules"]["by_category"].items():
-            t, b = both("rules", ["by_category", name, "pass_rate"])
-            lines.append(f"| {name} | {category['language']} | {category['cases']} | {fmt(b)} | {fmt(t)} |")
+        for name, category in tuned.rules.by_category.items():
+            base_category = base.rules.by_category.get(name) if base and base.rules else None
+            b = base_category.pass_rate if base_category else None
+            lines.append(f"| {name} | {category.language} | {category.cases} | {fmt(b)} | {fmt(category.pass_rate)} |")
         lines.append("")
-    if "robustness" in tuned:
+    if tuned.robustness:
         lines += ["## Robustness (classification)", "", "| perturbation | accuracy | consistency |", "|---|---|---|"]
-        for kind, values in tuned["robustness"]["by_perturbation"].items():
-            lines.append(f"| {kind} | {fmt(values['accuracy'])} | {fmt(values['consistency'])} |")
+        for kind, values in tuned.robustness.by_perturbation.items():
+            lines.append(f"| {kind} | {fmt(values.accuracy)} | {fmt(values.consistency)} |")
         lines.append("")
     if gate:
         lines += [f"## Gate: {'passed' if gate['passed'] else 'FAILED'} — {gate['reason']}", ""]
@@ -82,16 +78,17 @@ def probe_markdown(tuned: dict[str, Any], base: dict[str, Any] | None, gate: dic
 class ProbeReport(BaseModel):
     """The probe of the tuned model, its base model's (when the check compares), and the gate's verdict."""
 
-    tuned: dict[str, Any]
-    base: dict[str, Any] | None
+    tuned: ProbeResult | None  # None: no probe configured
+    base: ProbeResult | None
     gate: dict[str, Any]
 
     def public(self) -> dict[str, Any]:
         """The `bias_probe` object of the run's JSON: the tuned model's sections, the base's, the gate."""
-        return {**self.tuned, "base": self.base, "gate": self.gate}
+        tuned = self.tuned.model_dump() if self.tuned else {}
+        return {**tuned, "base": self.base.model_dump() if self.base else None, "gate": self.gate}
 
 
-def probe_base(source: Any, task: str, settings: ProbeSettings) -> dict[str, Any] | None:
+def probe_base(source: Any, task: str, settings: ProbeSettings) -> ProbeResult | None:
     """The untouched base model's probe, where it means something (causal LM: an untrained classifier head does not)."""
     from tasks.modeling import load_base_model, load_tokenizer
 
@@ -103,7 +100,7 @@ def probe_base(source: Any, task: str, settings: ProbeSettings) -> dict[str, Any
 
 
 def bias_probe(
-    trained: Any, data: Any, tokenized: Any, settings: ProbeSettings, base: dict[str, Any] | None, run: Any
+    trained: Any, data: Any, tokenized: Any, settings: ProbeSettings, base: ProbeResult | None, run: Any
 ) -> ProbeReport:
     """Probe the tuned model, gate it against the base model's probe, write the reports and metrics."""
     from tasks.adapting import load_adapted, remember
@@ -111,7 +108,7 @@ def bias_probe(
     from tasks.tracking import log_metrics
 
     if settings.suite is None:
-        return ProbeReport(tuned={}, base=None, gate={"passed": True, "checks": [], "reason": "no probe configured"})
+        return ProbeReport(tuned=None, base=None, gate={"passed": True, "checks": [], "reason": "no probe configured"})
     adapted = trained.adapted
     model = load_adapted(adapted, trained.adapter_dir)
     tokenizer = load_tokenizer(adapted.source)
@@ -124,7 +121,7 @@ def bias_probe(
     report = ProbeReport(tuned=tuned, base=base, gate=gate)
     (reports / "probe.json").write_text(report.model_dump_json(indent=2))
     (reports / "probe.md").write_text(probe_markdown(tuned, base, gate))
-    log_metrics(run, {**probe_metrics(tuned), **probe_metrics(base or {}, "base_probe_")})
+    log_metrics(run, {**probe_metrics(tuned), **probe_metrics(base, "base_probe_")})
     return report
 
 
@@ -200,5 +197,5 @@ def probe_standalone(
         texts, labels = labelled_texts(data, loaded, text_column, label_column)
     probed = probe_model(loaded, tokenizer, task, suite, settings, texts, labels)
     gate = check_gate(probed, None, GateSettings(max_stereotype_rise=None))
-    result = {"command": "probe", "model": model, "task": task, **probed, "gate": gate}
+    result = {"command": "probe", "model": model, "task": task, **probed.model_dump(), "gate": gate}
     return result, probe_markdown(probed, None, gate)

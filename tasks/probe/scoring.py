@@ -26,6 +26,7 @@ from tasks.config import ProbeSettings
 from tasks.evaluation import model_device
 from tasks.generation import generate
 from tasks.objectives import get_objective
+from tasks.probe.result import ProbeResult
 from tasks.probe.suites import Pair, Robustness, RuleCategory, Suite
 
 log = logging.getLogger("adaptflow.probe")
@@ -203,9 +204,7 @@ def probe_model(
     settings: ProbeSettings,
     eval_texts: list[str] | None = None,
     eval_labels: list[int] | None = None,
-) -> dict[str, Any]:
+) -> ProbeResult:
     """Every check of the suite that applies to the objective's models (generation checks need a causal LM)."""
-    return {
-        "suite": suite.name,
-        **get_objective(task).probe(model, tokenizer, suite, settings, eval_texts, eval_labels),
-    }
+    sections = get_objective(task).probe(model, tokenizer, suite, settings, eval_texts, eval_labels)
+    return ProbeResult.model_validate({"suite": suite.name, **sections})

@@ -1,0 +1,130 @@
+"""How every `adaptflow` command starts and ends, in one place.
+
+`session` wraps a command: the process settings of `process_tuning` (before the command imports torch),
+SIGINT / SIGTERM raised as `Interrupted`, Prefect's temporary server started at once for a command that runs
+flows (`temporary_server`), logging, and the outcome: exit code 0 ok, 2 bad input, 1 anything else, 128 + the
+signal when interrupted, and with --json one JSON object as the last stdout line (everything else on stderr).
+
+`connect` is what a command opens before its work, once its own input has been checked: the MLflow store, and
+for a command that runs flows the temporary server, waited for while the store opens.
+
+The CLI (`entry`, `main`, every subcommand, `serve` included) and the tests that call `main` start this way;
+Prefect's runner subprocesses and Dask workers inherit the process settings through the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from flows import process_tuning, temporary_server
+from tasks.errors import Interrupted, RunFailed, UserInputError
+
+if TYPE_CHECKING:
+    from tasks.config import TrackingSettings
+
+# Prefect's loggers of flow and task runs: where it logs a run's exception.
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class QuietInputErrors(logging.Filter):
+    """Prefect logs a task's or flow's exception with its traceback at ERROR; for a UserInputError that reads as
+    a crash before the one clean message the session prints. Such records become DEBUG: shown (traceback and all)
+    only when Prefect's run loggers are at DEBUG (PREFECT_LOGGING_LEVEL=DEBUG), else dropped."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.logger.isEnabledFor(logging.DEBUG)
+        return True
+
+
+@dataclass
+class Outcome:
+    """What a command ends with: its result (the JSON object) and exit code."""
+
+    command: str
+    result: dict[str, Any] = field(default_factory=dict)
+    code: int = 0
+
+
+@contextlib.contextmanager
+def session(command: str, *, runs_flows: bool, json_output: bool, resume_hint: str = "") -> Iterator[Outcome]:
+    """Start a command the one way every command starts; the body sets `outcome.result`.
+
+    An exception in the body ends the command with its exit code and message (not re-raised); `resume_hint`
+    is added to the message of an interrupted run.
+    """
+    process_tuning.tune_process()  # first: before the command imports torch
+    outcome = Outcome(command)
+    with contextlib.ExitStack() as stack:
+        _handle_signals(stack)
+        if runs_flows:
+            temporary_server.start_early()  # before anything imports Prefect
+        _configure_logging()
+        stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
+            try:
+                yield outcome
+            except UserInputError as exc:
+                print(f"adaptflow: error: {exc}", file=sys.stderr)
+                outcome.result, outcome.code = {"command": command, "status": "error", "error": str(exc)}, 2
+            except KeyboardInterrupt as exc:
+                signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+                name = signal.Signals(signum).name
+                print(f"adaptflow: interrupted ({name}){resume_hint}", file=sys.stderr)
+                outcome.result = {"command": command, "status": "interrupted", "signal": name}
+                outcome.code = 128 + signum
+            except RunFailed as exc:  # a failure we can explain: the message says it all
+                print(f"adaptflow: failed: {exc}", file=sys.stderr)
+                outcome.result, outcome.code = {"command": command, "status": "failed", "error": str(exc)}, 1
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                print(f"adaptflow: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+                outcome.result, outcome.code = {"command": command, "status": "failed", "error": str(exc)}, 1
+        if json_output:
+            stdout.write(json.dumps(outcome.result, default=str) + "\n")
+            stdout.flush()
+
+
+def connect(tracking: TrackingSettings | None, while_waiting: Sequence[Callable[[], object]] = ()) -> None:
+    """Open the MLflow store of `tracking` (None: the command uses none) for this process; if the session
+    started Prefect's temporary server, wait until it answers, opening the store and doing `while_waiting`
+    (work the command does anyway) meanwhile."""
+    if tracking is None:
+        temporary_server.ready(while_waiting=while_waiting)
+        return
+    from tasks.tracking import use_tracking
+
+    temporary_server.ready(while_waiting=[lambda: use_tracking(tracking), *while_waiting])
+    use_tracking(tracking)  # again where the server was already up (or none was started): cheap, and errors surface
+
+
+def _handle_signals(stack: contextlib.ExitStack) -> None:
+    """SIGTERM stops a command the way Ctrl-C does (a run is marked KILLED, exit 143) instead of ending the
+    process unmarked; the previous handlers come back when the session ends."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        stack.callback(signal.signal, signum, signal.signal(signum, Interrupted.raise_on))
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("adaptflow").setLevel(logging.INFO)
+    for name in PREFECT_RUN_LOGGERS:  # logging.config (Prefect's setup) keeps a logger's filters
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, QuietInputErrors) for f in logger.filters):  # once per process
+            logger.addFilter(QuietInputErrors(logger))
