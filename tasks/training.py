@@ -18,7 +18,8 @@ import torch
 from mlflow.entities import Metric
 from pydantic import BaseModel
 from safetensors import safe_open
-from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from adapters_impl import get_method
 from adapters_impl.base import SaveFn
@@ -258,7 +259,9 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> Trainin
     dtype = training_dtype(settings.precision)
     max_steps = settings.max_steps or -1
     warmup = int(settings.warmup_ratio * settings.max_steps) if settings.max_steps else 0
+    optional: dict[str, Any] = {"optim": settings.optim} if settings.optim else {}  # unset: HF's default
     return TrainingArguments(
+        **optional,
         output_dir=str(checkpoint_dir),
         max_steps=max_steps,
         num_train_epochs=settings.epochs or 1.0,
@@ -287,6 +290,16 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> Trainin
     )
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward, for every method: on the outermost transformer inside the method's
+    wrapper (a peft model, our pooled classifier), which the Trainer's own switch cannot reach. Non-reentrant, so a
+    frozen embedding needs no input gradients."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return
+
+
 def train_model(
     adapted: AdaptedRef, tokenized: TokenizedRef, settings: TrainSettings, run: RunRef, stop_at: int | None = None
 ) -> TrainedRef:
@@ -306,6 +319,8 @@ def train_model(
     else:
         model = load_adapted(adapted, adapted.adapter_dir, trainable=True)
     method = get_method(adapted.method_name)
+    if settings.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     state = TrainerState.load_from_json(str(resume_from / "trainer_state.json")) if resume_from else None
     failures, bad_step, tokens, checkpoint_seconds = 0, None, 0, 0.0
     if state is not None and 0 < min(state.max_steps, stop_at or state.max_steps) <= state.global_step:
