@@ -4,10 +4,16 @@ method, and versions whose pinned base cannot be resolved."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from conftest import write_config
 
 from adapters_impl import METHODS, ApplyContext
 from adapters_impl.packaged import INFO_FILE, BaseUnavailable, load_packaged
@@ -118,3 +124,81 @@ def test_a_base_that_cannot_be_resolved_is_named_with_how_it_was_pinned(tmp_path
     with pytest.raises(BaseUnavailable) as caught:
         load_packaged(write_package(tmp_path / "b", tiny_model, hub))
     assert "'adaptflow-tests/no-such-model' (hub id, pinned to revision " + "a" * 40 in str(caught.value)
+
+
+FRESH_LOAD = """
+import sys, mlflow
+print(mlflow.pyfunc.load_model(sys.argv[1]).predict(["Once upon a time"])[0])
+"""
+
+
+def package_of(model_uri: str) -> Path:
+    """The downloaded package folder of a registered version (where its MLmodel says the pyfunc keeps it)."""
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    return local / Model.load(str(local)).flavors["python_function"]["artifacts"]["model"]["path"]
+
+
+def fresh_process_predict(uri: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    """Load a registered model with the pyfunc in a new process with an empty adaptflow cache."""
+    env = {**os.environ, "ADAPTFLOW_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-c", FRESH_LOAD, uri], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_versions_store_the_adapter_and_a_base_logged_once(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    config = write_config(
+        tmp_path / "run.yaml",
+        model={"name_or_path": str(base)},
+        data={"train": str(stories_file), "max_length": 48, "eval_fraction": 0.2},
+        method={"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        train={"max_steps": 4, "batch_size": 8, "learning_rate": 3e-3, "save_steps": 1, "logging_steps": 2},
+        bias_probe={"suite": None},
+        registry={"name": "real"},
+    )
+    versions = []
+    for overrides in ([], ["--set", "train.learning_rate=1e-3", "--set", "registry.merged=true"]):
+        assert main(["run", str(config), *overrides, "--json"]) == 0
+        versions.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    first, second = versions
+    assert first["metrics"]["merge_tolerance"] == 1e-4 and first["metrics"]["merge_max_abs_diff"] < 1e-4
+
+    # One base run for both versions; the versions hold the adapter, not the base.
+    client = MlflowClient()
+    bases = client.search_runs([client.get_experiment_by_name("adaptflow-bases").experiment_id])
+    assert len(bases) == 1 and bases[0].info.status == "FINISHED"
+    base_bytes = sum(p.stat().st_size for p in base.iterdir())
+    package = package_of(first["model_uri"])
+    info = json.loads((package / "adaptflow.json").read_text())
+    assert info["base"]["run_id"] == bases[0].info.run_id and info["base"]["kind"] == "tracking"
+    assert sorted(p.name for p in package.iterdir()) == ["adapter", "adaptflow.json", "tokenizer"]
+    assert sum(p.stat().st_size for p in package.rglob("*") if p.is_file()) < base_bytes / 2
+    merged = package_of(second["model_uri"]) / "merged"
+    assert (merged / "model.safetensors").exists()
+
+    # The run folder keeps adapter, reports and the last checkpoint only.
+    run_dir = Path(first["run_dir"])
+    assert not {"merged", "package", "adapter-init"} & {p.name for p in run_dir.iterdir()}
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-4"]
+
+    # A fresh process on another machine (no base folder, empty cache) downloads the base once from the store.
+    shutil.rmtree(base)
+    loaded = fresh_process_predict("models:/real/1", tmp_path / "fresh-cache")
+    assert loaded.returncode == 0 and loaded.stdout.strip(), loaded.stderr[-2000:]
+    assert (tmp_path / "fresh-cache" / "bases" / info["base"]["fingerprint"] / "config.json").exists()
+
+    # The base's artifacts gone: loading names the base and how it was pinned.
+    client.delete_run(bases[0].info.run_id)
+    failed = fresh_process_predict("models:/real/1", tmp_path / "empty-cache")
+    assert failed.returncode != 0
+    assert f"base model '{base}' (local folder, stored once in the tracking store as run" in failed.stderr
+    assert "that run was deleted" in failed.stderr
