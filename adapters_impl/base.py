@@ -67,6 +67,8 @@ class Method:
     `unsupported` maps an objective's name (config `task:`) to the reason the method cannot do it (shown to the user, exit 2).
     `base_loading` gives extra `from_pretrained` arguments for the base (QLoRA's 4-bit quantization).
     `lossy_merge` marks merges that are not exact, whose quality gap the run measures on the eval set.
+    `whole_model`: the saved weights are the whole model (the base itself trains): a version stores them and needs
+    no base; every other method's version stores its own weights and a pinned reference to the base.
     """
 
     name: str
@@ -79,6 +81,7 @@ class Method:
     unsupported: Mapping[TaskName, str] = field(default_factory=dict)
     base_loading: Callable[[Any], dict[str, Any]] = no_extra_loading
     lossy_merge: bool = False
+    whole_model: bool = False
 
     @property
     def mergeable(self) -> bool:

@@ -46,4 +46,5 @@ METHOD = Method(
     save=save,
     load=load,
     merge=merge,
+    whole_model=True,
 )

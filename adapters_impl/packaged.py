@@ -8,7 +8,11 @@ every model (`code_paths`), and nothing here imports the pipeline (`tasks/`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,101 @@ import torch
 from torch import nn
 
 INFO_FILE = "adaptflow.json"
+# Weight files that are pickles: loading one can run code (torch's restricted loader is the only guard).
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+class BaseUnavailable(RuntimeError):
+    """A version's pinned base model cannot be resolved (a deleted folder or run, a missing hub revision)."""
+
+
+def cache_home() -> Path:
+    """Where adaptflow keeps what it builds or downloads once (the builtin model, pinned bases): ADAPTFLOW_CACHE or
+    ~/.cache/adaptflow."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptflow"
+    return Path(os.environ.get("ADAPTFLOW_CACHE", default))
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a model folder that make up the model: all but hidden files, and pickle weights when safetensors
+    weights are there too (the loaders never read both)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.relative_to(folder).as_posix().startswith("."))
+    if any(p.suffix == ".safetensors" for p in files):
+        files = [p for p in files if not any(p.match(pattern) for pattern in PICKLE_WEIGHTS)]
+    return files
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A content hash of a model folder's files (names and bytes), remembered per folder state (file sizes and
+    modification times) so a large base is read once, not once per version."""
+    files = model_files(folder)
+    state = "|".join(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    memo = cache_home() / "fingerprints" / hashlib.sha256(f"{folder.resolve()}|{state}".encode()).hexdigest()
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    fingerprint = digest.hexdigest()[:32]
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(fingerprint)
+    return fingerprint
+
+
+def describe_base(pin: dict[str, Any]) -> str:
+    """How a version's base was pinned, in words for error messages."""
+    if pin["kind"] == "hub":
+        return f"base model {pin['name']!r} (hub id, pinned to revision {pin.get('revision')})"
+    return (
+        f"base model {pin['logged_from']!r} (local folder, stored once in the tracking store as run {pin['run_id']} "
+        f"artifact '{pin['path']}', fingerprint {pin['fingerprint']})"
+    )
+
+
+def resolve_base(pin: dict[str, Any]) -> tuple[str, str | None]:
+    """(where to load the pinned base from, revision): a hub id at its commit, or a local folder holding the base
+    logged in the tracking store — the folder it was logged from when it still has the same content, else the
+    download cached under the fingerprint.
+
+    Raises:
+        BaseUnavailable: the base's run or artifacts are gone from the tracking store.
+    """
+    if pin["kind"] == "hub":
+        return str(pin["name"]), pin.get("revision")
+    fingerprint = str(pin["fingerprint"])
+    origin = Path(str(pin.get("local_path", "")))
+    if origin.is_dir() and (origin / "config.json").exists() and folder_fingerprint(origin) == fingerprint:
+        return str(origin), None
+    cached = cache_home() / "bases" / fingerprint
+    if not (cached / "config.json").exists():
+        import mlflow
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{fingerprint}-", dir=cached.parent))
+        try:
+            run = mlflow.tracking.MlflowClient().get_run(str(pin["run_id"]))
+            if run.info.lifecycle_stage == "deleted":
+                raise BaseUnavailable(f"{describe_base(pin)}: that run was deleted")
+            local = mlflow.artifacts.download_artifacts(
+                run_id=str(pin["run_id"]), artifact_path=str(pin["path"]), dst_path=str(staging)
+            )
+            if not (Path(local) / "config.json").exists():
+                raise BaseUnavailable(f"{describe_base(pin)}: the artifact holds no config.json")
+            os.replace(local, cached)  # whole or not at all: a concurrent loader finds a complete folder
+        except BaseUnavailable:
+            raise
+        except Exception as exc:
+            if (cached / "config.json").exists():  # another process finished the same download first
+                return str(cached), None
+            raise BaseUnavailable(
+                f"{describe_base(pin)} cannot be downloaded: {str(exc).splitlines()[0][:300]}"
+            ) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(cached), None
 
 
 def with_pad_token(tokenizer: Any) -> Any:
@@ -91,9 +190,16 @@ class PackagedModel:
 
 
 def load_packaged(folder: str | Path) -> PackagedModel:
-    """Load a package folder: weights (safetensors only unless the registering run allowed pickles), tokenizer,
-    and the method's adapter on top for adapter-only versions."""
+    """Load a package folder: its merged or whole-model weights when it has them, else the pinned base (resolved
+    and cached, see `resolve_base`) with the method's weights on top, merged in memory when the method merges;
+    safetensors only unless the registering run allowed pickles; and the tokenizer.
+
+    Raises:
+        BaseUnavailable: the pinned base cannot be resolved (the message names it and how it was pinned).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from adapters_impl import get_method
 
     folder = Path(folder)
     info = json.loads((folder / INFO_FILE).read_text())
@@ -102,11 +208,31 @@ def load_packaged(folder: str | Path) -> PackagedModel:
     # objective registry (tasks/objectives); every objective but classification trains a causal LM.
     auto = AutoModelForSequenceClassification if info["task"] == "classification" else AutoModelForCausalLM
     safetensors_only = None if info.get("allow_pickle") else True  # model.allow_pickle of the registering run
-    model = auto.from_pretrained(folder / info["weights"], dtype=torch.float32, use_safetensors=safetensors_only)
-    if info.get("adapter"):
-        from adapters_impl import get_method
-
-        model = get_method(info["method"]).load(model, folder / info["adapter"], False)
+    weights = info.get("merged") or info.get("weights")
+    if weights:  # one folder holds the whole model
+        model = auto.from_pretrained(folder / weights, dtype=torch.float32, use_safetensors=safetensors_only)
+        return PackagedModel(folder=folder, info=info, model=model.eval(), tokenizer=tokenizer)
+    pin = info["base"]
+    where, revision = resolve_base(pin)
+    names = info.get("label_names") or []
+    # A classifier's base gets the head shape training gave it (one output per label, named).
+    head = (
+        {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+        if info["task"] == "classification"
+        else {}
+    )
+    try:
+        model = auto.from_pretrained(
+            where, revision=revision, dtype=torch.float32, use_safetensors=safetensors_only, **head
+        )
+    except (OSError, ValueError) as exc:
+        raise BaseUnavailable(f"{describe_base(pin)} cannot be loaded: {str(exc).splitlines()[0][:300]}") from None
+    if model.config.pad_token_id is None:  # as in training: classifiers pool the last token that is not padding
+        model.config.pad_token_id = tokenizer.pad_token_id
+    method = get_method(info["method"])
+    model = method.load(model, folder / info["adapter"], False)
+    if method.mergeable and hasattr(model, "merge_and_unload"):  # peft LoRA-family: plain layers serve faster
+        model = model.merge_and_unload()  # type: ignore[operator]
     return PackagedModel(folder=folder, info=info, model=model.eval(), tokenizer=tokenizer)
 
 

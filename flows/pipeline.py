@@ -142,9 +142,11 @@ def finish(
     )
     base_probe = stages.probe_base(source, config.task, config.bias_probe)
     probe_report = stages.bias_probe(trained, data, tokenized, config.bias_probe, base_probe, run)
-    merged = stages.merge_model(trained, tokenized, run, config.train.eval_batch_size)
+    merged = stages.merge_model(trained, tokenized, run, config.train.eval_batch_size, config.registry.merged)
     if merged.merge_max_abs_diff is not None:
         metrics["merge_max_abs_diff"] = merged.merge_max_abs_diff
+    if merged.merge_tolerance is not None:
+        metrics["merge_tolerance"] = merged.merge_tolerance
     if merged.merged_eval_loss is not None:  # a lossy merge: what serving the merged model costs
         metrics["merged_eval_loss"] = merged.merged_eval_loss
         metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - metrics["eval_loss"]
@@ -174,7 +176,9 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
             data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
         )
         base_metrics = stages.evaluate_base(source, tokenized, eval_batch)
-        adapted = stages.apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
+        adapted = stages.apply_method(
+            source, config.method, config.task, tokenized, run.run_dir, config.train.seed, config.train.precision
+        )
         trained = stages.train_model(adapted, tokenized, config.train, run)
         tuned_metrics = stages.evaluate_model(trained, tokenized, run, eval_batch)
         done = finish(config, source, data, tokenized, run, trained, {**tuned_metrics, **base_metrics})
@@ -229,7 +233,9 @@ def worker_node(config: RunConfig, resume: bool) -> RunResult:
         data, source, config.task, config.data.max_length, output / ".cache" / "tokenized"
     )
     # Seeded like node 0's; DDP and FSDP (sync_module_states) also start every rank from rank 0's weights.
-    adapted = stages.apply_method(source, config.method, config.task, tokenized, str(folder), config.train.seed)
+    adapted = stages.apply_method(
+        source, config.method, config.task, tokenized, str(folder), config.train.seed, config.train.precision
+    )
     run = RunRef(run_id="", experiment_id="", tracking_uri=tracking_uri(config.tracking), run_dir=str(folder))
     train_distributed(adapted, tokenized, config.train, run, None)
     return RunResult(

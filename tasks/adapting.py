@@ -6,13 +6,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 from torch import nn
 from transformers import set_seed
 
 from adapters_impl import ApplyContext, MethodSettings, MethodSettingsError, count_parameters, get_method
 from tasks.errors import UserInputError
-from tasks.modeling import ModelSource, load_base_model, load_tokenizer
+from tasks.modeling import ModelSource, base_load_dtype, load_base_model, load_tokenizer, upcast_trainable
 from tasks.tokenization import TokenizedRef
 
 
@@ -82,16 +83,31 @@ class AdaptedRef(BaseModel):
     trainable_params: int
     total_params: int
     mergeable: bool
+    base_dtype: str = "float32"  # what the base is loaded in for this run (bf16 when frozen on a bf16 GPU)
 
     @property
     def method_name(self) -> str:
         return str(self.method["name"])
 
 
+def training_base_dtype(method_name: str, precision: str, quantized: bool) -> torch.dtype:
+    """`base_load_dtype` for this method on this machine."""
+    cuda = torch.cuda.is_available()
+    whole = get_method(method_name).whole_model
+    return base_load_dtype(precision, whole, quantized, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
 def apply_method(
-    source: ModelSource, settings: MethodSettings, task: str, tokenized: TokenizedRef, run_dir: str, seed: int
+    source: ModelSource,
+    settings: MethodSettings,
+    task: str,
+    tokenized: TokenizedRef,
+    run_dir: str,
+    seed: int,
+    precision: str = "auto",
 ) -> AdaptedRef:
-    """Load the base, apply the method (seeded), save the untrained adapter, report parameter counts.
+    """Load the base (in half precision when frozen on a bf16/fp16 GPU), apply the method (seeded), save the
+    untrained adapter, report parameter counts.
 
     Raises:
         UserInputError: the settings do not fit this model (e.g. an unknown target module).
@@ -99,11 +115,14 @@ def apply_method(
     method = get_method(settings.name)
     set_seed(seed)
     tokenizer = load_tokenizer(source)
-    base = load_base_model(source, task, tokenizer, tokenized.label_names, **method.base_loading(settings))
+    loading = method.base_loading(settings)
+    dtype = training_base_dtype(settings.name, precision, "quantization_config" in loading)
+    base = load_base_model(source, task, tokenizer, tokenized.label_names, **{"dtype": dtype, **loading})
     try:
         model = method.apply(base, settings, ApplyContext(task=task, model_path=source.name_or_path))  # type: ignore[arg-type]
     except MethodSettingsError as exc:
         raise UserInputError(str(exc)) from None
+    upcast_trainable(model)
     trainable, total = count_parameters(model)
     folder = Path(run_dir) / "adapter-init"
     method.save(model, folder)
@@ -117,6 +136,7 @@ def apply_method(
         trainable_params=trainable,
         total_params=total,
         mergeable=method.mergeable,
+        base_dtype=str(dtype).removeprefix("torch."),
     )
 
 
@@ -128,10 +148,9 @@ def load_adapted(adapted: AdaptedRef, folder: str | Path, trainable: bool = Fals
     method = get_method(adapted.method_name)
     settings = method.settings.model_validate(adapted.method)
     tokenizer = load_tokenizer(adapted.source)
-    base = load_base_model(
-        adapted.source, adapted.task, tokenizer, adapted.label_names, **method.base_loading(settings)
-    )
-    return method.load(base, Path(folder), trainable)
+    loading = {"dtype": getattr(torch, adapted.base_dtype), **method.base_loading(settings)}
+    base = load_base_model(adapted.source, adapted.task, tokenizer, adapted.label_names, **loading)
+    return upcast_trainable(method.load(base, Path(folder), trainable))
 
 
 def load_full_precision_base(adapted: AdaptedRef) -> nn.Module:

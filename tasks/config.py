@@ -281,13 +281,30 @@ class TrainSettings(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     save_steps: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(
+        1, ge=0, description="checkpoints the run folder keeps once the version is registered (the newest)"
+    )
     logging_steps: int = Field(10, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = Field(
+        "auto", description="auto: bf16 on a bf16 GPU, fp32 on CPU; bf16-pure: method full without fp32 weights"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory")
+    optim: str | None = Field(None, description="a Hugging Face optimizer name (adamw_torch_fused, ...); null: HF's")
     packing: bool = Field(False, description="several rows per sequence, rows kept apart (causal_lm, instruction)")
     output_dir: str = Field("runs", description="run folders (checkpoints, adapters, reports) and caches")
     distributed: DistributedSettings | None = Field(
         None, description="null (or one process on one node): train in this process"
     )
+
+    @field_validator("optim")
+    @classmethod
+    def _hf_optimizer(cls, name: str | None) -> str | None:
+        from transformers.training_args import OptimizerNames
+
+        known = [o.value for o in OptimizerNames]
+        if name is not None and name not in known:
+            raise ValueError(f"unknown optimizer {name!r}; Hugging Face's names are: {', '.join(known)}")
+        return name
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainSettings:
@@ -330,6 +347,9 @@ def registered_model_name_problem(name: str) -> str | None:
 
 class RegistrySettings(Section):
     name: str = Field("adaptflow-model", min_length=1, description="registered model name (MLflow's rules)")
+    merged: bool = Field(
+        False, description="also store the merged model (in the base's dtype) with each version of a mergeable method"
+    )
     promote: PromoteSettings = PromoteSettings()
 
     @field_validator("name")
@@ -467,6 +487,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"train.distributed.strategy: fsdp trains the methods {', '.join(FSDP_METHODS)}; "
                 f"method.name is '{method.name}' (use strategy: ddp)"
+            )
+        if self.train.gradient_checkpointing and self.method.name == "prefix":
+            raise ValueError(
+                "train.gradient_checkpointing: not supported with method prefix: its virtual keys and values enter "
+                "every layer as a cache, which checkpointed layers drop; set it to false or use prompt or lora"
             )
         if self.grid and not self.grid.method and self.method.name not in GRID_METHODS:
             raise ValueError(

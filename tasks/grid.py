@@ -142,7 +142,9 @@ def run_trial(
         if previous is not None and previous.trained is not None:
             adapted = previous.trained.adapted
         else:
-            adapted = apply_method(source, config.method, config.task, tokenized, run.run_dir, config.train.seed)
+            adapted = apply_method(
+                source, config.method, config.task, tokenized, run.run_dir, config.train.seed, config.train.precision
+            )
         trained = train_model(adapted, tokenized, config.train, run, stop_at)
         metrics = evaluate_model(trained, tokenized, run, config.train.eval_batch_size)
     except Exception as exc:  # isolation: the grid goes on with the other trials

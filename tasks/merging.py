@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from itertools import islice
 from pathlib import Path
 
@@ -12,12 +13,17 @@ from torch import nn
 from adapters_impl import get_method
 from tasks.adapting import load_adapted, load_full_precision_base
 from tasks.evaluation import EVAL_BATCH_SIZE, _batches, eval_loss, model_device
-from tasks.modeling import load_tokenizer
+from tasks.modeling import ModelSource, load_tokenizer
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import RunRef, log_metrics
 from tasks.training import TrainedRef
 
 CHECK_BATCHES = 4
+log = logging.getLogger("adaptflow")
+
+# How far merged logits may be from the unmerged model's, by the dtype the check computed in: fp32 rounding only;
+# TF32 matmuls keep 10 mantissa bits, fp16 10, bf16 7 (logits of magnitude ~10 then differ in the second decimal).
+MERGE_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 5e-2, "bf16": 2e-1}
 
 
 class MergedRef(BaseModel):
@@ -29,6 +35,28 @@ class MergedRef(BaseModel):
     merged_dir: str | None
     merge_max_abs_diff: float | None
     merged_eval_loss: float | None = None
+    merge_tolerance: float | None = None
+
+
+def merge_tolerance(dtype: torch.dtype, device: str) -> float:
+    """The merge check's tolerance for models computing in `dtype` on `device` (TF32 when CUDA matmuls allow it)."""
+    if dtype == torch.bfloat16:
+        return MERGE_TOLERANCE["bf16"]
+    if dtype == torch.float16:
+        return MERGE_TOLERANCE["fp16"]
+    if device.startswith("cuda") and torch.backends.cuda.matmul.allow_tf32:
+        return MERGE_TOLERANCE["tf32"]
+    return MERGE_TOLERANCE["fp32"]
+
+
+def base_dtype(source: ModelSource) -> torch.dtype:
+    """The dtype the base model's weights are stored in (its config's `dtype`), fp32 when it does not say."""
+    from transformers import AutoConfig
+
+    stored = getattr(AutoConfig.from_pretrained(source.name_or_path, **source.kwargs()), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
 @torch.no_grad()
@@ -42,9 +70,10 @@ def _logits(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[to
 
 
 def merge_model(
-    trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int = EVAL_BATCH_SIZE
+    trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int = EVAL_BATCH_SIZE, save: bool = False
 ) -> MergedRef:
-    """Merge when the method allows it; methods that cannot merge register adapter-only."""
+    """Check the merge when the method allows it (in memory); with `save` (registry.merged) also write the merged
+    model, in the base's own dtype, for the registry to store. Methods that cannot merge register adapter-only."""
     adapted = trained.adapted
     method = get_method(adapted.method_name)
     if method.merge is None:
@@ -58,11 +87,22 @@ def merge_model(
     merged = method.merge(model, lambda: load_full_precision_base(adapted))
     after = _logits(merged, batches)
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
-    folder = Path(run.run_dir) / "merged"
-    merged.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
-    tokenizer.save_pretrained(str(folder))
-    metrics = {"merge_max_abs_diff": diff}
+    computed_in = next(p.dtype for p in merged.parameters() if p.is_floating_point())
+    tolerance = merge_tolerance(computed_in, str(model_device(merged)))
+    if diff > tolerance and not method.lossy_merge:
+        log.warning("merged logits differ by %.3g, more than the %.3g expected in %s", diff, tolerance, computed_in)
+    metrics = {"merge_max_abs_diff": diff, "merge_tolerance": tolerance}
     if method.lossy_merge:  # what users lose by serving the merged model instead of the adapted one
         metrics["merged_eval_loss"] = eval_loss(merged, eval_split, collator, batch_size, tokenized.task)
+    folder = None
+    if save:
+        folder = Path(run.run_dir) / "merged"
+        merged.to(base_dtype(adapted.source)).save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
+        tokenizer.save_pretrained(str(folder))
     log_metrics(run, metrics)
-    return MergedRef(merged_dir=str(folder), merge_max_abs_diff=diff, merged_eval_loss=metrics.get("merged_eval_loss"))
+    return MergedRef(
+        merged_dir=str(folder) if folder else None,
+        merge_max_abs_diff=diff,
+        merged_eval_loss=metrics.get("merged_eval_loss"),
+        merge_tolerance=tolerance,
+    )

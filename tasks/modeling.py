@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from adapters_impl.packaged import with_pad_token
+from adapters_impl.packaged import PICKLE_WEIGHTS, cache_home, with_pad_token
 from tasks.config import BUILTIN_PREFIX, ModelSettings
 from tasks.errors import UserInputError
 from tasks.load import publish
@@ -39,15 +38,11 @@ class ModelSource(BaseModel):
     allow_pickle: bool = False
     display_name: str
     tokenizer_fingerprint: str
+    # The hub commit `revision` pointed to when the run resolved it: what a registered version pins its base to.
+    commit_hash: str | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
-
-
-def cache_home() -> Path:
-    """Where adaptflow keeps what it builds once (the builtin model): ADAPTFLOW_CACHE or ~/.cache/adaptflow."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptflow"
-    return Path(os.environ.get("ADAPTFLOW_CACHE", default))
 
 
 def build_tiny_model(folder: Path) -> None:
@@ -110,8 +105,6 @@ def _tokenizer_fingerprint(name_or_path: str, revision: str | None) -> str:
     return digest.hexdigest()[:16]
 
 
-# Weight files that are pickles: loading one can run code (torch's restricted loader is the only guard).
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 PICKLE_HINT = "set model.allow_pickle: true to load them (only for files you trust), or convert them to safetensors"
 
 
@@ -122,6 +115,18 @@ def pickle_only(folder: Path) -> list[str]:
     return sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
 
 
+def hub_commit(name: str, revision: str | None) -> str | None:
+    """The commit a hub id's `revision` (None: the default branch) points to: asked of the hub, else read from the
+    local cache (offline); None when neither knows."""
+    from transformers.utils.hub import cached_file, extract_commit_hash, resolve_revision
+
+    resolved = resolve_revision(name, revision)
+    commit = getattr(resolved, "resolved", None)
+    if commit:
+        return str(commit)
+    return extract_commit_hash(cached_file(name, "config.json", revision=revision), None)
+
+
 def resolve_model(settings: ModelSettings) -> ModelSource:
     """Turn `model.*` into a loadable source, checking early that it exists and is a model.
 
@@ -129,6 +134,7 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
         UserInputError: the path does not exist, holds no model, or the hub id cannot be reached.
     """
     value = settings.name_or_path
+    commit: str | None = None
     if value.startswith(BUILTIN_PREFIX):
         path = str(builtin_model_path(value.removeprefix(BUILTIN_PREFIX)))
     else:
@@ -148,6 +154,7 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
             )
         try:
             AutoConfig.from_pretrained(path, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+            commit = None if local.is_dir() else hub_commit(path, settings.revision)
         except (OSError, ValueError) as exc:
             where = "local folder" if value.startswith((".", "/", "~")) else "local folder or hub id"
             raise UserInputError(
@@ -156,6 +163,7 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
     return ModelSource(
         name_or_path=path,
         revision=settings.revision,
+        commit_hash=commit,
         trust_remote_code=settings.trust_remote_code,
         allow_pickle=settings.allow_pickle,
         display_name=value,
@@ -179,13 +187,46 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def training_dtype(precision: str = "auto") -> torch.dtype:
-    """fp32 on CPU: autocast there, without native bf16, is hundreds of times slower."""
+def compute_dtype(precision: str, cuda: bool, bf16_supported: bool) -> torch.dtype:
+    """The dtype training computes in: `auto` is bf16 on a CUDA GPU with bf16, else fp32 (on a CPU, autocast
+    without native bf16 is hundreds of times slower)."""
     if precision == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+        return torch.bfloat16 if cuda and bf16_supported else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16}[
+        precision
+    ]
+
+
+def training_dtype(precision: str = "auto") -> torch.dtype:
+    """`compute_dtype` on this machine."""
+    cuda = torch.cuda.is_available()
+    return compute_dtype(precision, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def base_load_dtype(
+    precision: str, whole_model: bool, quantized: bool, cuda: bool, bf16_supported: bool
+) -> torch.dtype:
+    """The dtype the base model's weights are loaded in for training.
+
+    On a GPU computing in bf16/fp16, a frozen base (every method but `full`) is loaded in that dtype: it never
+    takes an optimizer step, so half precision halves its memory and bandwidth at no cost (trainable parameters
+    stay fp32, see `upcast_trainable`). `full` keeps fp32 master weights under autocast unless `bf16-pure`.
+    A quantized base (QLoRA) keeps what its quantization config says; a CPU stays fp32.
+    """
+    dtype = compute_dtype(precision, cuda, bf16_supported)
+    if not cuda or quantized or dtype == torch.float32:
         return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if whole_model:
+        return dtype if precision == "bf16-pure" else torch.float32
+    return dtype
+
+
+def upcast_trainable(model: nn.Module) -> nn.Module:
+    """Trainable parameters in fp32 (the optimizer's master weights) on a half-precision frozen base."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def load_base_model(

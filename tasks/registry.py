@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -13,11 +14,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
-from adapters_impl.packaged import INFO_FILE
+from adapters_impl import get_method
+from adapters_impl.packaged import INFO_FILE, folder_fingerprint, model_files
 from tasks.config import RunConfig, dump_config
 from tasks.load import DataRef
 from tasks.merging import MergedRef
-from tasks.tracking import RunRef, config_hash, git_commit, redact, use_tracking
+from tasks.modeling import ModelSource, load_tokenizer
+from tasks.tracking import RunRef, config_hash, experiment_id, git_commit, redact, use_tracking
 from tasks.training import TrainedRef
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -36,6 +39,11 @@ SERVING_PACKAGES = [
     "mlflow",
 ]
 
+
+# Local base models are logged once, as runs of this experiment tagged with the folder's content fingerprint.
+BASES_EXPERIMENT = "adaptflow-bases"
+BASE_FINGERPRINT_TAG = "adaptflow.base_fingerprint"
+BASE_ARTIFACT = "base"
 
 # Set when a version is created, removed once its promotion decision is written: a run killed in between leaves
 # a version that `--resume` and `adaptflow promote` find and decide for.
@@ -77,13 +85,81 @@ def serving_requirements() -> list[str]:
     return pins
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A folder's files at `target` as hard links (no bytes copied), copies where linking is not possible."""
+
+    def place(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=place)
+
+
+def logged_base(client: MlflowClient, fingerprint: str) -> str | None:
+    """The run that holds the base with this fingerprint, if one finished logging it."""
+    experiment = client.get_experiment_by_name(BASES_EXPERIMENT)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{BASE_FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def log_base(client: MlflowClient, folder: Path, fingerprint: str, display_name: str) -> str:
+    """Log a local base model's files once into the tracking store; the run is FINISHED only when all are there,
+    so a half-logged base is never reused."""
+    tags = {BASE_FINGERPRINT_TAG: fingerprint, "mlflow.runName": f"base-{fingerprint[:12]}", "source": display_name}
+    run_id = client.create_run(experiment_id(client, BASES_EXPERIMENT), tags=tags).info.run_id
+    try:
+        for file in model_files(folder):
+            parent = file.relative_to(folder).parent.as_posix()
+            client.log_artifact(run_id, str(file), BASE_ARTIFACT if parent == "." else f"{BASE_ARTIFACT}/{parent}")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def pin_base(client: MlflowClient, source: ModelSource) -> dict[str, Any]:
+    """A reference to the base a version loads: a hub id at its resolved commit, or a local folder's content
+    logged once into the tracking store (reused by every later version on the same content)."""
+    folder = Path(source.name_or_path)
+    if not folder.is_dir():
+        return {"kind": "hub", "name": source.name_or_path, "revision": source.commit_hash or source.revision}
+    fingerprint = folder_fingerprint(folder)
+    run_id = logged_base(client, fingerprint) or log_base(client, folder, fingerprint, source.display_name)
+    return {
+        "kind": "tracking",
+        "fingerprint": fingerprint,
+        "run_id": run_id,
+        "path": BASE_ARTIFACT,
+        "logged_from": source.display_name,
+        "local_path": str(folder.resolve()),  # used instead of a download while it still holds the same content
+    }
+
+
 def package_model(
-    trained: TrainedRef, merged: MergedRef, folder: Path, generation: dict[str, Any], serving: dict[str, Any]
+    trained: TrainedRef,
+    merged: MergedRef,
+    folder: Path,
+    generation: dict[str, Any],
+    serving: dict[str, Any],
+    base: dict[str, Any] | None,
 ) -> Path:
-    """A self-describing folder the pyfunc loads: merged weights, or base weights plus the adapter; `serving` is
-    what the objective records on top (an instruction model's chat template and answer length)."""
+    """A self-describing folder the pyfunc loads: what the run made new (the method's weights, or the whole model
+    for methods that train the base), the tokenizer, a pinned reference to the base, and merged weights when
+    `merged` has a folder. `serving` is what the objective records on top (an instruction model's chat template
+    and answer length). Files are hard links to the run's where possible: no bytes copied."""
     adapted = trained.adapted
     shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     info: dict[str, Any] = {
         "task": adapted.task,
         "method": adapted.method_name,
@@ -91,21 +167,37 @@ def package_model(
         "generation": generation,
     }
     info |= serving
-    if merged.merged_dir:
-        shutil.copytree(merged.merged_dir, folder / "model")
-        info |= {"weights": "model", "tokenizer": "model", "adapter": None}
+    load_tokenizer(adapted.source).save_pretrained(str(folder / "tokenizer"))
+    if get_method(adapted.method_name).whole_model:
+        link_or_copy(Path(trained.adapter_dir), folder / "model")
+        info |= {"weights": "model", "tokenizer": "tokenizer", "adapter": None, "base": None}
     else:
-        shutil.copytree(adapted.source.name_or_path, folder / "base")
-        shutil.copytree(trained.adapter_dir, folder / "adapter")
+        link_or_copy(Path(trained.adapter_dir), folder / "adapter")
         # The base as given: pickle weights only when the run's config allowed them (model.allow_pickle).
         info |= {
-            "weights": "base",
-            "tokenizer": "base",
+            "weights": None,
+            "tokenizer": "tokenizer",
             "adapter": "adapter",
+            "base": base,
             "allow_pickle": adapted.source.allow_pickle,
         }
+    if merged.merged_dir:  # registry.merged: one folder for serving stacks; loaders prefer it
+        shutil.move(merged.merged_dir, folder / "merged")
+        info["merged"] = "merged"
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
     return folder
+
+
+def tidy_run_dir(run_dir: Path, keep_checkpoints: int) -> None:
+    """After a version is registered, the run folder keeps the adapter, reports and the newest `keep_checkpoints`
+    checkpoints: packages, merged weights and the untrained adapter are in the tracking store or no longer needed."""
+    for name in ("package", "merged", "adapter-init"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    checkpoints = sorted(
+        (run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True
+    )
+    for old in checkpoints[keep_checkpoints:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_loss_curve(history: list[tuple[int, float]], title: str, path: Path) -> None:
@@ -187,9 +279,13 @@ def register_model(
         trained.loss_history, f"{config.method.name} on {config.model.name_or_path}", reports / "loss_curve.png"
     )
     (run_dir / "config.yaml").write_text(dump_config(config))
-    package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40}, serving or {})
+    method = get_method(config.method.name)
+    base = None if method.whole_model else pin_base(client, trained.adapted.source)
+    package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40}, serving or {}, base)
     tags = creation_tags(config, data, run, metrics, extra_tags)
     client.set_tag(run.run_id, "adaptflow.data_fingerprint", data.fingerprint)
+    if base is not None:
+        client.set_tag(run.run_id, "adaptflow.base", json.dumps(base))
     with mlflow.start_run(run_id=run.run_id):
         mlflow.log_artifacts(trained.adapter_dir, "adapter")
         mlflow.log_artifact(str(run_dir / "config.yaml"))
@@ -203,6 +299,7 @@ def register_model(
         )
     # Registered only now, after every artifact is stored.
     registered = mlflow.register_model(info.model_uri, config.registry.name, tags=tags)
+    tidy_run_dir(run_dir, config.train.keep_checkpoints)
     return RegisteredRef(
         name=config.registry.name,
         version=str(registered.version),

@@ -19,7 +19,7 @@ from mlflow.entities import Metric
 from pydantic import BaseModel
 from safetensors import safe_open
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from adapters_impl import get_method
 from adapters_impl.base import SaveFn
@@ -276,7 +276,9 @@ def training_arguments(
     distributed = distributed_arguments(settings, model) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
     max_steps = settings.max_steps or -1
     warmup = int(settings.warmup_ratio * settings.max_steps) if settings.max_steps else 0
+    optional: dict[str, Any] = {"optim": settings.optim} if settings.optim else {}  # unset: HF's default
     return TrainingArguments(
+        **optional,
         output_dir=str(checkpoint_dir),
         max_steps=max_steps,
         num_train_epochs=settings.epochs or 1.0,
@@ -321,6 +323,16 @@ def distributed_arguments(settings: TrainSettings, model: nn.Module | None) -> d
 
         arguments |= fsdp_arguments(settings.distributed.fsdp)
     return arguments
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward, for every method: on the outermost transformer inside the method's
+    wrapper (a peft model, our pooled classifier), which the Trainer's own switch cannot reach. Non-reentrant, so a
+    frozen embedding needs no input gradients."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return
 
 
 def train_model(
@@ -385,6 +397,8 @@ def train_loaded(
     """
     checkpoints = Path(run.run_dir) / "checkpoints"
     method = get_method(adapted.method_name)
+    if settings.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     failures, bad_step, tokens, checkpoint_seconds = 0, None, 0, 0.0
     if finished is not None:
         state = finished
