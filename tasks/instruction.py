@@ -396,11 +396,6 @@ class Encoded:
     dropped: int
 
 
-def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids and character offsets of `text` with exactly one BOS (the encoding served prompts get too)."""
-    return tokenize_with_one_bos(tokenizer, text)
-
-
 def response_spans(
     tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, messages: Sequence[Mapping[str, str]]
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -446,7 +441,7 @@ def encode_conversation(
         UserInputError: naming instruction.template when no response token can be located.
     """
     text, spans = response_spans(tokenizer, template, messages)
-    ids, offsets = _tokenize(tokenizer, text)
+    ids, offsets = tokenize_with_one_bos(tokenizer, text)
     trained = spans if loss_on == "assistant" else spans[-1:]
     # A token is a target when its characters overlap a span (a leading space merged into it belongs to the response).
     target = [loss_on == "all" or (e > b and any(e > s0 and b < s1 for s0, s1 in trained)) for b, e in offsets]
@@ -518,7 +513,7 @@ def encode_prompt(
     messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
 ) -> list[int]:
     """The generation prompt's ids, with the same single BOS as training rows."""
-    return _tokenize(tokenizer, prompt_for_generation(messages, tokenizer, template))[0]
+    return tokenize_with_one_bos(tokenizer, prompt_for_generation(messages, tokenizer, template))[0]
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> list[int]:

@@ -122,18 +122,14 @@ def base_metrics(source: ModelSource, tokenized: TokenizedRef, batch_size: int) 
 
 def scored(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, prefix: str) -> dict[str, float]:
     from tasks.evaluation import response_metrics
+    from tasks.instruction import split_reference
 
     _, eval_split = tokenized.splits()
     result = response_metrics(model, eval_split, causal_lm.collator(tokenizer), batch_size, prefix=prefix)
-    references = [split_reference(c)[1] for c in held_out(tokenized)]
-    scores = answer_scores(answers(model, tokenizer, tokenized, batch_size), references)
+    conversations = held_out(tokenized)
+    references = [split_reference(c)[1] for c in conversations]
+    scores = answer_scores(answers(model, tokenizer, tokenized, conversations, batch_size), references)
     return result | {f"{prefix}{k}": v for k, v in scores.items()}
-
-
-def split_reference(conversation: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
-    from tasks.instruction import split_reference
-
-    return split_reference(conversation)
 
 
 def held_out(tokenized: TokenizedRef) -> list[list[dict[str, str]]]:
@@ -144,12 +140,17 @@ def held_out(tokenized: TokenizedRef) -> list[list[dict[str, str]]]:
     return list(load_from_disk(tokenized.options["held_out"])["messages"][:count]) if count else []
 
 
-def answers(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int) -> list[str]:
-    """Greedy answers to the held-out prompts: rendered with the run's template, stopped at its end of turn."""
+def answers(
+    model: nn.Module,
+    tokenizer: Any,
+    tokenized: TokenizedRef,
+    conversations: list[list[dict[str, str]]],
+    batch_size: int,
+) -> list[str]:
+    """Greedy answers to the conversations' prompts: rendered with the run's template, stopped at its end of turn."""
     from tasks.generation import generate_from_ids
     from tasks.instruction import encode_prompt, response_only, stop_token_ids
 
-    conversations = held_out(tokenized)
     if not conversations:
         return []
     template = template_of(tokenizer, tokenized.options)
@@ -169,7 +170,7 @@ def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef
     from tasks.evaluation import EVAL_BATCH_SIZE
 
     model, tokenizer = causal_lm.base_model(source)
-    return answers(model, tokenizer, tokenized, EVAL_BATCH_SIZE)
+    return answers(model, tokenizer, tokenized, held_out(tokenized), EVAL_BATCH_SIZE)
 
 
 def normalized(text: str) -> str:
@@ -192,10 +193,10 @@ def answer_scores(predictions: list[str], references: list[str]) -> dict[str, fl
 def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
     """The metrics tuned vs base, and the greedy answers to the held-out prompts, tuned vs base, next to the
     reference (`reports/predictions.jsonl` has every one; evaluation scored them)."""
-    from tasks.instruction import prompt_for_generation
+    from tasks.instruction import prompt_for_generation, split_reference
 
     conversations = held_out(given.tokenized)
-    tuned = answers(given.model, given.tokenizer, given.tokenized, given.batch_size)
+    tuned = answers(given.model, given.tokenizer, given.tokenized, conversations, given.batch_size)
     references = [split_reference(c)[1] for c in conversations]
     template = template_of(given.tokenizer, given.tokenized.options)
     rows = [
