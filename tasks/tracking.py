@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -12,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
@@ -48,7 +50,24 @@ def use_tracking(settings: TrackingSettings) -> MlflowClient:
     uri = tracking_uri(settings)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _MIGRATED_SQLITE:
+        with _sqlite_migration_lock(Path(uri.removeprefix("sqlite:///"))):
+            client = MlflowClient(uri, uri)  # opening the stores creates and migrates their tables
+            client.search_registered_models(max_results=1)
+        _MIGRATED_SQLITE.add(uri)
+        return client
     return MlflowClient(uri, uri)
+
+
+_MIGRATED_SQLITE: set[str] = set()
+
+
+def _sqlite_migration_lock(database: Path) -> contextlib.AbstractContextManager[object]:
+    """A lock beside a SQLite store: two first runs on a new store would both migrate it, and all but one
+    fail half-way (alembic's tables already exist)."""
+    if not database.parent.is_dir():  # SQLite itself will say what is wrong
+        return contextlib.nullcontext()
+    return FileLock(str(database.with_name(database.name + ".lock")), timeout=600, thread_local=False)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
