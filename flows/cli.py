@@ -1,4 +1,4 @@
-"""`adaptflow`: run, grid, promote, predict, probe, watch, serve, demo, methods.
+"""`adaptflow`: run, grid, plan, promote, predict, probe, watch, serve, demo, methods.
 
 Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else, 130 / 143 interrupted (SIGINT / SIGTERM).
 """
@@ -243,6 +243,51 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     return {"command": "serve", "status": "stopped"}
 
 
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.config import load_config
+    from tasks.grid import expand_grid
+    from tasks.memory import Device, gib, parse_bytes, plan, this_device
+
+    config = load_config(args.config, args.set)
+    device = this_device()
+    if args.device and args.device != device.kind:
+        if not args.memory:
+            raise UserInputError(
+                f"--memory: required to plan for {args.device} on this machine (it has no {args.device})"
+            )
+        device = Device(args.device, f"{args.device} (planned)", parse_bytes(args.memory), bf16=args.device == "cuda")
+    elif args.memory:
+        device = Device(device.kind, f"{device.name} (planned)", parse_bytes(args.memory), device.bf16)
+    result = plan(config, device)
+    cells = []
+    if config.grid is not None:
+        for spec in expand_grid(config):
+            cell = plan(spec.config, device, suggest=0)
+            cells.append({"index": spec.index, "name": spec.name, "peak_bytes": cell.peak_bytes, "fits": cell.fits})
+
+    def human(r: dict[str, Any]) -> None:
+        print(
+            f"{r['settings']['method']} on {config.model.name_or_path}: {r['parameters']:,} parameters, "
+            f"{r['trainable']:,} trainable"
+        )
+        for key, value in r["footprint"].items():
+            print(f"  {key:12s} {gib(value)}")
+        print(
+            f"  {'peak':12s} {gib(r['peak_bytes'])}"
+            + (f" x {r['processes_on_device']} processes" if r["processes_on_device"] > 1 else "")
+        )
+        print(f"{'fits' if r['fits'] else 'does NOT fit'}: {gib(r['free_bytes'])} free on {r['device']}")
+        for option in r["suggestions"]:
+            print("  would fit: " + " ".join(f"--set {s}" for s in option))
+        for cell in r["grid"]:
+            print(
+                f"  grid trial {cell['index']} {cell['name']}: {gib(cell['peak_bytes'])}"
+                + ("" if cell["fits"] else "  (skipped: does not fit)")
+            )
+
+    return _emit({"command": "plan", "status": "ok", **result.model_dump(), "grid": cells}, args, human)
+
+
 def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
     from adapters_impl import METHODS
     from tasks.objectives import OBJECTIVES, tasks_of
@@ -313,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("config", help="YAML config file (its grid section; defaults when absent)")
     grid.add_argument("--set", **overrides)  # type: ignore[arg-type]
     grid.add_argument("--resume", action="store_true", help="continue the newest unfinished grid of this config")
+    plan = add("plan", cmd_plan, "estimate the run's peak memory (and each grid trial's) before training")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("--set", **overrides)  # type: ignore[arg-type]
+    plan.add_argument(
+        "--device", choices=["cpu", "cuda"], help="plan for this kind of device (default: this machine's)"
+    )
+    plan.add_argument("--memory", help="its free memory, e.g. 80GiB (default: what this machine's device has free)")
     promote = add("promote", cmd_promote, "champion/challenger decision for the newest version", runs_flows=True)
     promote.add_argument("--name", required=True, help="registered model name")
     predict = add("predict", cmd_predict, "generate or classify with a registered model")

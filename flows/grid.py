@@ -28,6 +28,7 @@ from tasks.grid import (
     rung_ranking,
     rung_steps,
     select_best,
+    split_fitting,
     steps_saved,
     survivors,
 )
@@ -177,7 +178,8 @@ def successive_halving(
         going_on = set(survivors(results, ranking, grid.prune.eta))
         final += [r for r in results if r.status == "failed"]
         final += [mark_pruned(r, context["parent"]) for r in finished if r.index not in going_on]
-        work = [(specs[r.index], r) for r in results if r.index in going_on]
+        by_index = {spec.index: spec for spec in specs}
+        work = [(by_index[r.index], r) for r in results if r.index in going_on]
         progress.info("[rung %d/%d] %d trials go on to step %d", number, len(rungs), len(work), rungs[number])
     raise AssertionError("the last rung is max_steps")
 
@@ -221,7 +223,11 @@ def lora_grid(config: RunConfig, resume: bool = False) -> GridResult:
         )
         base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)
         specs = expand_grid(config)
-        results = run_trials(specs, source, tokenized, parent, grid, config.train.max_steps)
+        fitting, skipped = split_fitting(specs)
+        for trial in skipped:
+            progress.info("trial %d %s: skipped, %s", trial.index, trial.name, trial.error)
+        results = run_trials(fitting, source, tokenized, parent, grid, config.train.max_steps)
+        results = sorted([*results, *skipped], key=lambda r: r.index)
         table = stages.report_grid(results, grid.select, parent)
         best = select_best(results, grid.select)
         if best is None:

@@ -94,13 +94,15 @@ def check_writable(folder: Path, key: str) -> None:
 
 def preflight(config: RunConfig) -> None:
     """Cheap checks before any service starts: the output folder is writable, the data files and the model
-    folder exist, the devices fit `train.distributed`.
+    folder exist, the devices fit `train.distributed`, the run fits in memory (a grid: at least one trial does).
 
     Raises:
         UserInputError: naming the key and the missing file or unwritable folder.
     """
     from tasks.distributed import check_device
+    from tasks.grid import check_grid_fits
     from tasks.load import check_source
+    from tasks.memory import check_fits
     from tasks.modeling import resolve_model
 
     check_writable(Path(config.train.output_dir), "train.output_dir")
@@ -109,6 +111,10 @@ def preflight(config: RunConfig) -> None:
         check_source(config.data.eval, "data.eval")
     resolve_model(config.model)
     check_device(config.train)
+    if config.grid is None:
+        check_fits(config)
+    else:
+        check_grid_fits(config)
 
 
 class Finished(BaseModel):

@@ -292,6 +292,9 @@ class TrainSettings(Section):
     optim: str | None = Field(None, description="a Hugging Face optimizer name (adamw_torch_fused, ...); null: HF's")
     packing: bool = Field(False, description="several rows per sequence, rows kept apart (causal_lm, instruction)")
     output_dir: str = Field("runs", description="run folders (checkpoints, adapters, reports) and caches")
+    memory_check: bool = Field(
+        True, description="refuse a run whose planned peak memory exceeds the device's free memory (adaptflow plan)"
+    )
     distributed: DistributedSettings | None = Field(
         None, description="null (or one process on one node): train in this process"
     )

@@ -15,13 +15,15 @@ from pydantic import BaseModel
 from adapters_impl import METHODS
 from tasks.adapting import apply_method
 from tasks.config import GridSettings, PruneSettings, RunConfig, SelectSettings
+from tasks.errors import UserInputError
 from tasks.evaluation import evaluate_model
+from tasks.memory import preflight_plan
 from tasks.modeling import ModelSource
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef, clear_error, client_for, end_run, log_metrics, start_run
 from tasks.training import TrainedRef, train_model
 
-TrialStatus = Literal["ok", "failed", "pruned"]
+TrialStatus = Literal["ok", "failed", "pruned", "skipped"]
 
 
 class RungRecord(BaseModel):
@@ -98,6 +100,34 @@ def expand_grid(config: RunConfig) -> list[TrialSpec]:
         trial_config = config.model_copy(update={"method": settings, "grid": None})
         specs.append(TrialSpec(index=index, name=name, params=params, config=trial_config))
     return specs
+
+
+def split_fitting(specs: list[TrialSpec]) -> tuple[list[TrialSpec], list[TrialResult]]:
+    """The trials whose planned peak memory fits this machine's device, and the others as `skipped` results
+    with the estimate as their reason (tasks.memory)."""
+    fitting, skipped = [], []
+    for spec in specs:
+        plan = preflight_plan(spec.config)
+        if plan is None or plan.fits:
+            fitting.append(spec)
+        else:
+            skipped.append(spec.outcome("skipped", error=f"would not fit in memory: {plan.describe()}"))
+    return fitting, skipped
+
+
+def check_grid_fits(config: RunConfig) -> None:
+    """A grid's pre-flight: refuse it when not one trial fits in memory (the others are skipped as it runs).
+
+    Raises:
+        UserInputError: naming the smallest trial's estimate.
+    """
+    fitting, skipped = split_fitting(expand_grid(config))
+    if not fitting:
+        raise UserInputError(
+            f"grid: not one of its {len(skipped)} trials would fit in memory; trial {skipped[0].index} "
+            f"({skipped[0].name}) {skipped[0].error}; `adaptflow plan` shows each trial's estimate and settings "
+            "that would fit (train.memory_check: false skips this check)"
+        )
 
 
 def trial_run(result: TrialResult, parent: RunRef) -> RunRef:

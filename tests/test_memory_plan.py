@@ -1,0 +1,187 @@
+"""The memory planner (tasks/memory.py): estimates checked against measured peaks, every method and task planned,
+runs that cannot fit refused before anything is loaded, grid trials that cannot fit skipped."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adapters_impl import METHODS, ApplyContext, count_parameters, get_method
+from tasks.config import RunConfig
+from tasks.grid import expand_grid, split_fitting
+from tasks.memory import Device, optimizer_state_bytes, parse_bytes, plan
+from tasks.modeling import load_base_model, load_tokenizer, resolve_model
+from tasks.objectives import tasks_of
+from tasks.training import enable_activation_checkpointing
+from tests.conftest import write_config
+
+CPU = Device("cpu", "cpu", 2**40, False)
+
+
+@pytest.fixture(scope="module")
+def llama30m(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 27M-parameter Llama (hidden 512, 6 layers, vocab 8000) with the tiny model's tokenizer."""
+    folder = tmp_path_factory.mktemp("llama30m")
+    for file in Path(tiny_model).iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8000,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def run_config(
+    model: str, method: dict[str, Any], task: str = "causal_lm", grid: dict[str, Any] | None = None, **train: Any
+) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "task": task,
+            "model": {"name_or_path": model},
+            "method": method,
+            "data": {"train": "unused.jsonl", "max_length": train.pop("max_length", 256)},
+            "train": {"max_steps": 2, **train},
+            "grid": grid,
+        }
+    )
+
+
+def measured_peak(config: RunConfig) -> int:
+    """Peak bytes of live CPU tensors over two training steps of the run's model (torch.profiler's memory timeline):
+    the base loaded and the method applied as the run does, AdamW, a batch of the config's shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    source = resolve_model(config.model)
+    method = get_method(config.method.name)
+    labels = ["a", "b"] if config.task == "classification" else None
+    base = load_base_model(source, config.task, load_tokenizer(source), labels, **method.base_loading(config.method))
+    model = method.apply(base, config.method, ApplyContext(task=config.task, model_path=source.name_or_path))
+    if config.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    rows, length = config.train.batch_size, config.data.max_length
+    ids = torch.randint(4, 8000, (rows, length))
+    labels_ = torch.randint(0, 2, (rows,)) if config.task == "classification" else ids
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        for _ in range(2):  # the second step holds the optimizer state
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels_).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    timeline = Path(f"/tmp/adaptflow-memory-{id(config)}.raw.json.gz")
+    prof.export_memory_timeline(str(timeline), device="cpu")
+    events = sorted(json.loads(gzip.decompress(timeline.read_bytes())), key=lambda event: event[0])
+    timeline.unlink()
+    live = peak = 0
+    for _, action, size, _ in events:  # sizes are negative for frees; action 3 only bumps a version
+        if action != 3:
+            live += size
+            peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize(
+    ("method", "task", "checkpointing"),
+    [("lora", "causal_lm", False), ("full", "causal_lm", True)],
+)
+def test_the_planned_peak_is_within_25_percent_of_the_measured_one(
+    llama30m: str, method: str, task: str, checkpointing: bool
+) -> None:
+    config = run_config(
+        llama30m, {"name": method}, task, batch_size=8, max_length=256, gradient_checkpointing=checkpointing
+    )
+    planned = plan(config, CPU)
+    measured = measured_peak(config)
+    assert planned.footprint.activations > planned.footprint.weights  # the activations are measured, not noise
+    assert 0.75 <= planned.peak_bytes / measured <= 1.25, (planned.describe(), measured)
+
+
+@pytest.mark.parametrize(("method", "task"), [(m, t) for m, method in METHODS.items() for t in tasks_of(method)])
+def test_every_method_and_task_is_planned_with_the_parameters_the_run_trains(
+    tiny_model: str, method: str, task: str
+) -> None:
+    config = run_config(tiny_model, {"name": method}, task, batch_size=4, max_length=32)
+    planned = plan(config, CPU)
+    source = resolve_model(config.model)
+    settings = get_method(method)
+    labels = ["a", "b"] if task == "classification" else None
+    base = load_base_model(source, task, load_tokenizer(source), labels, **settings.base_loading(config.method))
+    model = settings.apply(base, config.method, ApplyContext(task=task, model_path=source.name_or_path))
+    trainable, _ = count_parameters(model)
+    assert planned.trainable == trainable
+    assert planned.fits and planned.footprint.activations > 0
+
+
+def test_a_run_too_big_for_the_device_gets_settings_that_fit(tiny_model: str) -> None:
+    config = run_config(tiny_model, {"name": "lora"}, batch_size=512, max_length=512)
+    small = Device("cpu", "cpu", parse_bytes("1GiB"), False)
+    planned = plan(config, small)
+    assert not planned.fits and planned.peak_bytes > 0.9 * small.free
+    assert planned.suggestions and planned.suggestions[0][0].startswith("train.batch_size=")
+    for option in planned.suggestions:  # each suggestion is a set of --set overrides that plans within the memory
+        overrides = dict(item.split("=", 1) for item in option)
+        data = config.model_dump()
+        for key, value in overrides.items():
+            section, field = key.split(".", 1)
+            data[section][field] = {"true": True}.get(value, value)
+        assert plan(RunConfig.model_validate(data), small, suggest=0).fits, option
+
+
+def test_optimizer_state_by_name() -> None:
+    assert optimizer_state_bytes(None) == optimizer_state_bytes("adamw_torch_fused") == 8
+    assert optimizer_state_bytes("paged_adamw_8bit") == 2
+    assert optimizer_state_bytes("sgd") == 0
+
+
+def test_grid_trials_that_cannot_fit_are_skipped_with_their_estimate(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grid = {"r": [2], "alpha": [8], "target_modules": [["q_proj"], "all-linear"]}
+    config = run_config(tiny_model, {"name": "lora"}, grid=grid, batch_size=4, max_length=64)
+    specs = expand_grid(config)
+    peaks = [plan(spec.config, CPU).peak_bytes for spec in specs]
+    assert peaks[0] < peaks[1]
+    between = (peaks[0] + peaks[1]) / 2 / 0.9
+    monkeypatch.setattr("tasks.memory.this_device", lambda: Device("cpu", "cpu", int(between), False))
+    fitting, skipped = split_fitting(specs)
+    assert [s.index for s in fitting] == [0]
+    assert [s.index for s in skipped] == [1] and skipped[0].status == "skipped"
+    assert "would not fit in memory: estimated peak" in str(skipped[0].error)
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_fit_exits_2_before_anything_is_written(
+    tmp_path: Path, tiny_model: str, stories_file: Path
+) -> None:
+    config = write_config(
+        tmp_path / "huge.yaml",
+        model={"name_or_path": tiny_model},
+        method={"name": "lora"},
+        data={"train": str(stories_file), "max_length": 2048},
+        train={"batch_size": 200000, "max_steps": 1, "output_dir": str(tmp_path / "runs")},
+    )
+    adaptflow = str(Path(sys.executable).with_name("adaptflow"))
+    done = subprocess.run([adaptflow, "run", str(config), "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "would not fit in memory" in done.stderr and "--set train.batch_size=" in done.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    import mlflow
+
+    assert mlflow.search_runs(search_all_experiments=True).empty  # no MLflow run was opened
