@@ -22,14 +22,16 @@ from torch import nn
 import tasks.generation
 from adapters_impl import METHODS, get_method
 from tasks.adapting import apply_method, forget, load_adapted, load_full_precision_base
-from tasks.config import DataSettings, ModelSettings
+from tasks.config import DataSettings, ModelSettings, RunConfig, resolve_paths
 from tasks.errors import UserInputError
+from tasks.grid import expand_grid, run_trial
 from tasks.instruction import CHATML_TOKENS, resize_for_tokens
 from tasks.load import DataRef, load_data
 from tasks.modeling import ModelSource, load_tokenizer, resolve_model
 from tasks.objectives import ReportInput, get_objective, tasks_of
 from tasks.objectives.instruction import answer_scores, base_model
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
+from tasks.tracking import start_run
 
 BIN = Path(sys.executable).parent
 PETS = [("Lily", "cat"), ("Tom", "dog"), ("Mia", "bird"), ("Ben", "fish"), ("Sara", "cat"), ("Max", "dog")]
@@ -197,3 +199,40 @@ def test_chatml_lora_run_registers_a_package_that_loads_in_a_fresh_process(
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])["predictions"][0]
     assert isinstance(answer, str) and "<|im_end|>" not in answer and "<|im_start|>" not in answer
+
+
+def test_a_chatml_grid_trial_continued_from_its_checkpoint_ends_where_the_uninterrupted_one_ends(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """A grid trial and a resume load the trained rows from a checkpoint (with their optimizer state) onto a base
+    grown again, never twice: the continued trial's numbers are the uninterrupted one's."""
+    data_file = tmp_path / "pets.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = RunConfig.model_validate(
+        {
+            "model": {"name_or_path": tiny_model},
+            "task": "instruction",
+            "instruction": OPTIONS,
+            "data": {"train": str(data_file), "max_length": 64, "eval_fraction": 0.25},
+            "method": {"name": "lora"},
+            "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1},
+            "tracking": {"experiment": "chatml-grid"},
+            "grid": {"r": [4], "target_modules": ["all-linear"]},
+        }
+    )
+    train = config.train.model_copy(update={"output_dir": str(tmp_path / "runs")})
+    config = resolve_paths(config.model_copy(update={"train": train}), tmp_path)
+    source = resolve_model(config.model)
+    data = load_data(config.data, config.task, tmp_path / "cache" / "d")
+    tokenized = tokenize_dataset(data, source, config.task, 64, tmp_path / "cache" / "t", config.task_options())
+    parent = start_run(config, "parent")
+    spec = expand_grid(config)[0]
+
+    unpruned = run_trial(spec, source, tokenized, parent, None)
+    first = run_trial(spec, source, tokenized, parent, None, stop_at=2)
+    last = run_trial(spec, source, tokenized, parent, None, stop_at=4, previous=first)
+    assert (unpruned.status, last.status, last.steps) == ("ok", "ok", 4), (unpruned.error, last.error)
+    assert last.trained is not None and last.trained.resumed_from_step == 2
+    assert last.trained.adapted.source.added_tokens == list(CHATML_TOKENS)
+    assert last.metrics["eval_loss"] == pytest.approx(unpruned.metrics["eval_loss"], rel=1e-6)
+    assert last.metrics["eval_rouge_l"] == pytest.approx(unpruned.metrics["eval_rouge_l"])
