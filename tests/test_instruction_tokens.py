@@ -162,6 +162,13 @@ def test_report_reuses_the_answers_evaluation_scored(
     scores = answer_scores([r["tuned"] for r in rows], [r["reference"] for r in rows])
     assert scores["eval_rouge_l"] == metrics["eval_rouge_l"], "the report shows the answers that were scored"
 
+    base = objective.base_metrics(source, tokenized, 3)  # the base's: scored once, reused by the report
+    generated = len(calls)
+    base_texts = objective.base_generations(source, data, tokenized)
+    assert len(calls) == generated, "the base answers were generated again"
+    references = [r["reference"] for r in rows]
+    assert answer_scores(base_texts, references)["eval_rouge_l"] == base["base_eval_rouge_l"]
+
 
 @pytest.mark.slow
 def test_chatml_lora_run_registers_a_package_that_loads_in_a_fresh_process(

@@ -129,10 +129,22 @@ def base_model(source: ModelSource, tokenized: TokenizedRef) -> tuple[nn.Module,
     return causal_lm.base_model(tokenized.model_source(source))
 
 
+# The base answers the last base evaluation in this process scored, by base, eval split and prompts: the report's
+# base answers (`base_generations`) are those, not generated again (both stages are cached across processes).
+_BASE_ANSWERS: dict[str, list[str]] = {}
+
+
+def _base_key(source: ModelSource, tokenized: TokenizedRef, prompts: list[str]) -> str:
+    return json.dumps([source.model_dump(mode="json"), tokenized.eval_dir, prompts])
+
+
 def base_metrics(source: ModelSource, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
     """The same metrics for the untouched base model on the same eval set."""
     model, tokenizer = base_model(source, tokenized)
-    return scored(model, tokenizer, tokenized, batch_size, prefix="base_")[0]
+    result, prompts, texts = scored(model, tokenizer, tokenized, batch_size, prefix="base_")
+    _BASE_ANSWERS.clear()
+    _BASE_ANSWERS[_base_key(source, tokenized, prompts)] = texts
+    return result
 
 
 def scored(
@@ -197,11 +209,18 @@ def answers(
 
 
 def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
-    """The untouched base model's answers to the held-out prompts (deterministic; cached per base model)."""
+    """The untouched base model's answers to the held-out prompts (deterministic; cached per base model): those the
+    base evaluation scored when it ran in this process."""
     from tasks.evaluation import EVAL_BATCH_SIZE
+    from tasks.modeling import load_tokenizer
 
+    conversations = held_out(tokenized)
+    prompts = prompts_of(load_tokenizer(tokenized.model_source(source)), tokenized, conversations)
+    scored_here = _BASE_ANSWERS.get(_base_key(source, tokenized, prompts))
+    if scored_here is not None:
+        return list(scored_here)
     model, tokenizer = base_model(source, tokenized)
-    return answers(model, tokenizer, tokenized, held_out(tokenized), EVAL_BATCH_SIZE)
+    return answers(model, tokenizer, tokenized, conversations, EVAL_BATCH_SIZE)
 
 
 def normalized(text: str) -> str:
