@@ -88,13 +88,13 @@ class Objective:
     need; TokenizedRef.options carries it, and four keys have a meaning for every stage: "metrics" (numbers
     logged with the run, e.g. rows dropped), "params" (run params, e.g. the resolved template), "package" (what
     a registered model's package records for serving, e.g. its chat template) and "added_tokens" (tokens it added
-    to the tokenizer, which every later load adds and trains: `TokenizedRef.model_source`). Rows with fewer than `min_tokens`
-    tokens are dropped; `collator(tokenizer)` pads a batch.
+    to the tokenizer, which every later load adds and trains: `TokenizedRef.model_source`). Rows with fewer than
+    `min_tokens` tokens are dropped; `collator(tokenizer)` pads a batch.
     Model: `auto_model()` gives the transformers auto class of its models, `head_options(label_names)` the extra
     `from_pretrained` arguments of a new head; `architecture` is the suffix of its models' class names (to recognise a plain model folder).
     Metrics: `metrics(model, tokenizer, tokenized, batch_size, keep)` the eval metrics on the eval split (with
-    `keep`, the run's reports folder, it may keep there what it generated, for `report` to reuse); `eval_loss` the one loss that
-    compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
+    `keep`, the run's reports folder, it may keep there what it generated, for `report` to reuse); `eval_loss` the
+    one loss that compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
     `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
     Reports: `base_generations(source, data, tokenized)` the base model's part of the report (cached per base model),
     `report(ReportInput)` the objective's sections of eval_report.json and its extra metrics.

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.objectives import causal_lm
 from tasks.objectives.base import Encode, Objective, ReportInput
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from datasets import Dataset
     from torch import nn
 
