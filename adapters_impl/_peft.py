@@ -70,7 +70,9 @@ def save_peft(model: nn.Module, directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.score.state_dict().items()}, str(directory / HEAD_FILE))
         return
     assert isinstance(model, PeftModel)
-    model.save_pretrained(str(directory), safe_serialization=True)
+    # Not the whole resized embedding matrices: the trainable-token rows are saved, and loaders grow a fresh base
+    # to the tokenizer's size first (`fit_embeddings`).
+    model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
 
 
 def load_peft(base: nn.Module, directory: Path, trainable: bool) -> nn.Module:

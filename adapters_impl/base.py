@@ -30,11 +30,13 @@ class MethodSettings(BaseModel):
 
 @dataclass(frozen=True)
 class ApplyContext:
-    """What a method may need besides the model: the objective's name, and where the model (and its tokenizer)
-    lives."""
+    """What a method may need besides the model: the objective's name, where the model (and its tokenizer)
+    lives, and the embedding rows a chat template added (`new_token_rows`: token ids by module name, the input
+    embedding and the output layer unless tied), which the method must train."""
 
     task: TaskName
     model_path: str
+    new_token_rows: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 class ApplyFn(Protocol):
@@ -69,6 +71,8 @@ class Method:
     `lossy_merge` marks merges that are not exact, whose quality gap the run measures on the eval set.
     `whole_model`: the saved weights are the whole model (the base itself trains): a version stores them and needs
     no base; every other method's version stores its own weights and a pinned reference to the base.
+    `trains_new_tokens`: the method trains the embedding rows of tokens a chat template added
+    (`ApplyContext.new_token_rows`); the others are refused such a template.
     """
 
     name: str
@@ -82,6 +86,7 @@ class Method:
     base_loading: Callable[[Any], dict[str, Any]] = no_extra_loading
     lossy_merge: bool = False
     whole_model: bool = False
+    trains_new_tokens: bool = False
 
     @property
     def mergeable(self) -> bool:

@@ -29,4 +29,5 @@ METHOD = Method(
     save=save_peft,
     load=load_peft,
     merge=merge_peft,
+    trains_new_tokens=True,
 )

@@ -47,4 +47,5 @@ METHOD = Method(
     load=load,
     merge=merge,
     whole_model=True,
+    trains_new_tokens=True,
 )

@@ -29,8 +29,11 @@ class LoraSettings(LowRankSettings):
 
 
 def lora_config(settings: LowRankSettings, model: nn.Module, context: ApplyContext, use_dora: bool) -> LoraConfig:
-    """The peft LoraConfig for these settings, with target modules checked against the model."""
+    """The peft LoraConfig for these settings, with target modules checked against the model; the rows a chat
+    template added train as peft's trainable tokens (only those rows are trained and saved; peft ties them into a
+    tied output layer)."""
     targets = resolve_target_modules(model, settings.target_modules, "method.target_modules")
+    rows = {name: list(ids) for name, ids in context.new_token_rows.items()}
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
@@ -38,6 +41,7 @@ def lora_config(settings: LowRankSettings, model: nn.Module, context: ApplyConte
         target_modules=targets,
         task_type=peft_task(model),
         use_dora=use_dora,
+        trainable_token_indices=rows or None,
     )
 
 
@@ -54,6 +58,7 @@ METHOD = Method(
     save=save_peft,
     load=load_peft,
     merge=merge_peft,
+    trains_new_tokens=True,
 )
 
 __all__ = ["ALL_LINEAR", "METHOD", "LoraSettings", "LowRankSettings", "apply", "lora_config"]

@@ -125,6 +125,15 @@ def with_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def fit_embeddings(model: Any, tokenizer: Any) -> None:
+    """Grow the model's token embeddings (and output layer) to the tokenizer's size when a chat template added
+    tokens to it (chatml's); never shrinks, so it is a no-op on a model that already fits. New rows are drawn
+    around the old rows' mean (transformers' mean resizing) so they do not dominate the softmax; the method's
+    trained rows replace them when an adapter loads."""
+    if len(tokenizer) > int(model.get_input_embeddings().weight.shape[0]):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
 def tokenize_with_one_bos(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids and character offsets of a rendered chat `text`, with exactly the one BOS the tokenizer's convention
     wants: the same encoding for training rows (tasks/instruction.py) and served prompts (the pyfunc).
@@ -229,6 +238,7 @@ def load_packaged(folder: str | Path) -> PackagedModel:
         raise BaseUnavailable(f"{describe_base(pin)} cannot be loaded: {str(exc).splitlines()[0][:300]}") from None
     if model.config.pad_token_id is None:  # as in training: classifiers pool the last token that is not padding
         model.config.pad_token_id = tokenizer.pad_token_id
+    fit_embeddings(model, tokenizer)  # the packaged tokenizer holds the template's added tokens, the base does not
     method = get_method(info["method"])
     model = method.load(model, folder / info["adapter"], False)
     if method.mergeable and hasattr(model, "merge_and_unload"):  # peft LoRA-family: plain layers serve faster

@@ -96,4 +96,5 @@ METHOD = Method(
     merge=merge,
     base_loading=quantized_loading,
     lossy_merge=True,
+    trains_new_tokens=True,
 )

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from torch import nn
-from transformers import set_seed
+from transformers import PreTrainedModel, set_seed
 
-from adapters_impl import ApplyContext, MethodSettings, MethodSettingsError, count_parameters, get_method
+from adapters_impl import METHODS, ApplyContext, MethodSettings, MethodSettingsError, count_parameters, get_method
 from tasks.errors import UserInputError
 from tasks.modeling import ModelSource, base_load_dtype, load_base_model, load_tokenizer, upcast_trainable
 from tasks.tokenization import TokenizedRef
@@ -106,20 +106,35 @@ def apply_method(
     seed: int,
     precision: str = "auto",
 ) -> AdaptedRef:
-    """Load the base (in half precision when frozen on a bf16/fp16 GPU), apply the method (seeded), save the
-    untrained adapter, report parameter counts.
+    """Load the base (in half precision when frozen on a bf16/fp16 GPU; grown to the tokens the encoding added to
+    the tokenizer), apply the method (seeded) with those tokens' rows trainable, save the untrained adapter, report
+    parameter counts. The returned source carries the added tokens: every later load adds the same.
 
     Raises:
-        UserInputError: the settings do not fit this model (e.g. an unknown target module).
+        UserInputError: the settings do not fit this model (e.g. an unknown target module); the chat template
+            added tokens and the method cannot train new embedding rows (names instruction.template).
     """
+    from tasks.instruction import resize_for_tokens
+
     method = get_method(settings.name)
+    source = tokenized.model_source(source)
+    if source.added_tokens and not method.trains_new_tokens:
+        able = ", ".join(n for n, m in METHODS.items() if m.trains_new_tokens)
+        raise UserInputError(
+            f"instruction.template: the template adds the tokens {source.added_tokens}, which the tokenizer of "
+            f"model.name_or_path lacks, and method {settings.name} cannot train new token embeddings; use method "
+            f"{able}, or instruction.template plain, tokenizer or a .jinja file written with the tokenizer's tokens"
+        )
     set_seed(seed)
     tokenizer = load_tokenizer(source)
     loading = method.base_loading(settings)
     dtype = training_base_dtype(settings.name, precision, "quantization_config" in loading)
     base = load_base_model(source, task, tokenizer, tokenized.label_names, **{"dtype": dtype, **loading})
+    assert isinstance(base, PreTrainedModel)
+    rows = resize_for_tokens(base, tokenizer, source.added_tokens).by_module()  # grown on load: rows only
+    context = ApplyContext(task=task, model_path=source.name_or_path, new_token_rows=rows)
     try:
-        model = method.apply(base, settings, ApplyContext(task=task, model_path=source.name_or_path))  # type: ignore[arg-type]
+        model = method.apply(base, settings, context)  # type: ignore[arg-type]
     except MethodSettingsError as exc:
         raise UserInputError(str(exc)) from None
     upcast_trainable(model)

@@ -119,18 +119,23 @@ def evaluate_model(
     adapted = trained.adapted
     model = load_adapted(adapted, trained.adapter_dir)
     remember(trained.adapter_dir, model)  # merge comes next and may reuse it
-    metrics = model_metrics(model, load_tokenizer(adapted.source), tokenized, batch_size)
+    reports = Path(run.run_dir) / "reports"  # what evaluation generated, the report reuses
+    metrics = model_metrics(model, load_tokenizer(adapted.source), tokenized, batch_size, reports)
     metrics["eval_seconds"] = time.perf_counter() - started
     log_metrics(run, metrics)
     return metrics
 
 
 def model_metrics(
-    model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int = EVAL_BATCH_SIZE
+    model: nn.Module,
+    tokenizer: Any,
+    tokenized: TokenizedRef,
+    batch_size: int = EVAL_BATCH_SIZE,
+    keep: Path | None = None,
 ) -> dict[str, float]:
     """The objective's metrics on the eval split: loss and perplexity (causal LM), loss, accuracy and macro F1
-    (classification)."""
-    return get_objective(tokenized.task).metrics(model, tokenizer, tokenized, batch_size)
+    (classification); see `Objective.metrics` for `keep`."""
+    return get_objective(tokenized.task).metrics(model, tokenizer, tokenized, batch_size, keep)
 
 
 def evaluate_registered(

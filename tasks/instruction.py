@@ -13,7 +13,7 @@ Formats -> one normal form (a list of `{"role", "content"}` messages per row)
 Templates
     `resolve_template(tokenizer, settings) -> ChatTemplate`: the tokenizer's own chat template, the builtin `plain`
     one (plain-text headers, the tokenizer's EOS after each response, no new tokens), `chatml` (adds
-    `<|im_start|>`/`<|im_end|>`; `resize_for_template(model, tokenizer, template)` resizes the embeddings and returns
+    `<|im_start|>`/`<|im_end|>`; `resize_for_tokens(model, tokenizer, tokens)` grows the embeddings and returns
     the rows to train) or a user `.jinja` file. `ChatTemplate.source` is the Jinja text to save with the model.
 
 Encoding (labels on responses only)
@@ -50,8 +50,8 @@ import jinja2
 import torch
 from transformers import DataCollatorWithFlattening, PreTrainedModel, PreTrainedTokenizerBase
 
+from adapters_impl.packaged import fit_embeddings, stop_ids, tokenize_with_one_bos
 from adapters_impl.packaged import response_only as packaged_response_only
-from adapters_impl.packaged import stop_ids, tokenize_with_one_bos
 from tasks.config import (
     REQUIRED,
     InstructionDataSettings,
@@ -307,7 +307,7 @@ def _end_of_turn(tokenizer: PreTrainedTokenizerBase, name: str, source: str) -> 
 def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSettings) -> ChatTemplate:
     """The template `settings.template` names, checked against this tokenizer.
 
-    `chatml` adds its two tokens to the tokenizer as special tokens (see `resize_for_template`).
+    `chatml` adds its two tokens to the tokenizer as special tokens (see `resize_for_tokens`).
 
     Raises:
         UserInputError: naming instruction.template (missing file, template that cannot render, no end of turn)
@@ -344,31 +344,30 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSe
 @dataclass(frozen=True)
 class TrainableRows:
     """Embedding rows a template added: `token_ids`, in the modules named `modules` (input embedding, and the
-    output layer unless tied). The wiring makes these rows trainable under any method (peft:
-    `trainable_token_indices`, or `modules_to_save` for the whole matrices)."""
+    output layer unless tied). Methods that can train them get them as `ApplyContext.new_token_rows` (peft's
+    `trainable_token_indices` for the LoRA family; `full` trains every row anyway)."""
 
     token_ids: tuple[int, ...]
     modules: tuple[str, ...]
 
+    def by_module(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.token_ids for name in self.modules}
 
-def resize_for_template(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
+
+def resize_for_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]
 ) -> TrainableRows:
-    """Grow the model's embeddings (and output layer) to the tokenizer's size when the template added tokens.
+    """Grow the model's embeddings (and output layer) to the tokenizer's size and name the rows of `tokens`, the
+    tokens a template added to this tokenizer (`ModelSource.added_tokens`).
 
-    New rows are drawn around the old rows' mean (transformers' mean resizing), so they do not dominate the softmax.
-    Returns the rows to train: empty when the template added nothing or the model already had the tokens.
+    Growing happens once: a model that already fits is left as it is (`fit_embeddings`), so every load path may
+    call this. New rows are drawn around the old rows' mean (transformers' mean resizing), so they do not dominate
+    the softmax. Empty when no tokens were added.
     """
-    embedding = model.get_input_embeddings()
-    old = int(embedding.weight.shape[0]) if isinstance(embedding.weight, torch.Tensor) else 0
-    ids = tuple(
-        i
-        for i in (tokenizer.convert_tokens_to_ids(t) for t in template.added_tokens)
-        if isinstance(i, int) and i >= old
-    )
+    ids = tuple(i for i in (tokenizer.convert_tokens_to_ids(t) for t in tokens) if isinstance(i, int))
     if not ids:
         return TrainableRows((), ())
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    fit_embeddings(model, tokenizer)
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     names = [n for n, m in model.named_modules() if m is inp]
     if out is not None and out.weight is not inp.weight:

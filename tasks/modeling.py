@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from adapters_impl.packaged import PICKLE_WEIGHTS, cache_home, with_pad_token
+from adapters_impl.packaged import PICKLE_WEIGHTS, cache_home, fit_embeddings, with_pad_token
 from tasks.config import BUILTIN_PREFIX, ModelSettings
 from tasks.errors import UserInputError
 from tasks.load import publish
@@ -40,6 +40,9 @@ class ModelSource(BaseModel):
     tokenizer_fingerprint: str
     # The hub commit `revision` pointed to when the run resolved it: what a registered version pins its base to.
     commit_hash: str | None = None
+    # Special tokens the run's chat template added to the tokenizer (chatml's): loading adds them again and grows the
+    # model's embeddings to match (`TokenizedRef.model_source`), so every stage sees the same ids.
+    added_tokens: list[str] = []
 
     def kwargs(self) -> dict[str, Any]:
         return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
@@ -181,8 +184,11 @@ def local_source(folder: Path, display_name: str) -> ModelSource:
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    """The tokenizer, with a pad token (eos, else unk) when the model has none; right padding."""
+    """The tokenizer, with a pad token (eos, else unk) when the model has none, the source's added tokens; right
+    padding."""
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs()))
+    if source.added_tokens:  # appended in order: the same ids as when the template added them
+        tokenizer.add_tokens(list(source.added_tokens), special_tokens=True)
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -237,7 +243,7 @@ def load_base_model(
     **extra: Any,
 ) -> nn.Module:
     """The base model with the objective's (`task`) head, in fp32 unless `extra` says otherwise (e.g. a
-    quantization config).
+    quantization config), its embeddings grown to the tokens the source adds (once: a fitting model is left as is).
 
     Safetensors weights only, unless the source allows pickles (`model.allow_pickle`).
 
@@ -260,4 +266,6 @@ def load_base_model(
         ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if source.added_tokens:
+        fit_embeddings(model, tokenizer)
     return model

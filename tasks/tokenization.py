@@ -41,6 +41,12 @@ class TokenizedRef(BaseModel):
         """Run params the encoding resolved (e.g. the instruction template used)."""
         return dict(self.options.get("params", {}))
 
+    def model_source(self, source: ModelSource) -> ModelSource:
+        """The base as these rows need it: with the tokens the encoder added to the tokenizer (a chat template's,
+        in options["added_tokens"]), which every later load adds again, growing the embeddings to match."""
+        added = list(self.options.get("added_tokens", []))
+        return source.model_copy(update={"added_tokens": added}) if added else source
+
     def package(self) -> dict[str, Any]:
         """What a registered model's package records for serving (e.g. its chat template)."""
         return dict(self.options.get("package", {}))

@@ -28,7 +28,7 @@ from tasks.instruction import (
     encode_rows,
     packing_collator,
     prompt_for_generation,
-    resize_for_template,
+    resize_for_tokens,
     resolve_template,
     response_only,
     response_token_count,
@@ -274,12 +274,15 @@ def test_chatml_adds_tokens_and_trainable_rows(tiny_model: str) -> None:
         tok = AutoTokenizer.from_pretrained(tiny_model)
         model = _tiny_llama(len(tok), tie=tie)
         template = _template(tok, "chatml")
-        rows = resize_for_template(model, tok, template)
+        rows = resize_for_tokens(model, tok, template.added_tokens)
         assert rows.token_ids == tuple(tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
         assert model.get_input_embeddings().weight.shape[0] == len(tok)
         assert rows.modules == (("model.embed_tokens",) if tie else ("model.embed_tokens", "lm_head"))
         assert tok.tokenize("<|im_end|>") == ["<|im_end|>"]  # one special token, not pieces
-    assert resize_for_template(model, tok, template).token_ids == ()  # already resized: nothing new
+    weights = model.get_input_embeddings().weight
+    assert resize_for_tokens(model, tok, template.added_tokens) == rows  # the same rows, grown once: never twice
+    assert model.get_input_embeddings().weight is weights
+    assert resize_for_tokens(model, tok, ()).token_ids == ()
 
 
 # ---------------------------------------------------------------- encoding pitfalls

@@ -85,14 +85,16 @@ class Objective:
     Encoding: `options(config)` picks the objective's settings from the run config (part of the tokenization cache
     key); `encoder(tokenizer, data, train, eval, max_length, options)` returns the batched row encoder (ids and
     labels) and the label names, if any. The encoder gets a copy of `options` and may add to it what later stages
-    need; TokenizedRef.options carries it, and three keys have a meaning for every stage: "metrics" (numbers
-    logged with the run, e.g. rows dropped), "params" (run params, e.g. the resolved template) and "package" (what
-    a registered model's package records for serving, e.g. its chat template). Rows with fewer than `min_tokens`
-    tokens are dropped; `collator(tokenizer)` pads a batch.
+    need; TokenizedRef.options carries it, and four keys have a meaning for every stage: "metrics" (numbers
+    logged with the run, e.g. rows dropped), "params" (run params, e.g. the resolved template), "package" (what
+    a registered model's package records for serving, e.g. its chat template) and "added_tokens" (tokens it added
+    to the tokenizer, which every later load adds and trains: `TokenizedRef.model_source`). Rows with fewer than
+    `min_tokens` tokens are dropped; `collator(tokenizer)` pads a batch.
     Model: `auto_model()` gives the transformers auto class of its models, `head_options(label_names)` the extra
     `from_pretrained` arguments of a new head; `architecture` is the suffix of its models' class names (to recognise a plain model folder).
-    Metrics: `metrics(model, tokenizer, tokenized, batch_size)` the eval metrics on the eval split; `eval_loss` the one loss that
-    compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
+    Metrics: `metrics(model, tokenizer, tokenized, batch_size, keep)` the eval metrics on the eval split (with
+    `keep`, the run's reports folder, it may keep there what it generated, for `report` to reuse); `eval_loss` the
+    one loss that compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
     `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
     Reports: `base_generations(source, data, tokenized)` the base model's part of the report (cached per base model),
     `report(ReportInput)` the objective's sections of eval_report.json and its extra metrics.
@@ -109,7 +111,7 @@ class Objective:
     collator: Callable[[Any], Any]
     auto_model: Callable[[], Any]
     architecture: str
-    metrics: Callable[[nn.Module, Any, TokenizedRef, int], dict[str, float]]
+    metrics: Callable[[nn.Module, Any, TokenizedRef, int, Path | None], dict[str, float]]
     eval_loss: Callable[[nn.Module, Dataset, Any, int], float]
     base_metrics: Callable[[ModelSource, TokenizedRef, int], dict[str, float]]
     report: Callable[[ReportInput], tuple[dict[str, Any], dict[str, float]]]

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from tasks.objectives.base import IGNORE_INDEX, Encode, Objective, ReportInput
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from datasets import Dataset
     from torch import nn
 
@@ -55,7 +57,9 @@ def auto_model() -> Any:
     return AutoModelForCausalLM
 
 
-def metrics(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
+def metrics(
+    model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, keep: Path | None
+) -> dict[str, float]:
     from tasks.evaluation import causal_lm_metrics
 
     _, eval_split = tokenized.splits()

@@ -83,7 +83,9 @@ def head_options(label_names: list[str] | None) -> dict[str, Any]:
     }
 
 
-def metrics(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
+def metrics(
+    model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, keep: Path | None
+) -> dict[str, float]:
     """Loss, accuracy and macro F1."""
     from sklearn.metrics import accuracy_score, f1_score  # scipy takes a second to import
 

@@ -16,6 +16,8 @@ from tasks.objectives import causal_lm
 from tasks.objectives.base import Encode, Objective, ReportInput
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from datasets import Dataset
     from torch import nn
 
@@ -56,33 +58,30 @@ def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | Non
 
 
 def template_of(tokenizer: Any, settings: dict[str, Any]) -> ChatTemplate:
-    """The run's template: the one already resolved (`chat`, e.g. a registered model's), else `template`'s."""
+    """The run's template: the one already resolved (`chat`, e.g. a registered model's), else `template`'s (which
+    may add tokens to `tokenizer`: chatml)."""
     from tasks.config import InstructionSettings
-    from tasks.errors import UserInputError
     from tasks.instruction import ChatTemplate, resolve_template
 
     if "chat" in settings:
         return ChatTemplate(**settings["chat"])
-    size = len(tokenizer)
-    template = resolve_template(tokenizer, InstructionSettings(template=settings.get("template", "tokenizer")))
-    if len(tokenizer) > size:
-        raise UserInputError(
-            f"instruction.template: {template.name} adds the tokens {list(template.added_tokens)}, which this "
-            "tokenizer lacks; training new token embeddings is not supported yet: choose plain, tokenizer or a "
-            ".jinja template written with the tokenizer's own tokens"
-        )
-    return template
+    return resolve_template(tokenizer, InstructionSettings(template=settings.get("template", "tokenizer")))
 
 
 def encoder(
     tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int, settings: dict[str, Any]
 ) -> tuple[Encode, None]:
     """Conversations rendered with the template, labels on the responses; rows whose last response does not fit
-    are dropped and counted (`sft_dropped_rows`). Records the template for the later stages and the package."""
+    are dropped and counted (`sft_dropped_rows`). Records the template for the later stages and the package, and
+    the tokens it added to the tokenizer (`added_tokens`)."""
     from tasks.errors import UserInputError
     from tasks.instruction import encode_conversation
 
+    size = len(tokenizer)
     template = template_of(tokenizer, settings)
+    added = [t for t in template.added_tokens if tokenizer.convert_tokens_to_ids(t) >= size]
+    if added:  # new to this tokenizer: every later stage adds them again and trains their rows
+        settings["added_tokens"] = added
     chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
     settings["chat"] = chat
     settings["held_out"] = data.eval_dir  # the eval conversations, answered in evaluation
@@ -109,18 +108,50 @@ def encoder(
     return encode, None
 
 
-def metrics(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
-    """Response loss, perplexity and token accuracy; ROUGE-L and exact match of greedy held-out answers."""
-    return scored(model, tokenizer, tokenized, batch_size, prefix="")
+ANSWERS_FILE = "scored_answers.json"  # in the run's reports folder: the tuned answers evaluation scored
+
+
+def metrics(
+    model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, keep: Path | None
+) -> dict[str, float]:
+    """Response loss, perplexity and token accuracy; ROUGE-L and exact match of greedy held-out answers. With
+    `keep` (the run's reports folder) the answers scored are kept there, with their prompts, for the report."""
+    result, prompts, texts = scored(model, tokenizer, tokenized, batch_size, prefix="")
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        kept = [{"prompt": p, "tuned": t} for p, t in zip(prompts, texts, strict=True)]
+        (keep / ANSWERS_FILE).write_text(json.dumps(kept, ensure_ascii=False))
+    return result
+
+
+def base_model(source: ModelSource, tokenized: TokenizedRef) -> tuple[nn.Module, Any]:
+    """The untouched base, with the tokens the template added (their rows untrained, around the mean of the others):
+    it reads the same ids and template as the tuned model."""
+    return causal_lm.base_model(tokenized.model_source(source))
+
+
+# The base answers the last base evaluation in this process scored, by base, eval split and prompts: the report's
+# base answers (`base_generations`) are those, not generated again (both stages are cached across processes).
+_BASE_ANSWERS: dict[str, list[str]] = {}
+
+
+def _base_key(source: ModelSource, tokenized: TokenizedRef, prompts: list[str]) -> str:
+    return json.dumps([source.model_dump(mode="json"), tokenized.eval_dir, prompts])
 
 
 def base_metrics(source: ModelSource, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
     """The same metrics for the untouched base model on the same eval set."""
-    model, tokenizer = causal_lm.base_model(source)
-    return scored(model, tokenizer, tokenized, batch_size, prefix="base_")
+    model, tokenizer = base_model(source, tokenized)
+    result, prompts, texts = scored(model, tokenizer, tokenized, batch_size, prefix="base_")
+    _BASE_ANSWERS.clear()
+    _BASE_ANSWERS[_base_key(source, tokenized, prompts)] = texts
+    return result
 
 
-def scored(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, prefix: str) -> dict[str, float]:
+def scored(
+    model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, prefix: str
+) -> tuple[dict[str, float], list[str], list[str]]:
+    """The metrics, and the held-out prompts and the answers they were scored on."""
     from tasks.evaluation import response_metrics
     from tasks.instruction import split_reference
 
@@ -128,8 +159,21 @@ def scored(model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size
     result = response_metrics(model, eval_split, causal_lm.collator(tokenizer), batch_size, prefix=prefix)
     conversations = held_out(tokenized)
     references = [split_reference(c)[1] for c in conversations]
-    scores = answer_scores(answers(model, tokenizer, tokenized, conversations, batch_size), references)
-    return result | {f"{prefix}{k}": v for k, v in scores.items()}
+    texts = answers(model, tokenizer, tokenized, conversations, batch_size)
+    scores = answer_scores(texts, references)
+    return (
+        result | {f"{prefix}{k}": v for k, v in scores.items()},
+        prompts_of(tokenizer, tokenized, conversations),
+        texts,
+    )
+
+
+def prompts_of(tokenizer: Any, tokenized: TokenizedRef, conversations: list[list[dict[str, str]]]) -> list[str]:
+    """The conversations' generation prompts as text, rendered with the run's template."""
+    from tasks.instruction import prompt_for_generation
+
+    template = template_of(tokenizer, tokenized.options)
+    return [prompt_for_generation(c, tokenizer, template) for c in conversations]
 
 
 def held_out(tokenized: TokenizedRef) -> list[list[dict[str, str]]]:
@@ -166,11 +210,18 @@ def answers(
 
 
 def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
-    """The untouched base model's answers to the held-out prompts (deterministic; cached per base model)."""
+    """The untouched base model's answers to the held-out prompts (deterministic; cached per base model): those the
+    base evaluation scored when it ran in this process."""
     from tasks.evaluation import EVAL_BATCH_SIZE
+    from tasks.modeling import load_tokenizer
 
-    model, tokenizer = causal_lm.base_model(source)
-    return answers(model, tokenizer, tokenized, held_out(tokenized), EVAL_BATCH_SIZE)
+    conversations = held_out(tokenized)
+    prompts = prompts_of(load_tokenizer(tokenized.model_source(source)), tokenized, conversations)
+    scored_here = _BASE_ANSWERS.get(_base_key(source, tokenized, prompts))
+    if scored_here is not None:
+        return list(scored_here)
+    model, tokenizer = base_model(source, tokenized)
+    return answers(model, tokenizer, tokenized, conversations, EVAL_BATCH_SIZE)
 
 
 def normalized(text: str) -> str:
@@ -192,19 +243,26 @@ def answer_scores(predictions: list[str], references: list[str]) -> dict[str, fl
 
 def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
     """The metrics tuned vs base, and the greedy answers to the held-out prompts, tuned vs base, next to the
-    reference (`reports/predictions.jsonl` has every one; evaluation scored them)."""
-    from tasks.instruction import prompt_for_generation, split_reference
+    reference (`reports/predictions.jsonl` has every one). The tuned answers are the ones evaluation scored (kept
+    in the reports folder); generated here only when none were kept for these prompts."""
+    from tasks.instruction import split_reference
 
     conversations = held_out(given.tokenized)
-    tuned = answers(given.model, given.tokenizer, given.tokenized, conversations, given.batch_size)
+    prompts = prompts_of(given.tokenizer, given.tokenized, conversations)
+    kept_file = given.folder / ANSWERS_FILE
+    kept = json.loads(kept_file.read_text()) if kept_file.exists() else []
+    if [k["prompt"] for k in kept] == prompts:
+        tuned = [k["tuned"] for k in kept]
+    else:
+        tuned = answers(given.model, given.tokenizer, given.tokenized, conversations, given.batch_size)
     references = [split_reference(c)[1] for c in conversations]
-    template = template_of(given.tokenizer, given.tokenized.options)
     rows = [
-        {"prompt": prompt_for_generation(c, given.tokenizer, template), "reference": ref, "base": b, "tuned": t}
-        for c, ref, b, t in zip(conversations, references, given.base_texts, tuned, strict=True)
+        {"prompt": p, "reference": ref, "base": b, "tuned": t}
+        for p, ref, b, t in zip(prompts, references, given.base_texts, tuned, strict=True)
     ]
     with (given.folder / "predictions.jsonl").open("w", encoding="utf-8") as out:
         out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    kept_file.unlink(missing_ok=True)  # predictions.jsonl has them now
     keys = ("eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_rouge_l", "eval_exact_match")
     sections = {
         "metrics": {key: (given.metrics.get(key), given.metrics.get(f"base_{key}")) for key in keys},

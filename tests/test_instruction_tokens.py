@@ -1,0 +1,245 @@
+"""Chat templates that add tokens (chatml on a tokenizer without them), and answers scored once.
+
+The tokens are added to the tokenizer, the embeddings grown once on every load path, the new rows trained (LoRA:
+as peft's trainable tokens; full: with every other weight), saved and loaded again; methods that cannot train new
+rows are refused naming instruction.template. Evaluation keeps the answers it scored and the report reuses them.
+Stage functions on the builtin tiny model; one end-to-end run through the CLI (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import write_config
+from torch import nn
+
+import tasks.generation
+from adapters_impl import METHODS, get_method
+from tasks.adapting import apply_method, forget, load_adapted, load_full_precision_base
+from tasks.config import DataSettings, ModelSettings, RunConfig, resolve_paths
+from tasks.errors import UserInputError
+from tasks.grid import expand_grid, run_trial
+from tasks.instruction import CHATML_TOKENS, resize_for_tokens
+from tasks.load import DataRef, load_data
+from tasks.modeling import ModelSource, load_tokenizer, resolve_model
+from tasks.objectives import ReportInput, get_objective, tasks_of
+from tasks.objectives.instruction import answer_scores, base_model
+from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
+from tasks.tracking import start_run
+
+BIN = Path(sys.executable).parent
+PETS = [("Lily", "cat"), ("Tom", "dog"), ("Mia", "bird"), ("Ben", "fish"), ("Sara", "cat"), ("Max", "dog")]
+ROWS = [
+    {"instruction": f"Which pet does {name} have? Say it in {style}.", "output": f"{name} has a {pet}."}
+    for name, pet in PETS
+    for style in ("short", "a sentence", "words", "one line")
+]
+OPTIONS = {"template": "chatml", "loss_on": "assistant", "eval_generations": 4, "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelSource, DataRef, TokenizedRef]:
+    folder = tmp_path_factory.mktemp("chatml")
+    file = folder / "pets.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    source = resolve_model(ModelSettings(name_or_path=tiny_model))
+    data = load_data(DataSettings(train=str(file), eval_fraction=0.25), "instruction", folder / "data")
+    return source, data, tokenize_dataset(data, source, "instruction", 64, folder / "tok", dict(OPTIONS))
+
+
+def _batch(source: ModelSource, tokenized: TokenizedRef) -> dict[str, torch.Tensor]:
+    train, _ = tokenized.splits()
+    return dict(make_collator(load_tokenizer(tokenized.model_source(source)), "instruction")(list(train)[:8]))
+
+
+@torch.no_grad()
+def _rows(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The embeddings the model uses for these ids (peft's trainable tokens included)."""
+    return model.get_input_embeddings()(torch.tensor(ids)).detach().clone()  # type: ignore[operator]
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora", "full"])  # dora shares lora_config
+def test_chatml_rows_are_added_trained_saved_and_loaded_once(
+    name: str, chat: tuple[ModelSource, DataRef, TokenizedRef], tmp_path: Path
+) -> None:
+    source, _, tokenized = chat
+    assert tokenized.options["added_tokens"] == list(CHATML_TOKENS)
+    adapted = apply_method(source, METHODS[name].settings(name=name), "instruction", tokenized, str(tmp_path), 0)
+    assert adapted.source.added_tokens == list(CHATML_TOKENS)  # every later load adds the same tokens
+    tokenizer = load_tokenizer(adapted.source)
+    new = tokenizer.convert_tokens_to_ids(list(CHATML_TOKENS))
+    old = [5, 40, 100]
+    assert min(new) >= len(load_tokenizer(source))
+    model = load_adapted(adapted, adapted.adapter_dir, trainable=True)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)  # type: ignore[union-attr]
+    if name != "full":
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any("trainable_tokens_delta" in n for n in trainable), trainable
+        assert not any(n.endswith("embed_tokens.weight") or "base_layer.weight" in n for n in trainable if "embed" in n)
+    new_before, old_before = _rows(model, new), _rows(model, old)
+
+    batch = _batch(source, tokenized)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.allclose(_rows(model, new), new_before), "the new rows did not train"
+    if name != "full":
+        assert torch.equal(_rows(model, old), old_before), "LoRA trains the added rows only"
+    trained = _logits(model, batch)
+
+    method = get_method(name)
+    method.save(model, tmp_path / "adapter")
+    forget()
+    reloaded = load_adapted(adapted, tmp_path / "adapter")  # from disk: base grown once, then the saved rows
+    assert reloaded.get_input_embeddings().weight.shape[0] == len(tokenizer)  # type: ignore[union-attr]
+    assert torch.allclose(_logits(reloaded, batch), trained, atol=1e-5), "save + load changed the outputs"
+    if name != "full":
+        assert not (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 200_000, "no whole matrices"
+        again = load_adapted(adapted, tmp_path / "adapter", trainable=True)  # what --resume loads
+        assert any(p.requires_grad for n, p in again.named_parameters() if "trainable_tokens_delta" in n)
+        merged = method.merge(reloaded, lambda: load_full_precision_base(adapted))  # type: ignore[misc]
+        assert torch.allclose(_rows(merged, new), _rows(model, new), atol=1e-6), "the merge lost the trained rows"
+        if not method.lossy_merge:  # QLoRA merges into a full-precision base: off by the quantization error
+            assert torch.allclose(_logits(merged, batch), trained, atol=1e-4)
+        base = load_full_precision_base(adapted)
+        assert resize_for_tokens(base, tokenizer, adapted.source.added_tokens).token_ids == tuple(new)
+        assert base.get_input_embeddings().weight.shape[0] == len(tokenizer), "grown once, never twice"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, m in METHODS.items() if "instruction" in tasks_of(m) and not m.trains_new_tokens]
+)
+def test_methods_that_cannot_train_new_rows_are_refused(
+    name: str, chat: tuple[ModelSource, DataRef, TokenizedRef], tmp_path: Path
+) -> None:
+    source, _, tokenized = chat
+    with pytest.raises(UserInputError, match=rf"instruction.template: .*method {name} cannot train new token"):
+        apply_method(source, METHODS[name].settings(name=name), "instruction", tokenized, str(tmp_path), 0)
+
+
+def test_base_is_evaluated_with_the_added_tokens(chat: tuple[ModelSource, DataRef, TokenizedRef]) -> None:
+    source, _, tokenized = chat
+    metrics = get_objective("instruction").base_metrics(source, tokenized, 4)
+    assert torch.isfinite(torch.tensor(metrics["base_eval_loss"])) and "base_eval_rouge_l" in metrics
+
+
+def test_report_reuses_the_answers_evaluation_scored(
+    chat: tuple[ModelSource, DataRef, TokenizedRef], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, data, tokenized = chat
+    model, tokenizer = base_model(source, tokenized)
+    calls: list[int] = []
+    generate = tasks.generation.generate_from_ids
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.generation, "generate_from_ids", counted)
+    objective = get_objective("instruction")
+    metrics = objective.metrics(model, tokenizer, tokenized, 2, tmp_path)
+    generated = len(calls)
+    assert generated == 2  # 4 held-out prompts, 2 a batch
+    given = ReportInput(model, tokenizer, data, tokenized, metrics, ["b"] * 4, None, tmp_path, 2)
+    objective.report(given)
+    assert len(calls) == generated, "the report generated the tuned answers again"
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").open()]
+    scores = answer_scores([r["tuned"] for r in rows], [r["reference"] for r in rows])
+    assert scores["eval_rouge_l"] == metrics["eval_rouge_l"], "the report shows the answers that were scored"
+
+    base = objective.base_metrics(source, tokenized, 3)  # the base's: scored once, reused by the report
+    generated = len(calls)
+    base_texts = objective.base_generations(source, data, tokenized)
+    assert len(calls) == generated, "the base answers were generated again"
+    references = [r["reference"] for r in rows]
+    assert answer_scores(base_texts, references)["eval_rouge_l"] == base["base_eval_rouge_l"]
+
+
+@pytest.mark.slow
+def test_chatml_lora_run_registers_a_package_that_loads_in_a_fresh_process(
+    tmp_path: Path, tiny_model: str, mlflow_store: str
+) -> None:
+    data = tmp_path / "pets.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run_config = write_config(
+        tmp_path / "chatml.yaml",
+        model={"name_or_path": tiny_model},
+        task="instruction",
+        data={"train": str(data), "max_length": 64, "eval_fraction": 0.25},
+        instruction=OPTIONS,
+        method={"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        train={"max_steps": 6, "batch_size": 8, "learning_rate": 5e-3, "save_steps": 6, "logging_steps": 3},
+        registry={"name": "chatml"},
+    )
+    run = subprocess.run(
+        [str(BIN / "adaptflow"), "run", str(run_config), "--json"], capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["metrics"]["merge_max_abs_diff"] < 1e-3
+    assert isinstance(result["metrics"]["base_eval_rouge_l"], float)
+    predictions = [json.loads(line) for line in (Path(result["run_dir"]) / "reports" / "predictions.jsonl").open()]
+    assert predictions[0]["prompt"].endswith("<|im_start|>assistant\n")
+
+    question = json.dumps([{"role": "user", "content": "Which pet does Tom have? Say it in short."}])
+    done = subprocess.run(
+        [str(BIN / "adaptflow"), "predict", "models:/chatml@champion", "--messages", question, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])["predictions"][0]
+    assert isinstance(answer, str) and "<|im_end|>" not in answer and "<|im_start|>" not in answer
+
+
+def test_a_chatml_grid_trial_continued_from_its_checkpoint_ends_where_the_uninterrupted_one_ends(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """A grid trial and a resume load the trained rows from a checkpoint (with their optimizer state) onto a base
+    grown again, never twice: the continued trial's numbers are the uninterrupted one's."""
+    data_file = tmp_path / "pets.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = RunConfig.model_validate(
+        {
+            "model": {"name_or_path": tiny_model},
+            "task": "instruction",
+            "instruction": OPTIONS,
+            "data": {"train": str(data_file), "max_length": 64, "eval_fraction": 0.25},
+            "method": {"name": "lora"},
+            "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1},
+            "tracking": {"experiment": "chatml-grid"},
+            "grid": {"r": [4], "target_modules": ["all-linear"]},
+        }
+    )
+    train = config.train.model_copy(update={"output_dir": str(tmp_path / "runs")})
+    config = resolve_paths(config.model_copy(update={"train": train}), tmp_path)
+    source = resolve_model(config.model)
+    data = load_data(config.data, config.task, tmp_path / "cache" / "d")
+    tokenized = tokenize_dataset(data, source, config.task, 64, tmp_path / "cache" / "t", config.task_options())
+    parent = start_run(config, "parent")
+    spec = expand_grid(config)[0]
+
+    unpruned = run_trial(spec, source, tokenized, parent, None)
+    first = run_trial(spec, source, tokenized, parent, None, stop_at=2)
+    last = run_trial(spec, source, tokenized, parent, None, stop_at=4, previous=first)
+    assert (unpruned.status, last.status, last.steps) == ("ok", "ok", 4), (unpruned.error, last.error)
+    assert last.trained is not None and last.trained.resumed_from_step == 2
+    assert last.trained.adapted.source.added_tokens == list(CHATML_TOKENS)
+    assert last.metrics["eval_loss"] == pytest.approx(unpruned.metrics["eval_loss"], rel=1e-6)
+    assert last.metrics["eval_rouge_l"] == pytest.approx(unpruned.metrics["eval_rouge_l"])
