@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -38,12 +39,18 @@ def tiny_run_config(path: Path, model: str, train_file: Path, **train: object) -
     )
 
 
-def task_run_states(name: str) -> list[str]:
+def task_run_states(name: str, flow_runs: list[str]) -> list[str]:
+    """The states of the task runs called `name` in these flow runs (not other tests' on the same server)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId, TaskRunFilterName
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(
+                name=TaskRunFilterName(like_=name),
+                flow_run_id=TaskRunFilterFlowRunId(any_=[uuid.UUID(run) for run in flow_runs]),
+            )
+        )
     return sorted(run.state.name for run in runs if run.state)
 
 
@@ -111,7 +118,10 @@ def test_run_registers_a_loadable_champion_and_a_worse_run_stays_challenger(
     assert worse["model_version"] != result["model_version"]
     assert str(client.get_model_version_by_alias("e2e", "champion").version) == result["model_version"]
     assert "does not beat" in client.get_model_version("e2e", worse["model_version"]).tags["promotion"]
-    assert task_run_states("tokenize") == ["Cached", "Completed"]
+    flow_runs = [
+        client.get_model_version("e2e", r["model_version"]).tags["prefect_flow_run_id"] for r in (result, worse)
+    ]
+    assert task_run_states("tokenize", flow_runs) == ["Cached", "Completed"]
 
     assert main(["predict", "models:/e2e@champion", "--text", "Once upon", "--json"]) == 0
     predicted = last_json(capsys.readouterr().out)
