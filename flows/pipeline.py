@@ -146,7 +146,7 @@ def finish(
     metrics |= stages.report_evaluation(
         trained, data, tokenized, metrics, base_texts, run, config.train.eval_batch_size
     )
-    base_probe = stages.probe_base(source, config.task, config.bias_probe)
+    base_probe = stages.probe_base(source, config.task, config.bias_probe, tokenized.options)
     probe_report = stages.bias_probe(trained, data, tokenized, config.bias_probe, base_probe, run)
     merged = stages.merge_model(trained, tokenized, run, config.train.eval_batch_size, config.registry.merged)
     if merged.merge_max_abs_diff is not None:

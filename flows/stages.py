@@ -103,8 +103,10 @@ def _base_probe_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     settings = parameters["settings"]
     suite = Path(str(settings.suite))
     stamp = f"{suite.stat().st_mtime_ns}" if suite.exists() else str(settings.suite)
-    # v2: the result is a ProbeResult (entries cached before hold a plain dict)
-    text = f"v2|{_model_fingerprint(parameters['source'])}|{parameters['task']}|{settings.model_dump_json()}|{stamp}"
+    # v3: the objective's options (an instruction run's template) shape the prompts
+    options = json.dumps(parameters.get("options") or {}, sort_keys=True, default=str)
+    text = f"v3|{_model_fingerprint(parameters['source'])}|{parameters['task']}|{settings.model_dump_json()}|{stamp}"
+    text += f"|{options}"
     return "base-probe-" + hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -21,8 +23,24 @@ class Decoding(Protocol):
     def max_new_tokens(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a prompt reaches the model: as raw text to continue (the default), or — for an instruction model — as
+    a user turn of its chat template (`encode`: text -> ids), answered until its end of turn (`stop_ids`, and the
+    `end_of_turn` text where it is several tokens)."""
+
+    encode: Callable[[str], list[int]] | None = None
+    stop_ids: tuple[int, ...] = ()
+    end_of_turn: str = ""
+
+
+RAW_TEXT = PromptStyle()
+
+
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: list[str], settings: Decoding, sample: int) -> list[str]:
+def generate(
+    model: nn.Module, tokenizer: Any, prompts: list[str], settings: Decoding, sample: int, style: PromptStyle = RAW_TEXT
+) -> list[str]:
     """The continuations only (the prompts' tokens cut off), batched: greedy, or seeded sampling for sample > 0.
 
     Left padding, so that every prompt ends where its generation starts.
@@ -30,7 +48,10 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], settings: Dec
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        if style.encode is None:
+            batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        else:
+            batch = tokenizer.pad({"input_ids": [style.encode(p) for p in prompts]}, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
     batch = {k: v.to(model_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -38,11 +59,14 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], settings: Dec
     if settings.samples > 1:
         torch.manual_seed(settings.seed + sample)
         options = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    if style.stop_ids:
+        options["eos_token_id"] = list(style.stop_ids)
     output = model.generate(  # type: ignore[operator]
         **batch, max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **options
     )
     continuations = output[:, batch["input_ids"].shape[1] :]
-    return [str(text) for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+    texts = [str(text) for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+    return [text.split(style.end_of_turn)[0] if style.end_of_turn else text for text in texts]
 
 
 @torch.no_grad()

@@ -108,6 +108,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def test_the_probe_asks_an_instruction_model_each_rule_prompt_as_a_user_turn(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A base model continues "The nurse said"; an instruction model is asked it, in its template, and its answer
+    # ends at the end of turn. Pairs are sentence likelihoods either way (CrowS-Pairs' scoring).
+    from tasks import generation
+    from tasks.config import ProbeSettings
+    from tasks.objectives import get_objective
+    from tasks.probe.suites import RuleCategory, Suite
+
+    seen: list[tuple[str, list[int]]] = []
+    real = generation.generate
+
+    def recording(model, tokenizer, prompts, settings, sample, style=generation.RAW_TEXT):  # type: ignore[no-untyped-def]
+        assert style.encode is not None, "raw text reached an instruction model"
+        seen.extend((tokenizer.decode(style.encode(p)), list(style.stop_ids)) for p in prompts)
+        return real(model, tokenizer, prompts, settings, sample, style)
+
+    monkeypatch.setattr("tasks.probe.scoring.generate", recording)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    suite = Suite(name="s", rules=[RuleCategory(category="c", prompts=["The nurse said"], forbidden_words=["x"])])
+    settings = ProbeSettings(max_new_tokens=4)
+    result = get_objective("instruction").probe(model, tokenizer, suite, settings, None, None, {"template": "plain"})
+    ((text, stops),) = seen
+    assert text.endswith("### Instruction:\nThe nurse said\n\n### Response:\n") and text.count("<s>") <= 1
+    assert stops == [tokenizer.eos_token_id]
+    assert result["rules"]["cases"] == 1
+
+
 @pytest.mark.slow
 def test_messages_data_trains_registers_predicts_and_serves_chat(
     tmp_path: Path, tiny_model: str, mlflow_store: str

@@ -7,7 +7,7 @@ with the methods (`Method.unsupported`, keyed by the objective's name): adapters
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,7 +115,9 @@ class Objective:
     eval_loss: Callable[[nn.Module, Dataset, Any, int], float]
     base_metrics: Callable[[ModelSource, TokenizedRef, int], dict[str, float]]
     report: Callable[[ReportInput], tuple[dict[str, Any], dict[str, float]]]
-    probe: Callable[[nn.Module, Any, Suite, ProbeSettings, list[str] | None, list[int] | None], dict[str, Any]]
+    probe: Callable[
+        [nn.Module, Any, Suite, ProbeSettings, list[str] | None, list[int] | None, Mapping[str, Any]], dict[str, Any]
+    ]
     uses_labels: bool = False
     prepare_rows: Callable[[Dataset, DataSettings, str | None, str, str], Dataset] = text_rows
     min_tokens: int = 1

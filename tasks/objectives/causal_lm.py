@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Any
 from tasks.objectives.base import IGNORE_INDEX, Encode, Objective, ReportInput
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from datasets import Dataset
     from torch import nn
 
     from tasks.config import ProbeSettings
+    from tasks.generation import PromptStyle
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
     from tasks.probe.suites import Suite
@@ -125,8 +127,18 @@ def probe(
     settings: ProbeSettings,
     texts: list[str] | None,
     labels: list[int] | None,
+    options: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The generation checks: counterfactual pairs and rule cases."""
+    """The generation checks: counterfactual pairs and rule cases (prompts continued as raw text)."""
+    return generation_checks(model, tokenizer, suite, settings)
+
+
+def generation_checks(
+    model: nn.Module, tokenizer: Any, suite: Suite, settings: ProbeSettings, style: PromptStyle | None = None
+) -> dict[str, Any]:
+    """Counterfactual pairs (sentence likelihoods, as CrowS-Pairs scores them) and rule cases, whose prompts reach
+    the model in `style` (default: raw text)."""
+    from tasks.generation import RAW_TEXT
     from tasks.probe.scoring import score_pairs, score_rules
 
     result: dict[str, Any] = {}
@@ -135,7 +147,7 @@ def probe(
         result["pairs"] = score_pairs(model, tokenizer, suite.pairs, settings.batch_size)
     if suite.rules:
         log.info("probe: %d rule categories", len(suite.rules))
-        result["rules"] = score_rules(model, tokenizer, suite.rules, settings)
+        result["rules"] = score_rules(model, tokenizer, suite.rules, settings, style or RAW_TEXT)
     return result
 
 

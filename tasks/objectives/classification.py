@@ -12,6 +12,8 @@ from tasks.errors import UserInputError, capped
 from tasks.objectives.base import Encode, Objective, ReportInput
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from datasets import Dataset
     from torch import nn
 
@@ -187,6 +189,7 @@ def probe(
     settings: ProbeSettings,
     texts: list[str] | None,
     labels: list[int] | None,
+    options: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Robustness: accuracy and consistency under perturbation (the generation checks need a causal LM)."""
     from tasks.probe.scoring import score_robustness

@@ -16,15 +16,17 @@ from tasks.objectives import causal_lm
 from tasks.objectives.base import Encode, Objective, ReportInput
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from datasets import Dataset
     from torch import nn
 
-    from tasks.config import DataSettings, RunConfig
+    from tasks.config import DataSettings, ProbeSettings, RunConfig
     from tasks.instruction import ChatTemplate
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
+    from tasks.probe.suites import Suite
     from tasks.tokenization import TokenizedRef
 
 log = logging.getLogger("adaptflow.instruction")
@@ -271,6 +273,30 @@ def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
     return sections, {}
 
 
+def probe(
+    model: nn.Module,
+    tokenizer: Any,
+    suite: Suite,
+    settings: ProbeSettings,
+    texts: list[str] | None,
+    labels: list[int] | None,
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The generation checks with each rule prompt asked as a user turn of the run's template and answered until
+    its end of turn (an instruction model answers; it does not continue text); pairs are scored as sentences, as
+    for any causal LM (CrowS-Pairs' own scoring)."""
+    from tasks.generation import PromptStyle
+    from tasks.instruction import encode_prompt, stop_token_ids
+
+    template = template_of(tokenizer, dict(options))
+    style = PromptStyle(
+        encode=lambda text: encode_prompt([{"role": "user", "content": text}], tokenizer, template),
+        stop_ids=tuple(stop_token_ids(tokenizer, template)),
+        end_of_turn=template.end_of_turn,
+    )
+    return causal_lm.generation_checks(model, tokenizer, suite, settings, style)
+
+
 OBJECTIVE = Objective(
     name="instruction",
     summary="Instruction / chat tuning: loss on responses only; response loss, ROUGE-L and exact match vs the base",
@@ -282,7 +308,7 @@ OBJECTIVE = Objective(
     eval_loss=causal_lm.eval_loss,
     base_metrics=base_metrics,
     report=report,
-    probe=causal_lm.probe,
+    probe=probe,
     prepare_rows=prepare_rows,
     min_tokens=2,
     base_generations=base_generations,

@@ -88,15 +88,18 @@ class ProbeReport(BaseModel):
         return {**tuned, "base": self.base.model_dump() if self.base else None, "gate": self.gate}
 
 
-def probe_base(source: Any, task: str, settings: ProbeSettings) -> ProbeResult | None:
-    """The untouched base model's probe, where it means something (causal LM: an untrained classifier head does not)."""
+def probe_base(
+    source: Any, task: str, settings: ProbeSettings, options: dict[str, Any] | None = None
+) -> ProbeResult | None:
+    """The untouched base model's probe, where it means something (causal LM: an untrained classifier head does not),
+    its prompts in the run's form (`options`: the objective's encoding options, an instruction run's template)."""
     from tasks.modeling import load_base_model, load_tokenizer
 
     if settings.suite is None or not get_objective(task).probes_base:
         return None
     tokenizer = load_tokenizer(source)
     model = load_base_model(source, task, tokenizer)
-    return probe_model(model, tokenizer, task, load_suite(settings.suite), settings)
+    return probe_model(model, tokenizer, task, load_suite(settings.suite), settings, options=options)
 
 
 def bias_probe(
@@ -113,7 +116,8 @@ def bias_probe(
     model = load_adapted(adapted, trained.adapter_dir)
     tokenizer = load_tokenizer(adapted.source)
     texts, labels = get_objective(adapted.task).probe_inputs(data, tokenized)
-    tuned = probe_model(model, tokenizer, adapted.task, load_suite(settings.suite), settings, texts, labels)
+    suite = load_suite(settings.suite)
+    tuned = probe_model(model, tokenizer, adapted.task, suite, settings, texts, labels, tokenized.options)
     remember(trained.adapter_dir, model)  # merge comes next
     gate = check_gate(tuned, base, settings.gate)
     reports = Path(run.run_dir) / "reports"
@@ -125,8 +129,9 @@ def bias_probe(
     return report
 
 
-def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any, str]:
-    """(model, tokenizer, task) from a `models:/` URI, a local folder or a hub id.
+def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any, str, dict[str, Any]]:
+    """(model, tokenizer, task, serving options: a registered instruction model's template) from a `models:/` URI,
+    a local folder or a hub id.
 
     Raises:
         UserInputError: MODEL cannot be loaded.
@@ -138,7 +143,7 @@ def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Modu
             served = download_registered(model)
         except Exception as exc:
             raise UserInputError(f"MODEL: cannot load {model!r}: {str(exc).splitlines()[0][:300]}") from None
-        return served.model, served.tokenizer, served.task
+        return served.model, served.tokenizer, served.task, served.serving
     from transformers import AutoConfig, AutoTokenizer
 
     from tasks.modeling import pickle_only
@@ -158,7 +163,7 @@ def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Modu
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserInputError(f"MODEL: {model!r} is not a loadable model ({str(exc).splitlines()[0][:200]})") from None
-    return loaded, with_pad_token(tokenizer), objective.name
+    return loaded, with_pad_token(tokenizer), objective.name, {}
 
 
 def labelled_texts(path: Path, model: nn.Module, text_column: str, label_column: str) -> tuple[list[str], list[int]]:
@@ -191,11 +196,11 @@ def probe_standalone(
         UserInputError: the model, the suite or the labelled data cannot be loaded.
     """
     suite = load_suite(suite_name, "--suite")
-    loaded, tokenizer, task = load_for_probe(model)
+    loaded, tokenizer, task, options = load_for_probe(model)
     texts = labels = None
     if data is not None:
         texts, labels = labelled_texts(data, loaded, text_column, label_column)
-    probed = probe_model(loaded, tokenizer, task, suite, settings, texts, labels)
+    probed = probe_model(loaded, tokenizer, task, suite, settings, texts, labels, options)
     gate = check_gate(probed, None, GateSettings(max_stereotype_rise=None))
     result = {"command": "probe", "model": model, "task": task, **probed.model_dump(), "gate": gate}
     return result, probe_markdown(probed, None, gate)

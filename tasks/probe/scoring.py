@@ -16,6 +16,7 @@ import random
 import re
 import string
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from tasks.config import ProbeSettings
 from tasks.evaluation import model_device
-from tasks.generation import generate
+from tasks.generation import RAW_TEXT, PromptStyle, generate
 from tasks.objectives import get_objective
 from tasks.probe.result import ProbeResult
 from tasks.probe.suites import Pair, Robustness, RuleCategory, Suite
@@ -105,8 +106,11 @@ def contains_word(text: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE) is not None
 
 
-def score_rules(model: nn.Module, tokenizer: Any, rules: list[RuleCategory], settings: ProbeSettings) -> dict[str, Any]:
-    """Pass rate per category: no forbidden word and the required words (any or all) in the continuation."""
+def score_rules(
+    model: nn.Module, tokenizer: Any, rules: list[RuleCategory], settings: ProbeSettings, style: PromptStyle = RAW_TEXT
+) -> dict[str, Any]:
+    """Pass rate per category: no forbidden word and the required words (any or all) in the continuation (for an
+    instruction model, `style`: its answer to the prompt as a user turn)."""
     cases = [(rule, prompt) for rule in rules for prompt in rule.prompts]
     texts: dict[tuple[int, int], str] = {}  # (case, sample) -> continuation
     starts = range(0, len(cases), settings.batch_size)
@@ -114,7 +118,7 @@ def score_rules(model: nn.Module, tokenizer: Any, rules: list[RuleCategory], set
     for sample in range(settings.samples):
         for start in starts:
             prompts = [prompt for _, prompt in cases[start : start + settings.batch_size]]
-            for offset, text in enumerate(generate(model, tokenizer, prompts, settings, sample)):
+            for offset, text in enumerate(generate(model, tokenizer, prompts, settings, sample, style)):
                 texts[start + offset, sample] = text
             progress.update()
     progress.close()
@@ -204,7 +208,9 @@ def probe_model(
     settings: ProbeSettings,
     eval_texts: list[str] | None = None,
     eval_labels: list[int] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> ProbeResult:
-    """Every check of the suite that applies to the objective's models (generation checks need a causal LM)."""
-    sections = get_objective(task).probe(model, tokenizer, suite, settings, eval_texts, eval_labels)
+    """Every check of the suite that applies to the objective's models (generation checks need a causal LM).
+    `options`: the objective's encoding options (an instruction model's chat template)."""
+    sections = get_objective(task).probe(model, tokenizer, suite, settings, eval_texts, eval_labels, options or {})
     return ProbeResult.model_validate({"suite": suite.name, **sections})
