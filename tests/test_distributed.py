@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import torch
 from conftest import SAMPLES, write_config
 from mlflow.tracking import MlflowClient
 
+from flows.cli import main
 from tasks.adapting import apply_method
 from tasks.config import DistributedSettings, ModelSettings, TrainSettings, validate_config
 from tasks.distributed import check_device, launch_command, train_distributed
@@ -200,6 +202,18 @@ def test_every_method_and_task_trains_on_two_processes_like_on_one(
     assert eval_two == pytest.approx(eval_one, rel=0.03)
 
 
+def test_a_classification_loss_counts_once_with_gradient_accumulation(
+    tmp_path: Path, tiny_model: str, reviews_file: Path
+) -> None:
+    # The same root as a mean loss doubled on 2 processes: the Trainer scaled it by grad_accum as well.
+    stage = Stage(tmp_path, tiny_model, reviews_file, "whole", task="classification")
+    whole = train_model(stage.adapted, stage.tokenized, stage.settings(1, max_steps=2), stage.run)
+    stage = Stage(tmp_path, tiny_model, reviews_file, "accumulated", task="classification")
+    settings = stage.settings(1, max_steps=2).model_copy(update={"batch_size": 4, "grad_accum": 2})
+    accumulated = train_model(stage.adapted, stage.tokenized, settings, stage.run)
+    assert accumulated.train_loss == pytest.approx(whole.train_loss, rel=0.03)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -241,6 +255,32 @@ def test_two_nodes_on_localhost_train_as_one_run(tmp_path: Path, tiny_model: str
     assert (
         not list(nodes[1].run_dir.glob("checkpoints/*/*.safetensors")) and not (nodes[1].run_dir / "adapter").exists()
     )
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_on_two_processes_merges_registers_and_predicts(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The whole model trains under DDP; the later stages run in this process on rank 0's saved weights.
+    config = write_config(
+        tmp_path / "run.yaml",
+        model={"name_or_path": tiny_model},
+        data={"train": str(stories_file), "max_length": 48},
+        method={"name": "full"},
+        train={"max_steps": 4, "batch_size": 4, "save_steps": 4, "distributed": {"nproc_per_node": 2}},
+        registry={"name": "ddp-full", "merged": True},
+        bias_probe={"max_new_tokens": 4},
+    )
+    assert main(["run", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = result["metrics"]
+    assert result["status"] == "ok" and result["mergeable"] is True and result["aliases"] == ["champion"]
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8
+    assert metrics["merge_max_abs_diff"] <= metrics["merge_tolerance"]
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    assert result["bias_probe"]
+    predictions = mlflow.pyfunc.load_model("models:/ddp-full@champion").predict(["Once upon a time"])
+    assert len(predictions) == 1 and isinstance(predictions[0], str)
 
 
 @pytest.mark.slow
