@@ -235,8 +235,8 @@ def worker_node(config: RunConfig, resume: bool) -> RunResult:
     folder = output / f"node{distributed.node_rank}-{config_hash(config)}"
     source = stages.resolve_model(config.model)
     data = stages.load_data(config.data, config.task, output / ".cache" / "data")
-    tokenized = stages.tokenize_dataset(
-        data, source, config.task, config.data.max_length, output / ".cache" / "tokenized"
+    tokenized = stages.tokenize_dataset(  # as node 0 tokenizes: the objective's options too (instruction: ...)
+        data, source, config.task, config.data.max_length, output / ".cache" / "tokenized", config.task_options()
     )
     # Seeded like node 0's; DDP and FSDP (sync_module_states) also start every rank from rank 0's weights.
     adapted = stages.apply_method(

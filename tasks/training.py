@@ -27,6 +27,7 @@ from tasks.adapting import AdaptedRef, load_adapted, remember, take
 from tasks.config import TrainSettings
 from tasks.errors import RunFailed, disk_error
 from tasks.modeling import load_tokenizer, training_dtype
+from tasks.objectives import get_objective
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import RunRef, client_for, log_metrics
 
@@ -238,6 +239,8 @@ class MethodTrainer(Trainer):
         (never by applying the method twice); the Trainer restores optimizer, scheduler, RNG and data position."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        if not self.args.should_save:  # rank 0 alone writes (the Trainer's own _save checks this too)
+            return
         folder = Path(output_dir or str(self.args.output_dir))
         folder.mkdir(parents=True, exist_ok=True)
         assert self.model is not None
@@ -420,6 +423,11 @@ def train_loaded(
             # Rank 0 alone tracks; a grid's rung stops at its step with a checkpoint to continue from.
             callbacks=[*([stream] if rank == 0 else []), guard, *([StopAtStep(stop_at)] if stop_at else [])],
         )
+        if not get_objective(tokenized.task).token_loss:
+            # The Trainer takes any forward with **kwargs for one that divides by the global batch's label count and
+            # multiplies its loss by the world size (and skips dividing by grad_accum): a mean loss would count
+            # world size x grad_accum times over.
+            trainer.model_accepts_loss_kwargs = False
         started = time.perf_counter()
         try:
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import psutil
 import pytest
 import torch
-from conftest import write_config
+from conftest import SAMPLES, write_config
 from mlflow.tracking import MlflowClient
 
-from adapters_impl.lora import LoraSettings
+from flows.cli import main
 from tasks.adapting import apply_method
-from tasks.config import DataSettings, DistributedSettings, ModelSettings, TrainSettings, validate_config
-from tasks.distributed import check_device, launch_command
+from tasks.config import DistributedSettings, ModelSettings, TrainSettings, validate_config
+from tasks.distributed import check_device, launch_command, train_distributed
 from tasks.errors import RunFailed, UserInputError
 from tasks.evaluation import evaluate_model
 from tasks.load import load_data
@@ -72,15 +77,20 @@ def test_fsdp_without_gpus_is_refused_before_launching() -> None:
 
 
 class Stage:
-    """The train stage called directly (no Prefect) on a tiny LoRA, dropout off so that ranks compute alike."""
+    """The train stage called directly (no Prefect) on the tiny model, dropout off so that ranks compute alike;
+    a tiny LoRA on stories unless `sections` say otherwise (sections of a run config: task, data, method)."""
 
-    def __init__(self, tmp_path: Path, tiny_model: str, stories_file: Path, name: str) -> None:
+    def __init__(self, tmp_path: Path, tiny_model: str, data_file: Path, name: str, **sections: Any) -> None:
+        method = {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}
+        config = validate_config({"data": {"train": str(data_file), "max_length": 48}, "method": method, **sections})
+        self.config = config
         source = resolve_model(ModelSettings(name_or_path=tiny_model))
-        data = load_data(DataSettings(train=str(stories_file), max_length=48), "causal_lm", tmp_path / "cache" / "d")
-        self.tokenized = tokenize_dataset(data, source, "causal_lm", 48, tmp_path / "cache" / "t")
+        data = load_data(config.data, config.task, tmp_path / "cache" / "d")
+        self.tokenized = tokenize_dataset(
+            data, source, config.task, 48, tmp_path / "cache" / "t", config.task_options()
+        )
         self.run_dir = tmp_path / name
-        settings = LoraSettings(r=4, dropout=0.0, target_modules="all-linear")
-        self.adapted = apply_method(source, settings, "causal_lm", self.tokenized, str(self.run_dir), 0)
+        self.adapted = apply_method(source, config.method, config.task, self.tokenized, str(self.run_dir), 0)
         client = MlflowClient()
         experiment = client.get_experiment_by_name("d") or client.get_experiment(client.create_experiment("d"))
         run_id = client.create_run(experiment.experiment_id).info.run_id
@@ -91,11 +101,11 @@ class Stage:
             run_dir=str(self.run_dir),
         )
 
-    def settings(self, nproc: int, global_batch: int = 8) -> TrainSettings:
+    def settings(self, nproc: int, global_batch: int = 8, max_steps: int = 6, save_steps: int = 3) -> TrainSettings:
         distributed = DistributedSettings(nproc_per_node=nproc) if nproc > 1 else None
         return TrainSettings(
-            max_steps=6,
-            save_steps=3,
+            max_steps=max_steps,
+            save_steps=save_steps,
             batch_size=global_batch // nproc,
             learning_rate=3e-3,
             logging_steps=1,
@@ -137,6 +147,140 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     assert sorted(p.name for p in (two.run_dir / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     assert (two.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert not workers_of(two.run_dir)
+
+    # --resume with the same world size: killed after checkpoint-3, the run continues there and ends alike.
+    shutil.rmtree(two.run_dir / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(two.run_dir / "adapter")
+    resumed = train_model(two.adapted, two.tokenized, two.settings(2), two.run)
+    assert resumed.resumed_from_step == 3 and resumed.steps == 6 and resumed.world_size == 2
+    assert [step for step, _ in resumed.loss_history] == [1, 2, 3, 4, 5, 6]  # steps 1-3 from checkpoint-3
+    assert [loss for _, loss in resumed.loss_history] == pytest.approx([loss for _, loss in together.loss_history])
+    assert (two.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture
+def instructions_file(tmp_path: Path) -> Path:
+    """60 sample instructions (alpaca format) as JSONL."""
+    lines = (SAMPLES / "sample_instructions.jsonl").read_text().splitlines()[:60]
+    path = tmp_path / "instructions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# Every method but full and lora (tested above and end to end) on a task it does, so that each task trains under
+# DDP once: virtual tokens (prefix, prompt) on the pooled classifier and on the chat template, the methods that
+# add modules (adapter) or rescale (ia3), and dora's magnitude vectors.
+DDP_CASES = [
+    ("prefix", "classification", {"name": "prefix", "num_virtual_tokens": 4}),
+    ("prompt", "instruction", {"name": "prompt", "num_virtual_tokens": 4}),
+    ("ia3", "causal_lm", {"name": "ia3"}),
+    ("adapter", "classification", {"name": "adapter", "bottleneck_size": 8}),
+    ("dora", "instruction", {"name": "dora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "task", "method"), DDP_CASES, ids=[f"{n}-{t}" for n, t, _ in DDP_CASES])
+def test_every_method_and_task_trains_on_two_processes_like_on_one(
+    tmp_path: Path, tiny_model: str, request: pytest.FixtureRequest, name: str, task: str, method: dict
+) -> None:
+    data = {"causal_lm": "stories_file", "classification": "reviews_file", "instruction": "instructions_file"}[task]
+    sections = {"task": task, "method": method, "instruction": {"eval_generations": 2, "max_new_tokens": 4}}
+    if task != "instruction":
+        del sections["instruction"]
+    data_file = request.getfixturevalue(data)
+    one = Stage(tmp_path, tiny_model, data_file, "one", **sections)
+    alone = train_model(one.adapted, one.tokenized, one.settings(1, max_steps=2, save_steps=2), one.run)
+    two = Stage(tmp_path, tiny_model, data_file, "two", **sections)
+    together = train_model(two.adapted, two.tokenized, two.settings(2, max_steps=2, save_steps=2), two.run)
+
+    assert together.steps == 2 and together.world_size == 2
+    assert together.train_loss == pytest.approx(alone.train_loss, rel=0.03)
+    # Rank 0's saved adapter loads in this process with the method's own `load` and evaluates like one process's.
+    eval_one = evaluate_model(alone, one.tokenized, one.run)["eval_loss"]
+    eval_two = evaluate_model(together, two.tokenized, two.run)["eval_loss"]
+    assert eval_two == pytest.approx(eval_one, rel=0.03)
+
+
+def test_a_classification_loss_counts_once_with_gradient_accumulation(
+    tmp_path: Path, tiny_model: str, reviews_file: Path
+) -> None:
+    # The same root as a mean loss doubled on 2 processes: the Trainer scaled it by grad_accum as well.
+    stage = Stage(tmp_path, tiny_model, reviews_file, "whole", task="classification")
+    whole = train_model(stage.adapted, stage.tokenized, stage.settings(1, max_steps=2), stage.run)
+    stage = Stage(tmp_path, tiny_model, reviews_file, "accumulated", task="classification")
+    settings = stage.settings(1, max_steps=2).model_copy(update={"batch_size": 4, "grad_accum": 2})
+    accumulated = train_model(stage.adapted, stage.tokenized, settings, stage.run)
+    assert accumulated.train_loss == pytest.approx(whole.train_loss, rel=0.03)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_as_one_run(tmp_path: Path, tiny_model: str, stories_file: Path) -> None:
+    # Two launches of one process each, node ranks 0 and 1, meeting at node 0's static rendezvous: as the CLI
+    # runs them on two machines (node 1's own folder, its rank without tracking).
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        Stage(
+            tmp_path,
+            tiny_model,
+            stories_file,
+            f"node{rank}",
+            train={"distributed": {"nnodes": 2, "node_rank": rank, "rdzv_endpoint": endpoint}},
+        )
+        for rank in (0, 1)
+    ]
+    settings = [
+        node.settings(1).model_copy(update={"batch_size": 4, "distributed": node.config.train.distributed})
+        for node in nodes
+    ]
+    nodes[1].run = nodes[1].run.model_copy(update={"run_id": "", "experiment_id": ""})
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(train_distributed, nodes[1].adapted, nodes[1].tokenized, settings[1], nodes[1].run, None)
+        trained = train_model(nodes[0].adapted, nodes[0].tokenized, settings[0], nodes[0].run)
+        assert other.result(timeout=120) is None
+    one = Stage(tmp_path, tiny_model, stories_file, "one")
+    alone = train_model(one.adapted, one.tokenized, one.settings(1), one.run)
+
+    assert trained.steps == 6 and trained.world_size == 2 and trained.global_batch_size == 8
+    assert trained.train_loss == pytest.approx(alone.train_loss, rel=0.03)
+    assert MlflowClient().get_run(nodes[0].run.run_id).data.metrics["world_size"] == 2
+    assert (nodes[0].run_dir / "checkpoints" / "checkpoint-6").is_dir()
+    # Rank 1 saved no weights: in one node's folder it would write the same files as rank 0 at the same time.
+    assert (
+        not list(nodes[1].run_dir.glob("checkpoints/*/*.safetensors")) and not (nodes[1].run_dir / "adapter").exists()
+    )
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_on_two_processes_merges_registers_and_predicts(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The whole model trains under DDP; the later stages run in this process on rank 0's saved weights.
+    config = write_config(
+        tmp_path / "run.yaml",
+        model={"name_or_path": tiny_model},
+        data={"train": str(stories_file), "max_length": 48},
+        method={"name": "full"},
+        train={"max_steps": 4, "batch_size": 4, "save_steps": 4, "distributed": {"nproc_per_node": 2}},
+        registry={"name": "ddp-full", "merged": True},
+        bias_probe={"max_new_tokens": 4},
+    )
+    assert main(["run", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = result["metrics"]
+    assert result["status"] == "ok" and result["mergeable"] is True and result["aliases"] == ["champion"]
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8
+    assert metrics["merge_max_abs_diff"] <= metrics["merge_tolerance"]
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    assert result["bias_probe"]
+    predictions = mlflow.pyfunc.load_model("models:/ddp-full@champion").predict(["Once upon a time"])
+    assert len(predictions) == 1 and isinstance(predictions[0], str)
 
 
 @pytest.mark.slow

@@ -101,6 +101,9 @@ class Objective:
     Probe: `probe(model, tokenizer, suite, settings, texts, labels)` the suite's checks that apply;
     `probes_base` whether the untouched base's probe means anything; `probe_inputs(data, tokenized)` the eval
     texts and label ids some checks need.
+    Training: `token_loss` whether the model's loss divides by the Trainer's count of label tokens over the whole
+    global batch (`num_items_in_batch`, as transformers' causal LMs do); False: a mean over each batch's rows, which
+    the Trainer must neither pass that count to nor scale up by the world size and gradient accumulation.
     What a registered model's predict accepts and returns is in tasks/pyfunc_model.py: it runs where only
     adapters_impl is installed.
     """
@@ -129,6 +132,7 @@ class Objective:
     probes_base: bool = False
     probe_inputs: Callable[[DataRef, TokenizedRef], tuple[list[str] | None, list[int] | None]] = no_probe_inputs
     head_options: Callable[[list[str] | None], dict[str, Any]] = no_head_options
+    token_loss: bool = True
 
     def supports(self, method: Method) -> bool:
         return self.name not in method.unsupported

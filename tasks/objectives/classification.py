@@ -216,4 +216,5 @@ OBJECTIVE = Objective(
     uses_labels=True,
     check_comparable=check_comparable,
     probe_inputs=probe_inputs,
+    token_loss=False,  # cross entropy over the batch's rows
 )
