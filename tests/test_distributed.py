@@ -167,14 +167,13 @@ def instructions_file(tmp_path: Path) -> Path:
     return path
 
 
-# Every method but full and lora (tested above and end to end) on a task it does, so that each task trains under
-# DDP once: virtual tokens (prefix, prompt) on the pooled classifier and on the chat template, the methods that
-# add modules (adapter) or rescale (ia3), and dora's magnitude vectors.
+# Methods besides full and lora (tested above and end to end) on a task each, so that each task trains under DDP
+# once: virtual tokens (prefix, prompt) on the pooled classifier and on the chat template, and dora's magnitude
+# vectors. ia3 and the bottleneck adapter passed too (2 processes within 3% of 1) and were left out for the suite's
+# time: a torchrun launch costs ~20 s of imports on 2 cores.
 DDP_CASES = [
     ("prefix", "classification", {"name": "prefix", "num_virtual_tokens": 4}),
     ("prompt", "instruction", {"name": "prompt", "num_virtual_tokens": 4}),
-    ("ia3", "causal_lm", {"name": "ia3"}),
-    ("adapter", "classification", {"name": "adapter", "bottleneck_size": 8}),
     ("dora", "instruction", {"name": "dora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}),
 ]
 
