@@ -103,11 +103,14 @@ def expand_grid(config: RunConfig) -> list[TrialSpec]:
 
 
 def split_fitting(specs: list[TrialSpec]) -> tuple[list[TrialSpec], list[TrialResult]]:
-    """The trials whose planned peak memory fits this machine's device, and the others as `skipped` results
-    with the estimate as their reason (tasks.memory)."""
+    """The trials whose planned peak memory fits this machine's device (or that cannot be planned), and the others
+    as `skipped` results with the estimate as their reason (tasks.memory)."""
     fitting, skipped = [], []
     for spec in specs:
-        plan = preflight_plan(spec.config)
+        try:
+            plan = preflight_plan(spec.config)
+        except UserInputError:  # settings that do not fit the model: the trial fails with its own message
+            plan = None
         if plan is None or plan.fits:
             fitting.append(spec)
         else:

@@ -10,7 +10,8 @@ gradients and optimizer state follow from the parameter counts and the dtypes th
 
 Backward frees activations layer by layer as the gradients appear, so the two do not peak together; its first
 step holds a gradient of the largest saved tensor (the logits) and of its input at once: workspace = twice that
-tensor. Checked against measured peaks in tests/test_memory_plan.py.
+tensor (with checkpointing, or one layer's rebuilt activations if larger). Checked against measured peaks in
+tests/test_memory_plan.py and benchmarks/memory_plan.py.
 """
 
 from __future__ import annotations
@@ -91,11 +92,18 @@ class Profile:
     layer_weights: int  # the largest decoder layer's weights (FSDP gathers one whole layer at a time)
 
     def activations(self, rows: int, checkpointing: bool) -> int:
+        """What stays saved through the forward pass: with checkpointing, each layer's input instead of its
+        activations (rebuilt one layer at a time in backward: see `workspace`)."""
         saved = self.row_activations
         if checkpointing and self.row_layer_activations:
-            layers = self.row_layer_activations
-            saved = saved - sum(layers) + self.row_layer_inputs + max(layers)
+            saved = saved - sum(self.row_layer_activations) + self.row_layer_inputs
         return saved * rows
+
+    def workspace(self, rows: int, checkpointing: bool) -> int:
+        """Backward's transient memory: the gradients of the largest saved tensor and of its input at its start;
+        with checkpointing, later, one layer's rebuilt activations if those are larger."""
+        rebuilt = max(self.row_layer_activations, default=0) if checkpointing else 0
+        return max(2 * self.row_largest, rebuilt) * rows
 
 
 class Footprint(BaseModel):
@@ -337,7 +345,7 @@ def footprint(config: RunConfig, measured: Profile) -> Footprint:
         gradients=grads,
         optimizer=state,
         activations=measured.activations(rows, checkpointing(config)),
-        workspace=2 * measured.row_largest * rows,
+        workspace=measured.workspace(rows, checkpointing(config)),
     )
 
 

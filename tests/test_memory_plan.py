@@ -3,8 +3,6 @@ runs that cannot fit refused before anything is loaded, grid trials that cannot 
 
 from __future__ import annotations
 
-import gzip
-import json
 import shutil
 import subprocess
 import sys
@@ -13,16 +11,16 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import write_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_impl import METHODS, ApplyContext, count_parameters, get_method
+from benchmarks.memory_plan import measured_peak
 from tasks.config import RunConfig
 from tasks.grid import expand_grid, split_fitting
 from tasks.memory import Device, optimizer_state_bytes, parse_bytes, plan
 from tasks.modeling import load_base_model, load_tokenizer, resolve_model
 from tasks.objectives import tasks_of
-from tasks.training import enable_activation_checkpointing
-from tests.conftest import write_config
 
 CPU = Device("cpu", "cpu", 2**40, False)
 
@@ -61,40 +59,6 @@ def run_config(
             "grid": grid,
         }
     )
-
-
-def measured_peak(config: RunConfig) -> int:
-    """Peak bytes of live CPU tensors over two training steps of the run's model (torch.profiler's memory timeline):
-    the base loaded and the method applied as the run does, AdamW, a batch of the config's shape."""
-    from torch.profiler import ProfilerActivity, profile
-
-    source = resolve_model(config.model)
-    method = get_method(config.method.name)
-    labels = ["a", "b"] if config.task == "classification" else None
-    base = load_base_model(source, config.task, load_tokenizer(source), labels, **method.base_loading(config.method))
-    model = method.apply(base, config.method, ApplyContext(task=config.task, model_path=source.name_or_path))
-    if config.train.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    model.train()
-    rows, length = config.train.batch_size, config.data.max_length
-    ids = torch.randint(4, 8000, (rows, length))
-    labels_ = torch.randint(0, 2, (rows,)) if config.task == "classification" else ids
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        for _ in range(2):  # the second step holds the optimizer state
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels_).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    timeline = Path(f"/tmp/adaptflow-memory-{id(config)}.raw.json.gz")
-    prof.export_memory_timeline(str(timeline), device="cpu")
-    events = sorted(json.loads(gzip.decompress(timeline.read_bytes())), key=lambda event: event[0])
-    timeline.unlink()
-    live = peak = 0
-    for _, action, size, _ in events:  # sizes are negative for frees; action 3 only bumps a version
-        if action != 3:
-            live += size
-            peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize(
