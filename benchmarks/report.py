@@ -22,9 +22,10 @@ METHOD = """\
 
 `make bench` (`python -m benchmarks.run`) runs every section below, prints its tables, writes the numbers to
 `benchmarks/results.json` and regenerates this page from them (`python -m benchmarks.report` does only the
-last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid and
-memory sections; `--skip`, `--repeats` and `--methods` narrow a full run. Benchmarks measure; no test asserts
-on their numbers.
+last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid,
+grid-pruning, instruction and memory sections; `--skip`, `--repeats`, `--methods` and `--prune-seeds`,
+`--prune-dask-seeds`, `--prune-etas` narrow a full run. Sections on the team's models and data read `../shared`
+beside the checkout, or `ADAPTFLOW_BENCH_SHARED`. Benchmarks measure; no test asserts on their numbers.
 
 - **The pipeline against a plain script.** `benchmarks/plain_trainer.py` is what a user would write by hand: a
   plain HF Trainer + PEFT script. Both sides do the same work with the same seeds, so they see the same
