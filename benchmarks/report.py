@@ -171,25 +171,29 @@ def _grid_pruning(results: dict[str, Any]) -> str:
     rows = g["rows"]
     table = _table(
         ["runner", "seed", "grid", "steps (saved)", "steps / full", "wall s", "wall / full", "winner",
-         "winner eval loss", "full grid's best", "winner / full best loss", "same winner", "winner's rank in full"],
+         "winner eval loss", "full grid's best eval loss", "winner / full best loss", "same winner as full",
+         "winner's rank in full"],
         [[r["runner"], r["seed"], f"pruned, eta {r['eta']}" if r["eta"] else "full",
           f"{r['steps_total']} ({r['steps_saved']})", f"{r['steps_ratio']:.3f}", f"{r['wall_seconds']:.1f}",
-          f"{r['wall_ratio']:.2f}", r["winner"], f"{r['winner_eval_loss']:.4f}",
-          f"{r['full_best']} ({r['full_best_eval_loss']:.4f})", f"{r['loss_ratio']:.4f}",
-          "yes" if r["winner_matches"] else "**no**", r["winner_rank_in_full"]]
+          f"{r['wall_ratio']:.2f}", r["winner"], f"{r['winner_eval_loss']:.4f}", f"{r['full_best_eval_loss']:.4f}",
+          f"{r['loss_ratio']:.4f}", "yes" if r["winner_matches"] else f"**no** (full: {r['full_best']})",
+          r["winner_rank_in_full"]]
          for r in rows],
     )  # fmt: skip
     summary = [
         f"eta {eta}: the full grid's winner in {sum(r['winner_matches'] for r in pruned)} of {len(pruned)} grids "
         f"(seeds × runners), steps {min(r['steps_ratio'] for r in pruned):.1%}–{max(r['steps_ratio'] for r in pruned):.1%}"
-        f" of the full grid's, winner's loss at most {max(r['loss_ratio'] for r in pruned) - 1:+.2%} off the best"
+        f" of the full grid's, winner's loss at most {max(r['loss_ratio'] for r in pruned) - 1:+.2%} off the best; "
+        f"the winner's eval loss equals the same trial's in the full grid in "
+        f"{sum(r['winner_eval_loss'] == r['winner_eval_loss_in_full'] for r in pruned)} of {len(pruned)}"
         for eta in sorted({r["eta"] for r in rows if r["eta"]})
         for pruned in [[r for r in rows if r["eta"] == eta]]
     ]
+    note = f" {g['note']}" if g.get("note") else ""
     return (
         f"{g['model']}, {g['data']}, {g['max_steps']} steps, `grid.max_parallel` {g['max_parallel']}. Steps, eval "
         "losses and winners are deterministic (the same on every runner); wall times were measured on cores shared "
-        "with other work and are noisy, so read the wall ratios as rough.\n\n"
+        f"with other work and are noisy, so read the wall ratios as rough.{note}\n\n"
         + "".join(f"- {line}\n" for line in summary)
         + f"\n{table}"
     )

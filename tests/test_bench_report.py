@@ -102,7 +102,11 @@ def test_report_renders_present_sections_with_date_and_machine_and_leaves_out_ab
             assert heading not in sections, f"{heading} rendered without results"
     assert "3886" in sections["Training throughput and MFU"] and "0.0006" in sections["Training throughput and MFU"]
     pruning = sections["Grid pruning: successive halving vs the full grid"]
-    assert "0.278" in pruning and "**no**" in pruning and "eta 3: the full grid's winner in 0 of 1" in pruning
+    assert (
+        "0.278" in pruning
+        and "**no** (full: r16-a32-all-linear)" in pruning
+        and "eta 3: the full grid's winner in 0 of 1" in pruning
+    )
     assert "19.6" in sections["Fixed overhead of `adaptflow run deployments/demo.yaml`"]
 
 
