@@ -22,9 +22,10 @@ METHOD = """\
 
 `make bench` (`python -m benchmarks.run`) runs every section below, prints its tables, writes the numbers to
 `benchmarks/results.json` and regenerates this page from them (`python -m benchmarks.report` does only the
-last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid and
-memory sections; `--skip`, `--repeats` and `--methods` narrow a full run. Benchmarks measure; no test asserts
-on their numbers.
+last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid,
+grid-pruning, instruction and memory sections; `--skip`, `--repeats`, `--methods` and `--prune-seeds`,
+`--prune-dask-seeds`, `--prune-etas` narrow a full run. Sections on the team's models and data read `../shared`
+beside the checkout, or `ADAPTFLOW_BENCH_SHARED`. Benchmarks measure; no test asserts on their numbers.
 
 - **The pipeline against a plain script.** `benchmarks/plain_trainer.py` is what a user would write by hand: a
   plain HF Trainer + PEFT script. Both sides do the same work with the same seeds, so they see the same
@@ -55,6 +56,10 @@ What each section measures:
   (imports, model load), which no pipeline can avoid, and the imports alone in a fresh interpreter.
 - **Grid**: the 8 trials of `deployments/grid.yaml` (tokenization once) with `grid.max_parallel` 1 and 2 and
   on a 2-worker Dask LocalCluster; the eval losses should agree on every runner.
+- **Grid pruning**: `grid.prune` (successive halving) against the full grid on stories260k (when `../shared`
+  is there): 16 trials (r 2/4/8/16 × alpha 8/32 × q,v / all-linear), 90 steps, batch 8, on 400 Goodreads
+  quotes with the next 100 held out, `grid.max_parallel` 2; per runner and seed, the steps trained, wall time
+  and the winner against the full grid's. Steps and winners are deterministic; wall times are not.
 - **Memory**: `python -m benchmarks.memory`: full fine-tuning vs LoRA vs QLoRA on a ~70M-parameter Llama built
   from a config (hidden 640, 10 layers, vocab 32000), AdamW, all linear layers adapted, each method in its own
   process. Tensors = weights + gradients + optimizer state + saved activations (exact); the process peak is
@@ -161,6 +166,39 @@ def _grid(results: dict[str, Any]) -> str:
     )  # fmt: skip
 
 
+def _grid_pruning(results: dict[str, Any]) -> str:
+    g = results["grid_pruning"]
+    rows = g["rows"]
+    table = _table(
+        ["runner", "seed", "grid", "steps (saved)", "steps / full", "wall s", "wall / full", "winner",
+         "winner eval loss", "full grid's best eval loss", "winner / full best loss", "same winner as full",
+         "winner's rank in full"],
+        [[r["runner"], r["seed"], f"pruned, eta {r['eta']}" if r["eta"] else "full",
+          f"{r['steps_total']} ({r['steps_saved']})", f"{r['steps_ratio']:.3f}", f"{r['wall_seconds']:.1f}",
+          f"{r['wall_ratio']:.2f}", r["winner"], f"{r['winner_eval_loss']:.4f}", f"{r['full_best_eval_loss']:.4f}",
+          f"{r['loss_ratio']:.4f}", "yes" if r["winner_matches"] else f"**no** (full: {r['full_best']})",
+          r["winner_rank_in_full"]]
+         for r in rows],
+    )  # fmt: skip
+    summary = [
+        f"eta {eta}: the full grid's winner in {sum(r['winner_matches'] for r in pruned)} of {len(pruned)} grids "
+        f"(seeds × runners), steps {min(r['steps_ratio'] for r in pruned):.1%}–{max(r['steps_ratio'] for r in pruned):.1%}"
+        f" of the full grid's, winner's loss at most {max(r['loss_ratio'] for r in pruned) - 1:+.2%} off the best; "
+        f"the winner's eval loss equals the same trial's in the full grid in "
+        f"{sum(r['winner_eval_loss'] == r['winner_eval_loss_in_full'] for r in pruned)} of {len(pruned)}"
+        for eta in sorted({r["eta"] for r in rows if r["eta"]})
+        for pruned in [[r for r in rows if r["eta"] == eta]]
+    ]
+    note = f" {g['note']}" if g.get("note") else ""
+    return (
+        f"{g['model']}, {g['data']}, {g['max_steps']} steps, `grid.max_parallel` {g['max_parallel']}. Steps, eval "
+        "losses and winners are deterministic (the same on every runner); wall times were measured on cores shared "
+        f"with other work and are noisy, so read the wall ratios as rough.{note}\n\n"
+        + "".join(f"- {line}\n" for line in summary)
+        + f"\n{table}"
+    )
+
+
 def _memory(results: dict[str, Any]) -> str:
     m = results["memory"]
     table = _table(
@@ -209,6 +247,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("whole_run", "Whole run: `adaptflow run` vs the plain script", _whole_run),
     ("overhead", "Fixed overhead of `adaptflow run deployments/demo.yaml`", _overhead),
     ("grid", "Grid: 8 trials of `deployments/grid.yaml`", _grid),
+    ("grid_pruning", "Grid pruning: successive halving vs the full grid", _grid_pruning),
     ("instruction", "Instruction tuning: response loss, ROUGE-L, packing", _instruction),
     ("memory", "Memory: full vs LoRA vs QLoRA", _memory),
 ]

@@ -185,7 +185,8 @@ def control(model: Path, method: str, steps: int, batch: int, max_length: int, r
     }
 
 
-SHARED = ROOT.parent / "shared"
+# The team's models and data, beside the checkout (ADAPTFLOW_BENCH_SHARED elsewhere, e.g. from a git worktree).
+SHARED = Path(os.environ.get("ADAPTFLOW_BENCH_SHARED") or ROOT.parent / "shared")
 USER_STEPS, USER_BATCH, USER_MAX_LENGTH = 150, 16, 128
 
 
@@ -310,6 +311,96 @@ def grid(work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+PRUNE_STEPS, PRUNE_TRAIN_ROWS, PRUNE_EVAL_ROWS = 90, 400, 100
+
+
+def pruning_config(work: Path) -> Path:
+    """The 16-trial grid of issue 18 on stories260k: r 2/4/8/16 x alpha 8/32 x q,v / all-linear, 90 steps, on
+    the first 400 Goodreads quotes with the next 100 held out for evaluation (and ranking at the rungs)."""
+    quotes = (SHARED / "data" / "quotes" / "goodreads_quotes.jsonl").read_text().splitlines()
+    train, held_out = work / "quotes_train.jsonl", work / "quotes_eval.jsonl"
+    train.write_text("\n".join(quotes[:PRUNE_TRAIN_ROWS]) + "\n")
+    held_out.write_text("\n".join(quotes[PRUNE_TRAIN_ROWS : PRUNE_TRAIN_ROWS + PRUNE_EVAL_ROWS]) + "\n")
+    config = work / "prune.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": str(SHARED / "models" / "stories260k")},
+                "data": {"train": str(train), "eval": str(held_out), "max_length": 128},
+                "method": {"name": "lora", "dropout": 0.0},
+                "train": {"max_steps": PRUNE_STEPS, "batch_size": 8, "learning_rate": 3e-3, "logging_steps": 10},
+                "registry": {"name": "bench-prune"},
+                "bias_probe": {"suite": None},
+                "grid": {
+                    "r": [2, 4, 8, 16],
+                    "alpha": [8, 32],
+                    "target_modules": [["q_proj", "v_proj"], "all-linear"],
+                    "select": {"metric": "eval_loss", "mode": "min"},
+                    "max_parallel": 2,
+                },
+            }
+        )
+    )
+    return config
+
+
+def grid_pruning(work: Path, seeds: list[int], etas: list[int], dask_seeds: list[int]) -> dict[str, Any]:
+    """Successive halving (`grid.prune`) against the full grid, per runner and seed: steps trained, wall time
+    and whether the pruned grid picks the full grid's winner. Each grid runs in its own process and store."""
+    config = pruning_config(work)
+    rows: list[dict[str, Any]] = []
+    # Seed by seed, so that a run cut short still has both runners on the first seed.
+    for seed, runner in sorted([(s, "local") for s in seeds] + [(s, "dask") for s in dask_seeds]):
+        full: dict[str, Any] = {}
+        full_wall = 0.0
+        for eta in [None, *etas]:
+            label = f"{runner} seed {seed} " + (f"pruned eta {eta}" if eta else "full")
+            log(f"grid pruning: {label}")
+            overrides = ["--set", f"grid.runner={runner}", "--set", f"train.seed={seed}"]
+            if eta:
+                overrides += ["--set", f"grid.prune={{strategy: halving, eta: {eta}}}"]
+            result, wall = adaptflow(["grid", str(config), *overrides], work / f"prune-{runner}-{seed}-{eta}")
+            if eta is None:
+                full, full_wall = result, wall
+            # The full grid's trials by name, best first: where the pruned grid's winner stands in it.
+            full_ranking = sorted(
+                (t for t in full["trials"] if "eval_loss" in t["metrics"]), key=lambda t: t["metrics"]["eval_loss"]
+            )
+            winner = result["best"]
+            rows.append(
+                {
+                    "runner": runner,
+                    "seed": seed,
+                    "eta": eta,
+                    "trials": len(result["trials"]),
+                    "steps_total": result["steps_total"],
+                    "steps_saved": result["steps_saved"],
+                    "steps_ratio": round(result["steps_total"] / full["steps_total"], 3),
+                    "wall_seconds": round(wall, 1),
+                    "wall_ratio": round(wall / full_wall, 3),
+                    "winner": winner["name"],
+                    "winner_eval_loss": round(winner["metrics"]["eval_loss"], 6),
+                    "full_best": full["best"]["name"],
+                    "full_best_eval_loss": round(full["best"]["metrics"]["eval_loss"], 6),
+                    "loss_ratio": round(winner["metrics"]["eval_loss"] / full["best"]["metrics"]["eval_loss"], 5),
+                    "winner_matches": winner["name"] == full["best"]["name"],
+                    "winner_rank_in_full": 1 + [t["name"] for t in full_ranking].index(winner["name"]),
+                    # The same trial in the full grid: pruning resumes exactly, so these should be equal.
+                    "winner_eval_loss_in_full": next(
+                        round(t["metrics"]["eval_loss"], 6) for t in full_ranking if t["name"] == winner["name"]
+                    ),
+                }
+            )
+            log(f"grid pruning: {label}: {json.dumps(rows[-1])}")
+    return {
+        "model": "stories260k",
+        "data": f"goodreads_quotes.jsonl ({PRUNE_TRAIN_ROWS} rows train, {PRUNE_EVAL_ROWS} held out)",
+        "max_steps": PRUNE_STEPS,
+        "max_parallel": 2,
+        "rows": rows,
+    }
+
+
 def flatten_alpaca_seed(path: Path) -> Path:
     """../shared's Alpaca seed tasks as alpaca rows: one {instruction, input, output} per instance."""
     rows = [json.loads(line) for line in (SHARED / "data" / "alpaca_seed" / "seed_tasks.jsonl").open()]
@@ -421,6 +512,10 @@ def mfu(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="LoRA only, fewer steps")
@@ -429,8 +524,11 @@ def main() -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated sections to skip: throughput,whole_run,overhead,grid,instruction,memory",
+        help="comma-separated sections to skip: " + ",".join(SECTIONS),
     )
+    parser.add_argument("--prune-seeds", default="0,1,2", help="grid_pruning: train.seed values, local runner")
+    parser.add_argument("--prune-dask-seeds", default="0", help="grid_pruning: train.seed values, dask runner")
+    parser.add_argument("--prune-etas", default="3,2", help="grid_pruning: grid.prune eta values")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     import torch
@@ -463,6 +561,10 @@ def main() -> None:
             results["grid"] = grid(work)
         if "instruction" not in skip and not args.quick:
             results["instruction"] = instruction(work, args.repeats)
+        if "grid_pruning" not in skip and not args.quick and (SHARED / "models" / "stories260k").is_dir():
+            results["grid_pruning"] = grid_pruning(
+                work, int_list(args.prune_seeds), int_list(args.prune_etas), int_list(args.prune_dask_seeds)
+            )
         if "memory" not in skip and not args.quick:
             from benchmarks import memory
 
@@ -479,7 +581,7 @@ def main() -> None:
     print(json.dumps(results))
 
 
-SECTIONS = ("throughput", "whole_run", "overhead", "grid", "instruction", "memory")
+SECTIONS = ("throughput", "whole_run", "overhead", "grid", "grid_pruning", "instruction", "memory")
 # Keys that belong to a section and travel with it when a later run skips that section.
 SECTION_KEYS = {"throughput": ("throughput", "mfu", "control", "settings", "bench_model_params")}
 
@@ -549,6 +651,15 @@ def print_tables(results: dict[str, Any]) -> None:
         print("\ngrid (8 trials, deployments/grid.yaml):")
         for r in results["grid"]:
             print(f"  {r['runner']:30s} {r['wall_seconds']:7.1f} s")
+    if "grid_pruning" in results:
+        print("\ngrid pruning (16 trials, stories260k): steps and winner, pruned vs full")
+        for r in results["grid_pruning"]["rows"]:
+            print(
+                f"  {r['runner']:5s} seed {r['seed']} {'eta ' + str(r['eta']) if r['eta'] else 'full':5s} "
+                f"steps {r['steps_total']:5d} ({r['steps_ratio']:.3f}) wall {r['wall_seconds']:7.1f} s  "
+                f"winner {r['winner']} {r['winner_eval_loss']:.4f} (full best {r['full_best_eval_loss']:.4f}, "
+                f"rank {r['winner_rank_in_full']})"
+            )
     if "memory" in results:
         from benchmarks.memory import print_table
 

@@ -29,6 +29,37 @@ RESULTS = {
         }
     ],
     "mfu": {"matmul_peak_gflops": 120.5, "by_method": {"lora": 0.0006}},
+    "grid_pruning": {
+        "model": "stories260k",
+        "data": "goodreads_quotes.jsonl (400 rows train, 100 held out)",
+        "max_steps": 90,
+        "max_parallel": 2,
+        "rows": [
+            {
+                "runner": "local",
+                "seed": 0,
+                "eta": eta,
+                "trials": 16,
+                "steps_total": steps,
+                "steps_saved": 1440 - steps,
+                "steps_ratio": round(steps / 1440, 3),
+                "wall_seconds": wall,
+                "wall_ratio": round(wall / 300.0, 3),
+                "winner": winner,
+                "winner_eval_loss": loss,
+                "full_best": "r16-a32-all-linear",
+                "full_best_eval_loss": 3.1,
+                "loss_ratio": round(loss / 3.1, 5),
+                "winner_matches": winner == "r16-a32-all-linear",
+                "winner_rank_in_full": rank,
+                "winner_eval_loss_in_full": loss,
+            }
+            for eta, steps, wall, winner, loss, rank in [
+                (None, 1440, 300.0, "r16-a32-all-linear", 3.1, 1),
+                (3, 400, 120.0, "r8-a32-all-linear", 3.11, 2),
+            ]
+        ],
+    },
     "overhead": {
         "runs": [
             {
@@ -70,6 +101,12 @@ def test_report_renders_present_sections_with_date_and_machine_and_leaves_out_ab
         else:
             assert heading not in sections, f"{heading} rendered without results"
     assert "3886" in sections["Training throughput and MFU"] and "0.0006" in sections["Training throughput and MFU"]
+    pruning = sections["Grid pruning: successive halving vs the full grid"]
+    assert (
+        "0.278" in pruning
+        and "**no** (full: r16-a32-all-linear)" in pruning
+        and "eta 3: the full grid's winner in 0 of 1" in pruning
+    )
     assert "19.6" in sections["Fixed overhead of `adaptflow run deployments/demo.yaml`"]
 
 
