@@ -1,6 +1,7 @@
-"""The memory plan (tasks/memory.py) against the peak torch measures for the same training step.
+"""The memory plan (tasks/memory.py) against the peak torch measures for the same training step: `make bench`'s
+memory_plan section, on a 27M-parameter Llama built from a config.
 
-python -m benchmarks.memory_plan MODEL_FOLDER    # prints planned / measured per method
+    python -m benchmarks.memory_plan [MODEL_FOLDER]    # prints planned / measured per case
 """
 
 from __future__ import annotations
@@ -83,9 +84,40 @@ def compare(model: str, cases: list[tuple[str, bool]], batch: int = 8, length: i
     return rows
 
 
+# qlora checkpoints by default (its own setting); prefix tuning cannot.
+CASES = [("lora", False), ("lora", True), ("full", False), ("full", True), ("qlora", True), ("ia3", False),
+         ("ia3", True), ("prefix", False)]  # fmt: skip
+
+
+def build_model(folder: Path) -> int:
+    """A 27M-parameter Llama (hidden 512, 6 layers, vocab 8000) with the builtin tokenizer; its parameter count."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.modeling import builtin_model_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in builtin_model_path("tiny").iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=8000, pad_token_id=0)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(work: Path) -> dict[str, object]:
+    """The section: every case on the 27M model, batch 8 x 256 tokens."""
+    params = build_model(work / "plan-model")
+    return {"model_params": params, "rows": compare(str(work / "plan-model"), CASES)}
+
+
 if __name__ == "__main__":
-    cases = [
-        (m, c) for m in ("lora", "full", "qlora", "ia3", "prefix") for c in (False, True) if (m, c) != ("prefix", True)
-    ]
-    for row in compare(sys.argv[1], cases):
-        print(json.dumps(row))
+    if len(sys.argv) > 1:
+        for row in compare(sys.argv[1], CASES):
+            print(json.dumps(row))
+    else:
+        print(json.dumps(run(Path(tempfile.mkdtemp(prefix="adaptflow-plan-")))))

@@ -215,6 +215,22 @@ def _memory(results: dict[str, Any]) -> str:
     )
 
 
+def _memory_plan(results: dict[str, Any]) -> str:
+    m = results["memory_plan"]
+    table = _table(
+        ["method", "checkpointing", "planned MiB", "measured MiB", "planned / measured"],
+        [[r["method"], "yes" if r["gradient_checkpointing"] else "no", f"{r['planned_mib']:.1f}",
+          f"{r['measured_mib']:.1f}", f"{r['ratio']:.3f}"] for r in m["rows"]],
+    )  # fmt: skip
+    return (
+        f"`adaptflow plan`'s estimate (tasks/memory.py: a meta-device forward pass, no weights loaded) against the "
+        f"peak of live tensors torch's profiler records (`export_memory_timeline`) over two AdamW steps of the "
+        f"same model and batch on the CPU: a {m['model_params'] / 1e6:.0f}M-parameter Llama, batch 8 × 256 tokens, "
+        f"fp32 (`benchmarks/memory_plan.py`). Memory does not depend on the machine's load. On a GPU the plan uses "
+        f"bf16 activations and the free device memory; that was not measured (no GPU was lent).\n\n{table}"
+    )
+
+
 def _instruction(results: dict[str, Any]) -> str:
     i = results["instruction"]
     runs = _table(
@@ -250,6 +266,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("grid_pruning", "Grid pruning: successive halving vs the full grid", _grid_pruning),
     ("instruction", "Instruction tuning: response loss, ROUGE-L, packing", _instruction),
     ("memory", "Memory: full vs LoRA vs QLoRA", _memory),
+    ("memory_plan", "Memory plan vs measured peak", _memory_plan),
 ]
 
 

@@ -565,6 +565,11 @@ def main() -> None:
             results["grid_pruning"] = grid_pruning(
                 work, int_list(args.prune_seeds), int_list(args.prune_etas), int_list(args.prune_dask_seeds)
             )
+        if "memory_plan" not in skip and not args.quick:
+            from benchmarks import memory_plan
+
+            log("memory_plan: the plan against the measured peak on a 27M-parameter Llama")
+            results["memory_plan"] = memory_plan.run(work)
         if "memory" not in skip and not args.quick:
             from benchmarks import memory
 
@@ -581,7 +586,7 @@ def main() -> None:
     print(json.dumps(results))
 
 
-SECTIONS = ("throughput", "whole_run", "overhead", "grid", "grid_pruning", "instruction", "memory")
+SECTIONS = ("throughput", "whole_run", "overhead", "grid", "grid_pruning", "instruction", "memory", "memory_plan")
 # Keys that belong to a section and travel with it when a later run skips that section.
 SECTION_KEYS = {"throughput": ("throughput", "mfu", "control", "settings", "bench_model_params")}
 
@@ -659,6 +664,13 @@ def print_tables(results: dict[str, Any]) -> None:
                 f"steps {r['steps_total']:5d} ({r['steps_ratio']:.3f}) wall {r['wall_seconds']:7.1f} s  "
                 f"winner {r['winner']} {r['winner_eval_loss']:.4f} (full best {r['full_best_eval_loss']:.4f}, "
                 f"rank {r['winner_rank_in_full']})"
+            )
+    if "memory_plan" in results:
+        print("\nmemory plan vs measured peak (27M Llama, batch 8 x 256):")
+        for r in results["memory_plan"]["rows"]:
+            print(
+                f"  {r['method']:6s} checkpointing {r['gradient_checkpointing']!s:5s} planned "
+                f"{r['planned_mib']:7.1f} MiB measured {r['measured_mib']:7.1f} MiB ratio {r['ratio']:.3f}"
             )
     if "memory" in results:
         from benchmarks.memory import print_table
