@@ -73,7 +73,8 @@ def test_the_planned_peak_is_within_25_percent_of_the_measured_one(
     )
     planned = plan(config, CPU)
     measured = measured_peak(config)
-    assert planned.footprint.activations > planned.footprint.weights  # the activations are measured, not noise
+    # The batch's part (activations and backward's workspace) outweighs the weights: it is what the pass measures.
+    assert planned.footprint.activations + planned.footprint.workspace > planned.footprint.weights
     assert 0.75 <= planned.peak_bytes / measured <= 1.25, (planned.describe(), measured)
 
 
