@@ -31,7 +31,7 @@ from torch import nn
 
 from adapters_impl import get_method
 from adapters_impl.base import ApplyContext, MethodSettingsError
-from tasks.config import RunConfig
+from tasks.config import RunConfig, apply_overrides, validate_config
 from tasks.errors import UserInputError
 from tasks.modeling import ModelSource, base_load_dtype, compute_dtype, resolve_model
 
@@ -381,15 +381,14 @@ def _assess(config: RunConfig, measured: Profile, device: Device) -> MemoryPlan:
     )
 
 
+def _as_set(overrides: dict[str, Any]) -> list[str]:
+    """Overrides as the `--set KEY=VALUE` items a user would type."""
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
+
 def _with(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """The config with dotted-key overrides applied (validated as a user's --set would be)."""
-    data = config.model_dump()
-    for key, value in overrides.items():
-        section, field = key.split(".", 1)
-        if section == "method" and field == "name":
-            data["method"] = {k: v for k, v in data["method"].items() if k in get_method(value).settings.model_fields}
-        data[section][field] = value
-    return RunConfig.model_validate(data)
+    """The config with the overrides applied and validated exactly as the user's `--set` would be."""
+    return validate_config(apply_overrides(config.model_dump(mode="json"), _as_set(overrides)), "memory plan")
 
 
 def _alternatives(config: RunConfig) -> list[list[dict[str, Any]]]:
@@ -442,10 +441,10 @@ def plan(config: RunConfig, device: Device | None = None, suggest: int = 3) -> M
         for overrides in group:
             try:
                 candidate = _with(config, overrides)
-            except ValueError:  # e.g. a method that does not do this task
+            except UserInputError:  # e.g. a method that does not do this task
                 break
             if assess(candidate).fits:
-                found.append([f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()])
+                found.append(_as_set(overrides))
                 break
         if len(found) == suggest:
             break

@@ -3,20 +3,17 @@ runs that cannot fit refused before anything is loaded, grid trials that cannot 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from conftest import write_config
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_impl import METHODS, ApplyContext, count_parameters, get_method
-from benchmarks.memory_plan import measured_peak
-from tasks.config import RunConfig
+from benchmarks.memory_plan import build_model, measured_peak
+from tasks.config import RunConfig, apply_overrides, validate_config
 from tasks.grid import expand_grid, split_fitting
 from tasks.memory import Device, optimizer_state_bytes, parse_bytes, plan
 from tasks.modeling import load_base_model, load_tokenizer, resolve_model
@@ -26,23 +23,10 @@ CPU = Device("cpu", "cpu", 2**40, False)
 
 
 @pytest.fixture(scope="module")
-def llama30m(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 27M-parameter Llama (hidden 512, 6 layers, vocab 8000) with the tiny model's tokenizer."""
+def llama30m(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The benchmark's 27M-parameter Llama (hidden 512, 6 layers, vocab 8000) with the tiny model's tokenizer."""
     folder = tmp_path_factory.mktemp("llama30m")
-    for file in Path(tiny_model).iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(file, folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=8000,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    build_model(folder)
     return str(folder)
 
 
@@ -101,12 +85,8 @@ def test_a_run_too_big_for_the_device_gets_settings_that_fit(tiny_model: str) ->
     assert not planned.fits and planned.peak_bytes > 0.9 * small.free
     assert planned.suggestions and planned.suggestions[0][0].startswith("train.batch_size=")
     for option in planned.suggestions:  # each suggestion is a set of --set overrides that plans within the memory
-        overrides = dict(item.split("=", 1) for item in option)
-        data = config.model_dump()
-        for key, value in overrides.items():
-            section, field = key.split(".", 1)
-            data[section][field] = {"true": True}.get(value, value)
-        assert plan(RunConfig.model_validate(data), small, suggest=0).fits, option
+        suggested = validate_config(apply_overrides(config.model_dump(mode="json"), option))
+        assert plan(suggested, small, suggest=0).fits, option
 
 
 def test_optimizer_state_by_name() -> None:
