@@ -22,15 +22,17 @@ import torch
 from conftest import SAMPLES, write_config
 from mlflow.tracking import MlflowClient
 
+from adapters_impl import METHODS
 from flows.cli import main
-from tasks.adapting import apply_method
+from tasks.adapting import apply_method, take
 from tasks.config import DistributedSettings, ModelSettings, TrainSettings, validate_config
 from tasks.distributed import check_device, launch_command, train_distributed
 from tasks.errors import RunFailed, UserInputError
 from tasks.evaluation import evaluate_model
 from tasks.load import load_data
-from tasks.modeling import resolve_model
-from tasks.tokenization import tokenize_dataset
+from tasks.modeling import load_tokenizer, resolve_model
+from tasks.objectives import tasks_of
+from tasks.tokenization import make_collator, tokenize_dataset
 from tasks.tracking import RunRef
 from tasks.training import train_model
 
@@ -66,6 +68,32 @@ def test_the_launcher_runs_one_node_standalone_and_nodes_at_a_static_rendezvous(
     assert [a for a in many if a.startswith("--rdzv_id")] == [a for a in node0 if a.startswith("--rdzv_id")]
     assert {"--nnodes=2", "--node_rank=1", "--rdzv_backend=static", "--rdzv_endpoint=10.0.0.1:29400"} <= set(many)
     assert "--standalone" not in many
+
+
+SAMPLE_OF_TASK = {"causal_lm": "stories", "classification": "reviews", "instruction": "instructions"}
+
+
+@pytest.mark.parametrize(("name", "task"), [(n, t) for n, m in METHODS.items() for t in tasks_of(m) if n != "qlora"])
+def test_every_trainable_parameter_gets_a_gradient(name: str, task: str, tiny_model: str, tmp_path: Path) -> None:
+    """What lets DDP skip its per-step search for parameters without a gradient (find_unused_parameters off):
+    one step of every method x task reaches all of its trainable parameters. (QLoRA trains LoRA's.)"""
+    lines = (SAMPLES / f"sample_{SAMPLE_OF_TASK[task]}.jsonl").read_text().splitlines()[:8]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    config = validate_config(
+        {"task": task, "data": {"train": str(tmp_path / "rows.jsonl"), "max_length": 32}, "method": {"name": name}}
+    )
+    source = resolve_model(ModelSettings(name_or_path=tiny_model))
+    data = load_data(config.data, task, tmp_path / "d")
+    tokenized = tokenize_dataset(data, source, task, 32, tmp_path / "t", config.task_options())
+    adapted = apply_method(source, config.method, task, tokenized, str(tmp_path / "run"), 0)
+    model = take(adapted.adapter_dir)
+    assert model is not None
+    train, _ = tokenized.splits()
+    batch = make_collator(load_tokenizer(source), task)([train[i] for i in range(4)])
+    model.train()
+    model(**batch).loss.backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs on GPUs")
