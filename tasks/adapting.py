@@ -11,10 +11,14 @@ from pydantic import BaseModel
 from torch import nn
 from transformers import PreTrainedModel, set_seed
 
-from adapters_impl import METHODS, ApplyContext, MethodSettings, MethodSettingsError, count_parameters, get_method
+from adapters_impl import ApplyContext, MethodSettings, MethodSettingsError, count_parameters, get_method
 from tasks.errors import UserInputError
 from tasks.modeling import ModelSource, base_load_dtype, load_base_model, load_tokenizer, upcast_trainable
+from tasks.objectives import get_objective
 from tasks.tokenization import TokenizedRef
+
+# Written instead of weights into the untrained adapter's folder of a whole-model method that initialised nothing.
+INIT_IS_BASE = "init-is-base"
 
 
 class LiveModel:
@@ -111,20 +115,12 @@ def apply_method(
     parameter counts. The returned source carries the added tokens: every later load adds the same.
 
     Raises:
-        UserInputError: the settings do not fit this model (e.g. an unknown target module); the chat template
-            added tokens and the method cannot train new embedding rows (names instruction.template).
+        UserInputError: the settings do not fit this model (e.g. an unknown target module).
     """
     from tasks.instruction import resize_for_tokens
 
     method = get_method(settings.name)
     source = tokenized.model_source(source)
-    if source.added_tokens and not method.trains_new_tokens:
-        able = ", ".join(n for n, m in METHODS.items() if m.trains_new_tokens)
-        raise UserInputError(
-            f"instruction.template: the template adds the tokens {source.added_tokens}, which the tokenizer of "
-            f"model.name_or_path lacks, and method {settings.name} cannot train new token embeddings; use method "
-            f"{able}, or instruction.template plain, tokenizer or a .jinja file written with the tokenizer's tokens"
-        )
     set_seed(seed)
     tokenizer = load_tokenizer(source)
     loading = method.base_loading(settings)
@@ -140,7 +136,13 @@ def apply_method(
     upcast_trainable(model)
     trainable, total = count_parameters(model)
     folder = Path(run_dir) / "adapter-init"
-    method.save(model, folder)
+    if method.whole_model and not source.added_tokens and not get_objective(task).head_options(tokenized.label_names):
+        # Nothing was initialised (no new head, no new rows): the untrained model is the base as loaded, and a
+        # second copy of the whole base (28 GB at 7B in fp32) would be written for nothing.
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / INIT_IS_BASE).write_text(f"{source.display_name}\n")
+    else:
+        method.save(model, folder)
     remember(folder, model)
     return AdaptedRef(
         source=source,
@@ -165,6 +167,8 @@ def load_adapted(adapted: AdaptedRef, folder: str | Path, trainable: bool = Fals
     tokenizer = load_tokenizer(adapted.source)
     loading = {"dtype": getattr(torch, adapted.base_dtype), **method.base_loading(settings)}
     base = load_base_model(adapted.source, adapted.task, tokenizer, adapted.label_names, **loading)
+    if (Path(folder) / INIT_IS_BASE).is_file():  # a whole-model method's untrained model: the base itself
+        return upcast_trainable(base.requires_grad_(trainable))
     return upcast_trainable(method.load(base, Path(folder), trainable))
 
 

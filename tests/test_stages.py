@@ -189,3 +189,27 @@ def test_a_folder_saved_again_is_loaded_from_disk_not_from_the_stale_live_model(
     name = next(n for n, _ in fresh.named_parameters() if "lora_A" in n)
     assert torch.equal(dict(loaded.named_parameters())[name], dict(fresh.named_parameters())[name])
     assert not torch.equal(dict(stale.named_parameters())[name], dict(fresh.named_parameters())[name])
+
+
+def test_full_fine_tuning_writes_no_copy_of_the_base_before_training(
+    source, stories_file: Path, reviews_file: Path, tmp_path: Path
+) -> None:
+    """Causal LM: the untrained full model is the base as loaded, so no weights are written; another process
+    (a DDP rank, a grid worker) loads the base in its place. A classification head is new: it is saved."""
+    from adapters_impl.full import FullSettings
+
+    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
+    adapted = apply_method(source, FullSettings(), "causal_lm", ref, str(tmp_path / "run"), 0)
+    assert [p.name for p in Path(adapted.adapter_dir).iterdir()] == ["init-is-base"]
+    forget()  # as in another process: nothing live
+    loaded = load_adapted(adapted, adapted.adapter_dir, trainable=True)
+    base = load_base_model(source, "causal_lm", load_tokenizer(source))
+    assert all(p.requires_grad for p in loaded.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), base.state_dict().values(), strict=True))
+
+    reviews = load_data(DataSettings(train=str(reviews_file)), "classification", tmp_path / "rd")
+    classes = tokenize_dataset(reviews, source, "classification", 24, tmp_path / "rt")
+    head = apply_method(source, FullSettings(), "classification", classes, str(tmp_path / "cls"), 0)
+    assert (Path(head.adapter_dir) / "model.safetensors").is_file()
+    forget()
