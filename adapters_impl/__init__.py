@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from adapters_impl import adapter, dora, full, head, ia3, lora, prefix, prompt, qlora
+from adapters_impl._token_rows import with_token_rows
 from adapters_impl.base import ApplyContext, Method, MethodSettings, MethodSettingsError, TaskName, count_parameters
 
+# Methods that cannot train the embedding rows of tokens a chat template added get adaptflow's own (_token_rows).
 METHODS: dict[str, Method] = {
-    m.name: m
+    m.name: m if m.trains_new_tokens else with_token_rows(m)
     for m in (
         full.METHOD,
         head.METHOD,

@@ -72,7 +72,7 @@ class Method:
     `whole_model`: the saved weights are the whole model (the base itself trains): a version stores them and needs
     no base; every other method's version stores its own weights and a pinned reference to the base.
     `trains_new_tokens`: the method trains the embedding rows of tokens a chat template added
-    (`ApplyContext.new_token_rows`); the others are refused such a template.
+    (`ApplyContext.new_token_rows`) itself; the registry gives the others adaptflow's (`_token_rows`).
     """
 
     name: str
