@@ -41,6 +41,7 @@ Packing and loss
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,10 +305,21 @@ def _end_of_turn(tokenizer: PreTrainedTokenizerBase, name: str, source: str) -> 
     return after[0]
 
 
+# Role markers as chat templates write them: <|im_start|>, <|eot_id|>, <|user|>, <|end|>...
+MARKER_TOKEN = re.compile(r"<\|[A-Za-z0-9_.:-]{1,48}\|>")
+
+
+def marker_tokens_missing(tokenizer: PreTrainedTokenizerBase, source: str) -> tuple[str, ...]:
+    """The `<|...|>` markers a template's text uses that the tokenizer has no token for, in order of use."""
+    vocabulary = tokenizer.get_vocab()
+    return tuple(t for t in dict.fromkeys(MARKER_TOKEN.findall(source)) if t not in vocabulary)
+
+
 def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSettings) -> ChatTemplate:
     """The template `settings.template` names, checked against this tokenizer.
 
-    `chatml` adds its two tokens to the tokenizer as special tokens (see `resize_for_tokens`).
+    `chatml`, and a `.jinja` file whose `<|...|>` markers the tokenizer lacks, add those tokens to the tokenizer
+    as special tokens (see `resize_for_tokens`): one token each, trained as new rows, as TRL and Axolotl do.
 
     Raises:
         UserInputError: naming instruction.template (missing file, template that cannot render, no end of turn)
@@ -337,7 +349,8 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSe
             source = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise UserInputError(f"instruction.template: cannot read {path}: {exc}") from None
-        name, added = f"file:{path.name}", ()
+        name, added = f"file:{path.name}", marker_tokens_missing(tokenizer, source)
+        tokenizer.add_tokens(list(added), special_tokens=True)
     return ChatTemplate(name=name, source=source, end_of_turn=_end_of_turn(tokenizer, name, source), added_tokens=added)
 
 

@@ -255,6 +255,15 @@ def test_jinja_file_template(tiny_tok: PreTrainedTokenizerBase, tmp_path: Path) 
     assert template.name == "file:mine.jinja" and template.end_of_turn == "</s>"
     with pytest.raises(UserInputError, match=r"instruction\.template: cannot read"):
         _template(tiny_tok, str(tmp_path / "missing.jinja"))
+    assert template.added_tokens == ()  # its markers are text the tokenizer already splits: none added
+    path.write_text(
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    fresh = AutoTokenizer.from_pretrained(tiny_tok.name_or_path)  # this one gains tokens
+    template = _template(fresh, str(path))
+    assert template.added_tokens == ("<|end|>", "<|assistant|>") and template.end_of_turn == "<|end|>"
+    assert len(fresh) == len(tiny_tok) + 2 and fresh.tokenize("<|end|>") == ["<|end|>"]  # one token each
     path.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")  # nothing ends a response
     with pytest.raises(UserInputError, match=r"instruction\.template: .* writes nothing after a response"):
         _template(tiny_tok, str(path))
