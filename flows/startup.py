@@ -35,17 +35,18 @@ if TYPE_CHECKING:
 PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
-class QuietInputErrors(logging.Filter):
-    """Prefect logs a task's or flow's exception with its traceback at ERROR; for a UserInputError that reads as
-    a crash before the one clean message the session prints. Such records become DEBUG: shown (traceback and all)
-    only when Prefect's run loggers are at DEBUG (PREFECT_LOGGING_LEVEL=DEBUG), else dropped."""
+class QuietExplainedErrors(logging.Filter):
+    """Prefect logs a task's or flow's exception with its traceback at ERROR; for a UserInputError or a RunFailed
+    (a grid whose trials all failed, a diverged loss) that reads as a crash before the one clean message the
+    session prints. Such records become DEBUG: shown (traceback and all) only when Prefect's run loggers are at
+    DEBUG (PREFECT_LOGGING_LEVEL=DEBUG), else dropped."""
 
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__()
         self.logger = logger
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
+        if record.exc_info and isinstance(record.exc_info[1], UserInputError | RunFailed):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return self.logger.isEnabledFor(logging.DEBUG)
         return True
@@ -126,5 +127,5 @@ def _configure_logging() -> None:
     logging.getLogger("adaptflow").setLevel(logging.INFO)
     for name in PREFECT_RUN_LOGGERS:  # logging.config (Prefect's setup) keeps a logger's filters
         logger = logging.getLogger(name)
-        if not any(isinstance(f, QuietInputErrors) for f in logger.filters):  # once per process
-            logger.addFilter(QuietInputErrors(logger))
+        if not any(isinstance(f, QuietExplainedErrors) for f in logger.filters):  # once per process
+            logger.addFilter(QuietExplainedErrors(logger))
