@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/adaptflow demo
 
+# One worker per core (xdist): the end-to-end tests wait on servers and subprocesses much of their time.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -11,6 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, theirs and their CLIs'
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 _SESSION = Path(tempfile.mkdtemp(prefix="adaptflow-tests-"))
 # Set before Prefect is imported anywhere: a private temporary server and result store, no telemetry.
 os.environ["PREFECT_HOME"] = str(_SESSION / "prefect")
