@@ -11,7 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, theirs and their CLIs'
+# `make test` runs one xdist worker per core: one torch thread each, in the worker and in the CLIs it starts.
+if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 _SESSION = Path(tempfile.mkdtemp(prefix="adaptflow-tests-"))
 # Set before Prefect is imported anywhere: a private temporary server and result store, no telemetry.
