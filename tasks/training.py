@@ -273,11 +273,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> TrainingArguments:
+def training_arguments(
+    settings: TrainSettings, checkpoint_dir: Path, model: nn.Module | None = None
+) -> TrainingArguments:
     """TrainingArguments for our settings; fp32 on CPU (see training_dtype). Under torchrun (WORLD_SIZE > 1)
     the Trainer wraps the model in DDP or FSDP (see distributed_arguments)."""
     dtype = training_dtype(settings.precision)
-    distributed = distributed_arguments(settings) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+    distributed = distributed_arguments(settings, model) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
     max_steps = settings.max_steps or -1
     warmup = int(settings.warmup_ratio * settings.max_steps) if settings.max_steps else 0
     optional: dict[str, Any] = {"optim": settings.optim} if settings.optim else {}  # unset: HF's default
@@ -312,14 +314,25 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path) -> Trainin
     )
 
 
-def distributed_arguments(settings: TrainSettings) -> dict[str, Any]:
+# Config keys of mixture-of-experts models (Mixtral, Qwen-MoE, DeepSeek...): experts the router skips in a step
+# get no gradient there.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def routes_to_experts(model: nn.Module | None) -> bool:
+    config = getattr(model, "config", None)
+    return any(getattr(config, key, None) for key in EXPERT_COUNT_KEYS)
+
+
+def distributed_arguments(settings: TrainSettings, model: nn.Module | None = None) -> dict[str, Any]:
     """The Trainer's DDP / FSDP arguments for `train.distributed`: gloo on CPU, NCCL on GPUs."""
     assert settings.distributed is not None
     arguments: dict[str, Any] = {
         "ddp_backend": "nccl" if torch.cuda.is_available() else "gloo",
         # Every method x task gives every trainable parameter a gradient in every step (checked for all of them
-        # on one batch), so DDP need not walk the autograd graph each step looking for parameters without one.
-        "ddp_find_unused_parameters": False,
+        # on one batch), so DDP need not walk the autograd graph each step looking for parameters without one;
+        # a mixture of experts does leave the experts its router skipped without one, so it searches.
+        "ddp_find_unused_parameters": routes_to_experts(model),
     }
     if settings.distributed.strategy == "fsdp":
         from tasks.distributed import fsdp_arguments
@@ -433,7 +446,7 @@ def train_loaded(
         trainer = MethodTrainer(
             model=model,
             save_method=method.save,
-            args=training_arguments(settings, checkpoints),
+            args=training_arguments(settings, checkpoints, model),
             train_dataset=train_split,
             data_collator=make_collator(tokenizer, tokenized.task, settings.packing),
             # Rank 0 alone tracks; a grid's rung stops at its step with a checkpoint to continue from.

@@ -34,7 +34,7 @@ from tasks.modeling import load_tokenizer, resolve_model
 from tasks.objectives import tasks_of
 from tasks.tokenization import make_collator, tokenize_dataset
 from tasks.tracking import RunRef
-from tasks.training import train_model
+from tasks.training import distributed_arguments, train_model
 
 
 @pytest.mark.parametrize(
@@ -94,6 +94,19 @@ def test_every_trainable_parameter_gets_a_gradient(name: str, task: str, tiny_mo
     model(**batch).loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_ddp_searches_for_parameters_without_a_gradient_only_in_a_mixture_of_experts(tiny_model: str) -> None:
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    settings = TrainSettings(distributed=DistributedSettings(nproc_per_node=2))
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model)
+    experts = MixtralForCausalLM(
+        MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, num_local_experts=4, num_experts_per_tok=1)
+    )  # fmt: skip
+    assert distributed_arguments(settings, llama)["ddp_find_unused_parameters"] is False
+    assert distributed_arguments(settings, experts)["ddp_find_unused_parameters"] is True
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs on GPUs")
