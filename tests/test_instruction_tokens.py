@@ -63,6 +63,16 @@ def _rows(model: nn.Module, ids: list[int]) -> torch.Tensor:
     return model.get_input_embeddings()(torch.tensor(ids)).detach().clone()  # type: ignore[operator]
 
 
+def _train(model: nn.Module, batch: dict[str, torch.Tensor], steps: int = 4) -> None:
+    """A few AdamW steps on one batch: enough to move every trainable row."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 @torch.no_grad()
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
@@ -94,12 +104,7 @@ def test_chatml_rows_are_added_trained_saved_and_loaded_once(
     new_before, old_before = _rows(model, new), _rows(model, old)
 
     batch = _batch(source, tokenized)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(4):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    _train(model, batch)
     assert not torch.allclose(_rows(model, new), new_before), "the new rows did not train"
     if name != "full":
         assert torch.equal(_rows(model, old), old_before), "only the added rows train, not the others"
@@ -269,12 +274,7 @@ def test_an_untied_output_layer_trains_its_own_new_rows(
     }
     output_before = rows["new_token_rows.output_rows"].detach().clone()
     batch = _batch(source, tokenized)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(4):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    _train(model, batch)
     assert not torch.allclose(rows["new_token_rows.output_rows"], output_before), "the output rows did not train"
     trained = _logits(model, batch)
     get_method("ia3").save(model, tmp_path / "adapter")
