@@ -30,7 +30,9 @@ def _emit(result: dict[str, Any], args: argparse.Namespace, human: Callable[[dic
     return result
 
 
-def _run_config(config_path: str, overrides: list[str], resume: bool = False) -> dict[str, Any]:
+def _run_config(
+    config_path: str, overrides: list[str], resume: bool = False, allow_changed: bool = False
+) -> dict[str, Any]:
     from flows.finetune import run_method_flow
     from flows.pipeline import finished, preflight
     from tasks.config import load_config
@@ -39,7 +41,7 @@ def _run_config(config_path: str, overrides: list[str], resume: bool = False) ->
     preflight(config)
     connect(config.tracking, while_waiting=[_import_plotting])
     try:
-        return run_method_flow(config, resume).model_dump()
+        return run_method_flow(config, resume, allow_changed).model_dump()
     except Exception as exc:
         if not finished:
             raise
@@ -100,7 +102,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
         config = config.model_copy(update={"grid": GridSettings()})
     preflight(config)
     connect(config.tracking, while_waiting=[_import_plotting])
-    result = lora_grid(config, args.resume).model_dump()
+    result = lora_grid(config, args.resume, _allow_changed(args)).model_dump()
 
     def human(r: dict[str, Any]) -> None:
         print(
@@ -129,8 +131,15 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
     return _emit(result, args, human)
 
 
+def _allow_changed(args: argparse.Namespace) -> bool:
+    """--allow-changed qualifies --resume alone."""
+    if args.allow_changed and not args.resume:
+        raise UserInputError("--allow-changed: only with --resume (it lets a resumed run continue on changed data)")
+    return bool(args.allow_changed)
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    return _emit(_run_config(args.config, args.set, args.resume), args, _print_run)
+    return _emit(_run_config(args.config, args.set, args.resume, _allow_changed(args)), args, _print_run)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -331,6 +340,12 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
     return _emit({"command": "methods", "methods": listing, "tasks": objectives}, args, human)
 
 
+ALLOW_CHANGED_HELP = (
+    "with --resume: continue although the data, the base's weights or a template file changed since the run "
+    "started (refused otherwise; the version records both)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,10 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config file")
     run.add_argument("--set", **overrides)  # type: ignore[arg-type]
     run.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
+    run.add_argument("--allow-changed", action="store_true", help=ALLOW_CHANGED_HELP)
     grid = add("grid", cmd_grid, "the comparison grid, then register and promote the best", runs_flows=True)
     grid.add_argument("config", help="YAML config file (its grid section; defaults when absent)")
     grid.add_argument("--set", **overrides)  # type: ignore[arg-type]
     grid.add_argument("--resume", action="store_true", help="continue the newest unfinished grid of this config")
+    grid.add_argument("--allow-changed", action="store_true", help=ALLOW_CHANGED_HELP)
     plan = add("plan", cmd_plan, "estimate the run's peak memory (and each grid trial's) before training")
     plan.add_argument("config", help="YAML config file")
     plan.add_argument("--set", **overrides)  # type: ignore[arg-type]

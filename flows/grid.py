@@ -32,6 +32,7 @@ from tasks.grid import (
     steps_saved,
     survivors,
 )
+from tasks.identity import run_identity
 from tasks.modeling import ModelSource
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef
@@ -206,7 +207,7 @@ def run_trials(
 
 
 @flow(name="lora_grid", log_prints=True)
-def lora_grid(config: RunConfig, resume: bool = False) -> GridResult:
+def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = False) -> GridResult:
     """Compare LoRA-family settings over rank x alpha x target modules; register the best, promote if it wins.
 
     The best trial is bias-probed before registration; a failed gate keeps it out of @champion. With `resume`,
@@ -218,6 +219,7 @@ def lora_grid(config: RunConfig, resume: bool = False) -> GridResult:
     source = stages.resolve_model(config.model)
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
+        changed = stages.record_identity(parent, run_identity(config, data, source), allow_changed)
         tokenized = stages.tokenize_dataset(
             data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
         )
@@ -240,7 +242,7 @@ def lora_grid(config: RunConfig, resume: bool = False) -> GridResult:
             tracking_uri=parent.tracking_uri,
             run_dir=best.run_dir,
         )
-        lineage = {"grid_parent_run_id": parent.run_id, "grid_trial": str(best.index)}
+        lineage = {"grid_parent_run_id": parent.run_id, "grid_trial": str(best.index), **changed}
         lineage |= {f"param.{k}": str(v) for k, v in best.params.items()}
         best_config = specs[best.index].config
         metrics = {**best.metrics, **base_metrics}

@@ -17,13 +17,14 @@ from flows.promote import finish_pending
 from tasks.adapting import forget as forget_live_model
 from tasks.config import RunConfig
 from tasks.errors import UserInputError, disk_error, disk_failure
+from tasks.identity import run_identity
 from tasks.load import DataRef
 from tasks.modeling import ModelSource
 from tasks.probe import ProbeReport
 from tasks.promotion import Decision, gate_tags, recorded_gate
 from tasks.registry import RegisteredRef
 from tasks.tokenization import TokenizedRef
-from tasks.tracking import RunRef
+from tasks.tracking import ResumeChanged, RunRef, restore_status
 from tasks.training import TrainedRef
 
 
@@ -60,6 +61,10 @@ def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = F
     run = stages.start_run(config, run_name, None, resume)
     try:
         yield run
+    except ResumeChanged:
+        forget_live_model()
+        restore_status(run)  # a refused resume changes nothing: the run stays as it was found
+        raise
     except BaseException as exc:
         forget_live_model()
         # Not an Exception: KeyboardInterrupt, or Prefect's TerminationSignal for a SIGTERM inside a flow.
@@ -162,10 +167,11 @@ def finish(
     return Finished(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
 
 
-def finetune(config: RunConfig, resume: bool = False) -> RunResult:
+def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = False) -> RunResult:
     """Run the pipeline for one configured method; the method flows are thin, typed entries into this.
 
-    With `resume`, the newest unfinished run of this config continues from its last checkpoint.
+    With `resume`, the newest unfinished run of this config continues from its last checkpoint, provided its data,
+    base and objective files are the ones it started on (or `allow_changed`).
     """
     finished.clear()
     distributed = config.train.distributed
@@ -178,6 +184,7 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
     source = stages.resolve_model(config.model)
     with tracked_run(config, resume=resume) as run:
         data = stages.load_data(config.data, config.task, cache_dir / "data")
+        lineage = stages.record_identity(run, run_identity(config, data, source), allow_changed)
         tokenized = stages.tokenize_dataset(
             data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
         )
@@ -187,7 +194,7 @@ def finetune(config: RunConfig, resume: bool = False) -> RunResult:
         )
         trained = stages.train_model(adapted, tokenized, config.train, run)
         tuned_metrics = stages.evaluate_model(trained, tokenized, run, eval_batch)
-        done = finish(config, source, data, tokenized, run, trained, {**tuned_metrics, **base_metrics})
+        done = finish(config, source, data, tokenized, run, trained, {**tuned_metrics, **base_metrics}, lineage)
     warnings = []
     if done.registered.existing:
         warnings.append(

@@ -170,3 +170,4 @@ log_params = task(name="log-params", cache_policy=NO_CACHE)(tracking.log_params)
 
 
 end_run = task(name="end-run", cache_policy=NO_CACHE)(tracking.end_run)
+record_identity = task(name="record-identity", cache_policy=NO_CACHE)(tracking.record_identity)

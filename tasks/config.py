@@ -185,6 +185,17 @@ class InstructionDataSettings(Section):
         unknown = sorted(set(value) - set(CANONICAL))
         if unknown:
             raise ValueError(f"unknown column(s) {unknown}; the formats' columns are {CANONICAL}")
+        for fmt in REQUIRED:  # two of a format's columns read from one file column: every target = its prompt
+            readers: dict[str, list[str]] = {}
+            for canonical in (*REQUIRED[fmt], *OPTIONAL.get(fmt, ())):
+                readers.setdefault(value.get(canonical, canonical), []).append(canonical)
+            shared = {column: names for column, names in readers.items() if len(names) > 1}
+            if shared:
+                column, names = next(iter(shared.items()))
+                raise ValueError(
+                    f"data.columns: {' and '.join(names)} would both read the file's column {column!r} (format {fmt}); "
+                    "map each to a column of its own"
+                )
         return value
 
     @field_validator("role_map")
@@ -319,6 +330,20 @@ class TrainSettings(Section):
 class TrackingSettings(Section):
     uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI, else the embedded SQLite store")
     experiment: str = "adaptflow"
+
+
+# What every run reports besides its objective's metrics (`Objective.metric_names`): training's measurements
+# (TrainedRef.metrics) and evaluation's time, which grid trials report too, then the merge checks of registration.
+TRAINING_METRICS = (
+    "trainable_params",
+    "total_params",
+    "train_seconds",
+    "train_tokens_per_second",
+    "checkpoint_seconds",
+    "peak_memory_mb",
+    "eval_seconds",
+)
+MERGE_METRICS = ("merge_max_abs_diff", "merge_tolerance", "merged_eval_loss", "merge_eval_loss_gap")
 
 
 class PromoteSettings(Section):
@@ -475,7 +500,7 @@ class RunConfig(Section):
             raise ValueError(
                 f"method.name: '{method.name}' cannot do task '{self.task}': {method.unsupported[self.task]}"
             )
-        problem = self._task_settings_problem()
+        problem = self._task_settings_problem() or self._metric_problem()
         if problem:
             raise ValueError(problem)
         distributed = self.train.distributed
@@ -531,6 +556,36 @@ class RunConfig(Section):
             if self.task == "classification":
                 return "train.packing: a classifier scores one row per sequence; set train.packing: false"
             return packing_problem(self.method.name)
+        return None
+
+    def trial_metrics(self) -> tuple[str, ...]:
+        """The metrics every run and grid trial of this config reports: its objective's, then training's."""
+        return (*OBJECTIVES[self.task].metric_names(self), *TRAINING_METRICS)
+
+    def registered_metrics(self) -> tuple[str, ...]:
+        """The metrics a registered version of this config carries: the trials', the base's, the report's and
+        the merge check's."""
+        objective = OBJECTIVES[self.task]
+        evaluated = (*objective.metric_names(self), *objective.report_metrics)
+        return (*evaluated, *(f"base_{m}" for m in objective.metric_names(self)), *TRAINING_METRICS, *MERGE_METRICS)
+
+    def _metric_problem(self) -> str | None:
+        """A promotion, selection or pruning metric that no run of this config reports: it would be found only
+        after training (a version that can never become champion, a grid whose every trial "failed")."""
+        checks = [("registry.promote.metric", self.registry.promote.metric, self.registered_metrics())]
+        if self.grid is not None:
+            checks.append(("grid.select.metric", self.grid.select.metric, self.trial_metrics()))
+            if self.grid.prune is not None and self.grid.prune.metric is not None:
+                checks.append(("grid.prune.metric", self.grid.prune.metric, self.trial_metrics()))
+        for key, metric, reported in checks:
+            if metric not in reported:
+                hint = ""
+                if metric in ("eval_rouge_l", "eval_exact_match") and self.task == "instruction":
+                    hint = " (ROUGE-L and exact match need instruction.eval_generations above 0)"
+                return (
+                    f"{key}: '{metric}' is not a metric this run reports{hint}; task {self.task} reports "
+                    f"{', '.join(reported)}"
+                )
         return None
 
     def task_options(self) -> dict[str, Any]:
@@ -601,7 +656,7 @@ def _describe(error: Any) -> str:
     if kind == "missing":
         return f"{key}: required"
     message = error["msg"].removeprefix("Value error, ")
-    if message.startswith(("method.", "train.", "data.", "instruction", "grid.")):
+    if message.startswith(("method.", "train.", "data.", "instruction", "grid.", "registry.")):
         return message
     shown = error.get("input")
     got = "" if isinstance(shown, dict) else f" (got {shown!r})"

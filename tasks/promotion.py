@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from tasks.config import PromoteSettings, RunConfig
 from tasks.evaluation import evaluate_registered
+from tasks.identity import EVAL_SETTINGS_TAG, describe, differences, recorded
 from tasks.load import DataRef
 from tasks.modeling import cache_home
 from tasks.registry import PENDING
@@ -83,8 +84,9 @@ def promote_version(
 ) -> Decision:
     """Move `@champion` to this version when it beats the current champion; else alias it `@challenger`.
 
-    The champion's metric is its recorded one when it was evaluated on the same data (same fingerprint);
-    otherwise `reevaluate` scores it on this version's eval data, so that the two numbers compare.
+    The champion's metric is its recorded one when it was evaluated under the same settings (eval data,
+    max_length, the objective's settings); otherwise `reevaluate` scores it under this version's, so that the two
+    numbers compare, and without `reevaluate` the two are not compared (the version is challenger).
     A failed bias `gate` keeps the version out of @champion whatever its metric: it is tagged
     `bias_gate=failed` with the reason, and gets no alias.
     """
@@ -113,33 +115,22 @@ def _decide(
 ) -> Decision:
     new = version_metric(client, name, version, settings.metric)
     champion = _champion(client, name)
+    keep_reason = False
     if new is None or not math.isfinite(new):
         reason = f"version {version} has no finite '{settings.metric}'"
         promoted = False
     elif champion is None:
         reason = "no champion yet"
         promoted = True
-    elif champion.version == str(version):
+    elif str(champion.version) == version:  # never compared with itself (a re-run reporting the champion)
         reason = "already the champion"
-        promoted = True
+        promoted = keep_reason = True
     else:
-        old = version_metric(client, name, champion.version, settings.metric)
-        where = ""
-        same_data = champion.tags.get("data_fingerprint") == client.get_model_version(name, version).tags.get(
-            "data_fingerprint"
-        )
-        if not same_data and reevaluate is not None:
-            old = reevaluate(champion)
-            where = " re-evaluated on this version's eval data"
-        promoted = old is None or not math.isfinite(old) or beats(new, old, settings)
-        better = "beats" if promoted else "does not beat"
-        reason = (
-            f"{settings.metric} {new:.6g} {better} champion v{champion.version}'s {old}{where} "
-            f"(mode {settings.mode}, min_delta {settings.min_delta})"
-        )
+        promoted, reason = _compare(client, name, version, new, champion, settings, reevaluate)
     alias = CHAMPION if promoted else CHALLENGER
     client.set_registered_model_alias(name, alias, str(version))
-    client.set_model_version_tag(name, str(version), "promotion", reason)
+    if not keep_reason or "promotion" not in client.get_model_version(name, version).tags:
+        client.set_model_version_tag(name, str(version), "promotion", reason)
     _settled(client, name, version)
     return Decision(
         name=name,
@@ -148,6 +139,44 @@ def _decide(
         promoted=promoted,
         champion_version=str(version) if promoted else str(champion.version if champion else ""),
         reason=reason,
+    )
+
+
+def _compare(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    new: float,
+    champion: ModelVersion,
+    settings: PromoteSettings,
+    reevaluate: Reevaluate | None,
+) -> tuple[bool, str]:
+    """Whether the version beats the champion, measured on one yardstick: the version's evaluation settings (its
+    eval split, max_length and the objective's settings: `tasks.identity.eval_settings`). A champion evaluated
+    under other settings is re-evaluated under the version's; where it cannot be, the two are not compared and
+    the version stays challenger. The reason names the settings both numbers were measured under."""
+    ours = recorded(client.get_model_version(name, version).tags, EVAL_SETTINGS_TAG)
+    differ = differences(recorded(champion.tags, EVAL_SETTINGS_TAG), ours)
+    compared_on = "; both measured on " + ", ".join(f"{k} {v}" for k, v in ours.items())
+    rule = f"(mode {settings.mode}, min_delta {settings.min_delta})"
+    if not differ:
+        old = version_metric(client, name, champion.version, settings.metric)
+        how = ""
+    elif reevaluate is None:
+        reason = (
+            f"not comparable with champion v{champion.version}: it was evaluated under other settings "
+            f"({describe(differ)}) and cannot be re-evaluated here; run `adaptflow promote` where this version's "
+            "data and config are at hand"
+        )
+        return False, reason
+    else:
+        old = reevaluate(champion)
+        how = f" re-evaluated under this version's evaluation settings ({', '.join(differ)} differed)"
+    promoted = old is None or not math.isfinite(old) or beats(new, old, settings)
+    better = "beats" if promoted else "does not beat"
+    return (
+        promoted,
+        f"{settings.metric} {new:.6g} {better} champion v{champion.version}'s {old}{how} {rule}{compared_on}",
     )
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from adapters_impl import get_method
 from adapters_impl.packaged import INFO_FILE, folder_fingerprint, model_files
 from tasks.config import RunConfig, dump_config
+from tasks.identity import EVAL_SETTINGS_TAG, IDENTITY_TAG, eval_settings, recorded, run_identity
 from tasks.load import DataRef
 from tasks.merging import MergedRef
 from tasks.modeling import ModelSource, load_tokenizer
@@ -60,8 +61,12 @@ class RegisteredRef(BaseModel):
     existing: bool = False
 
 
-def identical_version(client: MlflowClient, name: str, config: RunConfig, data: DataRef) -> ModelVersion | None:
-    """The newest version of `name` trained from the same config on the same data, if any."""
+def identical_version(
+    client: MlflowClient, name: str, config: RunConfig, identity: dict[str, str]
+) -> ModelVersion | None:
+    """The newest version of `name` trained from the same config on the same content (data, base weights, the
+    objective's files: `tasks.identity.run_identity`), if any. Versions registered before identities were recorded
+    compare by their data alone."""
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException:
@@ -69,7 +74,12 @@ def identical_version(client: MlflowClient, name: str, config: RunConfig, data: 
     same = [
         v
         for v in versions
-        if v.tags.get("config_hash") == config_hash(config) and v.tags.get("data_fingerprint") == data.fingerprint
+        if v.tags.get("config_hash") == config_hash(config)
+        and (
+            recorded(v.tags, IDENTITY_TAG) == identity
+            if IDENTITY_TAG in v.tags
+            else v.tags.get("data_fingerprint") == identity["data"]
+        )
     ]
     return max(same, key=lambda v: int(v.version), default=None)
 
@@ -218,8 +228,11 @@ def plot_loss_curve(history: list[tuple[int, float]], title: str, path: Path) ->
     plt.close(fig)
 
 
-def version_tags(config: RunConfig, data: DataRef, run: RunRef, metrics: dict[str, float]) -> dict[str, str]:
-    """Lineage and results carried by the run and by the registry version."""
+def version_tags(
+    config: RunConfig, data: DataRef, run: RunRef, metrics: dict[str, float], identity: dict[str, str]
+) -> dict[str, str]:
+    """Lineage and results carried by the run and by the registry version: what it was trained on (by content)
+    and what its evaluation measured on (which promotion compares)."""
     from tasks.tracking import prefect_flow_run_id
 
     tags = {
@@ -227,6 +240,8 @@ def version_tags(config: RunConfig, data: DataRef, run: RunRef, metrics: dict[st
         "method": config.method.name,
         "task": config.task,
         "data_fingerprint": data.fingerprint,
+        IDENTITY_TAG: json.dumps(identity, sort_keys=True),
+        EVAL_SETTINGS_TAG: json.dumps(eval_settings(config, data), sort_keys=True)[:5000],
         "config_hash": config_hash(config),
         "git_commit": git_commit(),
         "prefect_flow_run_id": prefect_flow_run_id(),
@@ -237,10 +252,15 @@ def version_tags(config: RunConfig, data: DataRef, run: RunRef, metrics: dict[st
 
 
 def creation_tags(
-    config: RunConfig, data: DataRef, run: RunRef, metrics: dict[str, float], extra_tags: dict[str, str] | None
+    config: RunConfig,
+    data: DataRef,
+    run: RunRef,
+    metrics: dict[str, float],
+    extra_tags: dict[str, str] | None,
+    identity: dict[str, str],
 ) -> dict[str, str]:
     """The tags a version is created with (in the same call, so no version exists without them)."""
-    return version_tags(config, data, run, metrics) | (extra_tags or {}) | {PENDING: "true"}
+    return version_tags(config, data, run, metrics, identity) | (extra_tags or {}) | {PENDING: "true"}
 
 
 def register_model(
@@ -261,7 +281,8 @@ def register_model(
     import mlflow
 
     client = use_tracking(config.tracking)
-    found = identical_version(client, config.registry.name, config, data)
+    identity = run_identity(config, data, trained.adapted.source)
+    found = identical_version(client, config.registry.name, config, identity)
     if found is not None:
         return RegisteredRef(
             name=config.registry.name,
@@ -282,7 +303,7 @@ def register_model(
     method = get_method(config.method.name)
     base = None if method.whole_model else pin_base(client, trained.adapted.source)
     package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40}, serving or {}, base)
-    tags = creation_tags(config, data, run, metrics, extra_tags)
+    tags = creation_tags(config, data, run, metrics, extra_tags, identity)
     client.set_tag(run.run_id, "adaptflow.data_fingerprint", data.fingerprint)
     if base is not None:
         client.set_tag(run.run_id, "adaptflow.base", json.dumps(base))

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from tasks.config import RunConfig, TrackingSettings
-from tasks.errors import RunFailed
+from tasks.errors import RunFailed, UserInputError
 
 log = logging.getLogger("adaptflow")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +138,9 @@ class RunRef(BaseModel):
     tracking_uri: str
     run_dir: str
     resumed: bool = False
+    # The status --resume found the run in (KILLED, FAILED, or RUNNING after a SIGKILL): restored when the resume
+    # is refused, so that a refusal changes nothing.
+    previous_status: str | None = None
 
 
 def config_hash(config: RunConfig) -> str:
@@ -191,6 +194,7 @@ def start_run(
     exp = experiment_id(client, config.tracking.experiment)
     previous = unfinished_run(client, exp, config) if resume else None
     if previous:
+        previous_status = client.get_run(previous).info.status
         client.update_run(previous, status="RUNNING")
         client.set_tag(previous, "adaptflow.resumed", "true")
         clear_error(client, previous)  # the interruption being resumed is no longer the run's state
@@ -198,7 +202,12 @@ def start_run(
         run_dir = Path(config.train.output_dir).resolve() / previous
         run_dir.mkdir(parents=True, exist_ok=True)
         return RunRef(
-            run_id=previous, experiment_id=exp, tracking_uri=client.tracking_uri, run_dir=str(run_dir), resumed=True
+            run_id=previous,
+            experiment_id=exp,
+            tracking_uri=client.tracking_uri,
+            run_dir=str(run_dir),
+            resumed=True,
+            previous_status=previous_status,
         )
     if resume:
         log.info("nothing to resume for this config: starting a new run")
@@ -221,6 +230,53 @@ def start_run(
     run_dir = Path(config.train.output_dir).resolve() / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     return RunRef(run_id=run_id, experiment_id=exp, tracking_uri=client.tracking_uri, run_dir=str(run_dir))
+
+
+IDENTITY_TAG = "adaptflow.identity"  # config key -> content fingerprint of what the run trains on (JSON)
+CHANGED_TAG = "adaptflow.changed_on_resume"  # what differed when a resume was allowed to go on (JSON)
+
+
+class ResumeChanged(UserInputError):
+    """`--resume` of a run whose data, base or objective files changed since it started."""
+
+
+def record_identity(run: RunRef, identity: dict[str, str], allow_changed: bool = False) -> dict[str, str]:
+    """Record what the run trains on (`tasks.identity.run_identity`). A resumed run first compares it with what its
+    earlier attempt recorded: continuing on other content would train one run on two datasets (or bases).
+
+    Returns:
+        Lineage tags for its version: what changed on an allowed resume, before and after; empty otherwise.
+
+    Raises:
+        ResumeChanged: the content changed and `allow_changed` is off, naming what changed.
+    """
+    client = client_for(run)
+    before = client.get_run(run.run_id).data.tags.get(IDENTITY_TAG) if run.resumed else None
+    changed = {}
+    if before:
+        recorded = json.loads(before)
+        changed = {k: {"before": recorded[k], "after": v} for k, v in identity.items() if recorded.get(k, v) != v}
+    if changed and not allow_changed:
+        names = {"data": "data.train/data.eval"}
+        shown = ", ".join(f"{names.get(k, k)} (fingerprint {c['before']} -> {c['after']})" for k, c in changed.items())
+        raise ResumeChanged(
+            f"--resume: run {run.run_id} started on other content: {shown} changed since; its checkpoints were "
+            "trained on the old content. Run without --resume to start afresh, or add --allow-changed to continue "
+            "on the new content (its version records both)"
+        )
+    lineage = {}
+    if changed:
+        log.warning("resuming run %s on changed content: %s", run.run_id, ", ".join(changed))
+        lineage["changed_on_resume"] = json.dumps(changed, sort_keys=True)
+        client.set_tag(run.run_id, CHANGED_TAG, lineage["changed_on_resume"])
+    client.set_tag(run.run_id, IDENTITY_TAG, json.dumps(identity, sort_keys=True))
+    return lineage
+
+
+def restore_status(run: RunRef) -> None:
+    """Put a resumed run back in the status --resume found it in."""
+    if run.previous_status and run.previous_status != "RUNNING":
+        client_for(run).set_terminated(run.run_id, status=run.previous_status)
 
 
 def client_for(run: RunRef) -> MlflowClient:

@@ -72,7 +72,7 @@ def test_champion_is_re_evaluated_when_the_eval_data_changed(tmp_path: Path) -> 
     new = register_tagged(client, tmp_path, 2.0, "data-v2")  # worse than 1.0 on paper, better on the same data
     decision = promote_version(client, "m", new, settings, reevaluate=on_new_data)
     assert scored == [old] and decision.promoted
-    assert "re-evaluated on this version's eval data" in decision.reason
+    assert "re-evaluated under this version's evaluation settings (data differed)" in decision.reason
 
     same_data = register_tagged(client, tmp_path, 2.5, "data-v2")  # same data as the champion: no re-evaluation
     assert not promote_version(client, "m", same_data, settings, reevaluate=on_new_data).promoted
@@ -122,7 +122,8 @@ def test_a_version_left_pending_by_a_kill_is_decided_by_resume_and_by_promote(tm
     def create(gate: dict, data: DataRef = data) -> str:
         """register_model's last step; the process is "killed" right after it."""
         run = start_run(config)
-        tags = creation_tags(config, data, run, {"eval_loss": 1.0}, gate_tags(gate))
+        identity = {"data": data.fingerprint, "model.name_or_path": "base"}
+        tags = creation_tags(config, data, run, {"eval_loss": 1.0}, gate_tags(gate), identity)
         if not client.search_registered_models(filter_string="name = 'm'"):
             client.create_registered_model("m")
         source = (tmp_path / "weights").as_uri()
@@ -137,9 +138,11 @@ def test_a_version_left_pending_by_a_kill_is_decided_by_resume_and_by_promote(tm
     assert PENDING not in client.get_model_version("m", first).tags and finish_pending(config) == []
 
     # A re-run of the same config on the same data finds that version instead of registering another.
-    assert str(identical_version(client, "m", config, data).version) == first  # type: ignore[union-attr]
+    same = {"data": "fp1", "model.name_or_path": "base"}
+    assert str(identical_version(client, "m", config, same).version) == first  # type: ignore[union-attr]
+    assert identical_version(client, "m", config, same | {"data": "fp2"}) is None
+    assert identical_version(client, "m", config, same | {"model.name_or_path": "other"}) is None  # base replaced
     other = data.model_copy(update={"fingerprint": "fp2"})
-    assert identical_version(client, "m", config, other) is None
 
     # `adaptflow promote` finishes it too, and honours the bias gate recorded at creation.
     failed = create({"passed": False, "reason": "stereotype score rose"}, other)

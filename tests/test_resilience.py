@@ -78,6 +78,16 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     assert killed, "the child never checkpointed"
     assert MlflowClient().get_run(killed[0]).info.status == "RUNNING"  # SIGKILL: nobody could mark it
 
+    # The data file replaced at the same path: continuing would train one run on two datasets.
+    original = stories_file.read_text()
+    lines = original.splitlines(keepends=True)
+    stories_file.write_text("".join(lines[: len(lines) // 2]))
+    assert main(["run", str(config), "--resume", "--json"]) == 2
+    refused = capsys.readouterr().err
+    assert "started on other content: data.train/data.eval" in refused and "--allow-changed" in refused
+    assert MlflowClient().get_run(killed[0]).info.status == "RUNNING"  # as --resume found it
+    stories_file.write_text(original)
+
     assert main(["run", str(config), "--resume", "--json"]) == 0
     resumed = last_json(capsys.readouterr().out)
     assert resumed["run_id"] == killed[0], "continues the same MLflow run"

@@ -65,6 +65,14 @@ def no_data_key(settings: DataSettings) -> str:
     return ""
 
 
+def no_files(config: RunConfig) -> dict[str, str]:
+    return {}
+
+
+def loss_only(config: RunConfig) -> tuple[str, ...]:
+    return ("eval_loss",)
+
+
 def always_comparable(tokenized: TokenizedRef, served_label_names: list[str] | None) -> str | None:
     return None
 
@@ -96,6 +104,10 @@ class Objective:
     `keep`, the run's reports folder, it may keep there what it generated, for `report` to reuse); `eval_loss` the
     one loss that compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
     `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
+    `metric_names(config)` names what `metrics` will report for this config and `report_metrics` what `report` adds:
+    known before training, so that a promotion or grid metric no run reports is refused at once.
+    Identity: `files(config)` the files its settings name, config key -> content fingerprint: part of the
+    tokenization cache key, of a version's identity and of what `--resume` checks (a file edited in place counts).
     Reports: `base_generations(source, data, tokenized)` the base model's part of the report (cached per base model),
     `report(ReportInput)` the objective's sections of eval_report.json and its extra metrics.
     Probe: `probe(model, tokenizer, suite, settings, texts, labels)` the suite's checks that apply;
@@ -133,6 +145,9 @@ class Objective:
     probe_inputs: Callable[[DataRef, TokenizedRef], tuple[list[str] | None, list[int] | None]] = no_probe_inputs
     head_options: Callable[[list[str] | None], dict[str, Any]] = no_head_options
     token_loss: bool = True
+    metric_names: Callable[[RunConfig], tuple[str, ...]] = loss_only
+    report_metrics: tuple[str, ...] = ()
+    files: Callable[[RunConfig], dict[str, str]] = no_files
 
     def supports(self, method: Method) -> bool:
         return self.name not in method.unsupported

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from torch import nn
 
-    from tasks.config import ProbeSettings
+    from tasks.config import ProbeSettings, RunConfig
     from tasks.generation import PromptStyle
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
@@ -151,6 +151,10 @@ def generation_checks(
     return result
 
 
+def metric_names(config: RunConfig) -> tuple[str, ...]:
+    return ("eval_loss", "eval_perplexity")
+
+
 OBJECTIVE = Objective(
     name="causal_lm",
     summary="Continue text: every token is a target; eval loss and perplexity, greedy generations vs the base",
@@ -163,6 +167,7 @@ OBJECTIVE = Objective(
     base_metrics=base_metrics,
     report=report,
     probe=probe,
+    metric_names=metric_names,
     min_tokens=2,  # a causal text needs two tokens to predict anything
     base_generations=base_generations,
     probes_base=True,

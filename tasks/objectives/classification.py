@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from torch import nn
 
-    from tasks.config import ProbeSettings
+    from tasks.config import ProbeSettings, RunConfig
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
     from tasks.probe.suites import Suite
@@ -200,6 +200,10 @@ def probe(
     return {"robustness": score_robustness(model, tokenizer, texts, labels, suite.robustness, settings)}
 
 
+def metric_names(config: RunConfig) -> tuple[str, ...]:
+    return ("eval_loss", "eval_accuracy", "eval_f1_macro")
+
+
 OBJECTIVE = Objective(
     name="classification",
     summary="Label a text (data.label_column); accuracy and F1, a per-class report, vs the majority class",
@@ -217,4 +221,6 @@ OBJECTIVE = Objective(
     check_comparable=check_comparable,
     probe_inputs=probe_inputs,
     token_loss=False,  # cross entropy over the batch's rows
+    metric_names=metric_names,
+    report_metrics=tuple(f"eval_{m}_{a}" for a in ("macro", "weighted") for m in ("precision", "recall", "f1")),
 )

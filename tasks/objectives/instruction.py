@@ -35,10 +35,33 @@ REPORTED = 8  # answers shown side by side in the Markdown report (all are in pr
 
 
 def options(config: RunConfig) -> dict[str, Any]:
-    """The `instruction:` section (its defaults when absent)."""
+    """The `instruction:` section (its defaults when absent), with the content fingerprint of a template file: an
+    edited .jinja file tokenizes, evaluates and registers anew although its path did not change."""
     from tasks.config import InstructionSettings
 
-    return (config.instruction or InstructionSettings()).model_dump(mode="json")
+    settings = (config.instruction or InstructionSettings()).model_dump(mode="json")
+    return settings | ({"template_sha256": digest} if (digest := files(config).get("instruction.template")) else {})
+
+
+def files(config: RunConfig) -> dict[str, str]:
+    """`instruction.template`'s content fingerprint when it names a file (a missing file is checked elsewhere)."""
+    import hashlib
+    from pathlib import Path
+
+    template = config.instruction.template if config.instruction else "tokenizer"
+    path = Path(template)
+    if not template.endswith(".jinja") or not path.is_file():
+        return {}
+    return {"instruction.template": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+
+def metric_names(config: RunConfig) -> tuple[str, ...]:
+    """Loss, perplexity and token accuracy over responses; ROUGE-L and exact match need generated answers."""
+    from tasks.config import InstructionSettings
+
+    generations = (config.instruction or InstructionSettings()).eval_generations
+    scored = ("eval_rouge_l", "eval_exact_match") if generations else ()
+    return ("eval_loss", "eval_perplexity", "eval_token_accuracy", *scored)
 
 
 def data_key(settings: DataSettings) -> str:
@@ -316,4 +339,6 @@ OBJECTIVE = Objective(
     options=options,
     row_column="messages",
     data_key=data_key,
+    metric_names=metric_names,
+    files=files,
 )

@@ -1,0 +1,195 @@
+"""Promotion compares like with like, and identity is content (issue 32, with the stale-identity items of the
+hostile round two): a champion evaluated under other settings is re-evaluated under the challenger's; a resume on
+changed content is refused unless allowed; a metric no run reports, or two columns read from one, are refused at
+once; an edited template or a replaced base is a change, not "the same run"."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from tasks.config import PromoteSettings, RunConfig, validate_config
+from tasks.errors import UserInputError
+from tasks.identity import run_identity
+from tasks.load import DataRef
+from tasks.modeling import resolve_model
+from tasks.promotion import promote_version
+from tasks.tokenization import tokenize_key
+from tasks.tracking import record_identity, restore_status, start_run
+
+DATA = DataRef(train_dir="t", eval_dir="e", fingerprint="fp1", text_column="text", label_column=None,
+               train_rows=1, eval_rows=1, source="x.jsonl")  # fmt: skip
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def problem(raw: dict) -> str:
+    with pytest.raises(UserInputError) as error:
+        validate_config(raw)
+    return str(error.value)
+
+
+def test_a_metric_no_run_reports_is_refused_naming_the_key_and_the_metrics_it_will_report() -> None:
+    message = problem(
+        {"data": {"train": "x"}, "task": "instruction", "registry": {"promote": {"metric": "eval_rougel"}}}
+    )
+    assert "registry.promote.metric: 'eval_rougel' is not a metric this run reports" in message
+    assert "eval_rouge_l" in message and "eval_token_accuracy" in message
+    no_answers = {"data": {"train": "x"}, "task": "instruction", "instruction": {"eval_generations": 0}}
+    message = problem(no_answers | {"grid": {"select": {"metric": "eval_rouge_l", "mode": "max"}}})
+    assert "grid.select.metric: 'eval_rouge_l'" in message and "instruction.eval_generations" in message
+    message = problem({"data": {"train": "x"}, "train": {"max_steps": 30}, "grid": {"prune": {"metric": "eval_acc"}}})
+    assert "grid.prune.metric: 'eval_acc'" in message and "eval_perplexity" in message
+    # What each objective reports is accepted, the report's and the base's too.
+    validate_config(
+        {"data": {"train": "x"}, "task": "classification", "registry": {"promote": {"metric": "eval_f1_weighted"}}}
+    )
+    validate_config({"data": {"train": "x"}, "registry": {"promote": {"metric": "base_eval_perplexity"}}})
+    validate_config({"data": {"train": "x"}, "grid": {"select": {"metric": "train_seconds"}}})
+
+
+def test_two_canonical_columns_read_from_one_file_column_are_refused() -> None:
+    raw = {"data": {"train": "x", "columns": {"output": "instruction"}}, "task": "instruction"}
+    message = problem(raw)
+    assert "data.columns: instruction and output would both read the file's column 'instruction'" in message
+    # A column of another format may share a name: prompt_completion reads `instruction` as its prompt.
+    validate_config({"data": {"train": "x", "columns": {"prompt": "instruction"}}, "task": "instruction"})
+
+
+def test_an_edited_template_file_is_a_change_of_tokens_and_identity(tmp_path: Path, tiny_model: str) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    config = RunConfig.model_validate(
+        {"data": {"train": "x"}, "task": "instruction", "instruction": {"template": str(template)}}
+    )
+    source = resolve_model(config.model)
+    before = (tokenize_key(DATA, source, "instruction", 64, config.task_options()), run_identity(config, DATA, source))
+    template.write_text("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}")  # same path
+    after = (tokenize_key(DATA, source, "instruction", 64, config.task_options()), run_identity(config, DATA, source))
+    assert before[0] != after[0], "the tokenization cache must not hand back the old template's tokens"
+    assert before[1]["instruction.template"] != after[1]["instruction.template"]
+
+
+def test_a_base_folder_whose_weights_were_replaced_is_another_base(tmp_path: Path, tiny_model: str) -> None:
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_model, folder)
+    config = RunConfig.model_validate({"data": {"train": "x"}, "model": {"name_or_path": str(folder)}})
+    before = run_identity(config, DATA, resolve_model(config.model))
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # the last weights zeroed: same path, same config, same size
+    weights.write_bytes(bytes(data))
+    after = run_identity(config, DATA, resolve_model(config.model))
+    assert before["data"] == after["data"] and before["model.name_or_path"] != after["model.name_or_path"]
+
+
+def test_a_resume_on_changed_content_is_refused_unless_allowed_and_the_lineage_records_both(tmp_path: Path) -> None:
+    config = RunConfig.model_validate({"data": {"train": "x.jsonl"}, "train": {"output_dir": str(tmp_path)}})
+    first = start_run(config)
+    record_identity(first, {"data": "fp1", "model.name_or_path": "base1"})
+    client = MlflowClient()
+    client.set_terminated(first.run_id, "KILLED")
+
+    resumed = start_run(config, resume=True)
+    assert resumed.run_id == first.run_id and resumed.previous_status == "KILLED"
+    assert record_identity(resumed, {"data": "fp1", "model.name_or_path": "base1"}) == {}  # unchanged: goes on
+    with pytest.raises(UserInputError) as refused:
+        record_identity(resumed, {"data": "fp2", "model.name_or_path": "base1"})
+    message = str(refused.value)
+    assert "data.train/data.eval (fingerprint fp1 -> fp2)" in message and "--allow-changed" in message
+    restore_status(resumed)
+    assert client.get_run(first.run_id).info.status == "KILLED"  # refused: left as --resume found it
+
+    again = start_run(config, resume=True)
+    lineage = record_identity(again, {"data": "fp2", "model.name_or_path": "base1"}, allow_changed=True)
+    changed = json.loads(lineage["changed_on_resume"])
+    assert changed == {"data": {"before": "fp1", "after": "fp2"}}
+    tags = client.get_run(first.run_id).data.tags
+    assert json.loads(tags["adaptflow.changed_on_resume"]) == changed
+    assert json.loads(tags["adaptflow.identity"])["data"] == "fp2"
+
+
+def _version(client: MlflowClient, tmp_path: Path, eval_loss: float, settings: dict) -> str:
+    if not client.search_registered_models(filter_string="name = 'm'"):
+        client.create_registered_model("m")
+    run = client.create_run("0")
+    client.log_metric(run.info.run_id, "eval_loss", eval_loss)
+    tags = {"data_fingerprint": settings["data"], "eval_settings": json.dumps(settings)}
+    source = (tmp_path / "weights").as_uri()
+    return str(client.create_model_version("m", source=source, run_id=run.info.run_id, tags=tags).version)
+
+
+def test_a_champion_measured_under_other_settings_is_re_evaluated_or_not_compared(tmp_path: Path) -> None:
+    client = MlflowClient()
+    rule = PromoteSettings(metric="eval_loss", mode="min")
+    assistant = {"data": "fp", "data.max_length": 256, "instruction.loss_on": "assistant"}
+    champion = _version(client, tmp_path, 5.69, assistant)
+    assert promote_version(client, "m", champion, rule).promoted
+
+    every_token = {**assistant, "instruction.loss_on": "all"}
+    # Lower on paper (every token counts, the template's easy ones too), worse on one yardstick.
+    challenger = _version(client, tmp_path, 5.67, every_token)
+    scored: list[str] = []
+
+    def under_all_tokens(version) -> float:  # the champion's loss over every token
+        scored.append(str(version.version))
+        return 5.60
+
+    decision = promote_version(client, "m", challenger, rule, reevaluate=under_all_tokens)
+    assert scored == [champion] and not decision.promoted and decision.alias == "challenger"
+    assert "re-evaluated under this version's evaluation settings (instruction.loss_on differed)" in decision.reason
+    assert "instruction.loss_on all" in decision.reason  # the yardstick both numbers were measured on
+
+    # Nothing to re-evaluate with (a decision without the data at hand): not compared, not promoted.
+    third = _version(client, tmp_path, 1.0, {**assistant, "data.max_length": 64})
+    decision = promote_version(client, "m", third, rule)
+    assert not decision.promoted and "not comparable with champion" in decision.reason
+    assert "data.max_length (256 -> 64)" in decision.reason
+
+
+def test_a_version_is_never_its_own_challenger(tmp_path: Path) -> None:
+    client = MlflowClient()
+    rule = PromoteSettings(metric="eval_loss", mode="min")
+    first = _version(client, tmp_path, 2.0, {"data": "fp"})
+    reason = promote_version(client, "m", first, rule).reason
+    again = promote_version(client, "m", first, rule)  # `adaptflow promote` after a grid, or an identical re-run
+    assert again.promoted and again.alias == "champion"
+    version = client.get_model_version("m", first)
+    assert version.aliases == ["champion"] and version.tags["promotion"] == reason  # its decision is kept
+
+
+@pytest.mark.slow
+def test_promotion_after_a_change_of_loss_on_compares_on_the_challengers_yardstick(
+    tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real runs: the same data and base, `loss_on: assistant` then `loss_on: all`."""
+    data = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": f"Name a colour number {i}.", "output": f"Colour {i} is blue."} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(
+        tmp_path / "instruct.yaml",
+        model={"name_or_path": tiny_model},
+        task="instruction",
+        data={"train": str(data), "max_length": 64, "eval_fraction": 0.25},
+        instruction={"eval_generations": 0},
+        method={"name": "lora", "r": 4, "alpha": 8},
+        train={"max_steps": 4, "batch_size": 8, "learning_rate": 5e-3, "save_steps": 4, "logging_steps": 2},
+        registry={"name": "yardstick"},
+        bias_probe={"suite": None},
+    )
+    assert main(["run", str(config), "--json"]) == 0
+    first = last_json(capsys.readouterr().out)
+    assert main(["run", str(config), "--set", "instruction.loss_on=all", "--json"]) == 0
+    second = last_json(capsys.readouterr().out)
+    assert second["model_version"] != first["model_version"]
+    reason = MlflowClient().get_model_version("yardstick", second["model_version"]).tags["promotion"]
+    assert "re-evaluated under this version's evaluation settings (instruction.loss_on differed)" in reason, reason
+    assert "instruction.loss_on all" in reason
