@@ -90,7 +90,9 @@ def resolve_base(pin: dict[str, Any]) -> tuple[str, str | None]:
     if origin.is_dir() and (origin / "config.json").exists() and folder_fingerprint(origin) == fingerprint:
         return str(origin), None
     cached = cache_home() / "bases" / fingerprint
-    if not (cached / "config.json").exists():
+    if (cached / "config.json").exists():
+        check_fingerprint(cached, pin, "the cached copy")
+    else:
         import mlflow
 
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +106,7 @@ def resolve_base(pin: dict[str, Any]) -> tuple[str, str | None]:
             )
             if not (Path(local) / "config.json").exists():
                 raise BaseUnavailable(f"{describe_base(pin)}: the artifact holds no config.json")
+            check_fingerprint(Path(local), pin, "the tracking store's copy")
             os.replace(local, cached)  # whole or not at all: a concurrent loader finds a complete folder
         except BaseUnavailable:
             raise
@@ -116,6 +119,23 @@ def resolve_base(pin: dict[str, Any]) -> tuple[str, str | None]:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return str(cached), None
+
+
+def check_fingerprint(folder: Path, pin: dict[str, Any], what: str) -> None:
+    """A stored base is the one the version was trained on, byte for byte: a modified or truncated copy would load
+    and answer garbage.
+
+    Raises:
+        BaseUnavailable: naming the base, the folder, the expected and found fingerprints, and the fix.
+    """
+    found = folder_fingerprint(folder)
+    if found != pin["fingerprint"]:
+        raise BaseUnavailable(
+            f"{what} of the base at {folder} has other content than the version was trained on (fingerprint "
+            f"{found}, expected {pin['fingerprint']}): it was modified or truncated. Remove the folder {folder} "
+            f"(it is downloaded again from the tracking store); if the store's copy changed, register the version "
+            f"again from the original base. The base: {describe_base(pin)}"
+        )
 
 
 def with_pad_token(tokenizer: Any) -> Any:

@@ -203,7 +203,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     try:
         model = mlflow.pyfunc.load_model(args.model_uri)
     except Exception as exc:
-        raise UserInputError(f"MODEL_URI: cannot load {args.model_uri!r}: {str(exc).splitlines()[0][:300]}") from None
+        raise UserInputError(f"MODEL_URI: cannot load {args.model_uri!r}: {str(exc).splitlines()[0][:1000]}") from None
     if conversations and not getattr(model.unwrap_python_model(), "info", {}).get("chat"):
         raise UserInputError(f"--messages: {args.model_uri} is not an instruction model; give --text instead")
     predictions = list(model.predict(texts)) if texts else []

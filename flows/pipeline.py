@@ -108,13 +108,13 @@ def preflight(config: RunConfig) -> None:
     from tasks.grid import check_grid_fits
     from tasks.load import check_source
     from tasks.memory import check_fits
-    from tasks.modeling import resolve_model
+    from tasks.modeling import check_context, resolve_model
 
     check_writable(Path(config.train.output_dir), "train.output_dir")
     check_source(config.data.train, "data.train")
     if config.data.eval:
         check_source(config.data.eval, "data.eval")
-    resolve_model(config.model)
+    check_context(resolve_model(config.model), config.data.max_length)
     check_device(config.train)
     if config.grid is None:
         check_fits(config)

@@ -77,6 +77,11 @@ def generate_from_ids(
     its first stop id (which is kept)."""
     model.eval()
     width = max(len(p) for p in prompts)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int):  # positions past the context fail (learned) or extrapolate (rotary)
+        max_new_tokens = min(max_new_tokens, context - width)
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model_device(model))
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ids.device)
     output = model.generate(  # type: ignore[operator]

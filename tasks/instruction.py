@@ -528,6 +528,28 @@ def encode_prompt(
     return tokenize_with_one_bos(tokenizer, prompt_for_generation(messages, tokenizer, template))[0]
 
 
+def fitting_prompt(
+    messages: Sequence[Mapping[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    loss_on: LossOn,
+    max_length: int,
+) -> list[int] | None:
+    """A held-out conversation's generation prompt as training would see it: None when training drops the
+    conversation (its last response does not fit in `max_length`), else the prompt less the oldest tokens after
+    BOS that training cuts. Evaluation then scores the rows the loss counts, at the length the model was tuned for.
+    """
+    if encode_conversation(messages, tokenizer, template, loss_on, max_length) is None:
+        return None
+    prompt = encode_prompt(messages, tokenizer, template)
+    text, _ = response_spans(tokenizer, template, messages)
+    cut = len(tokenize_with_one_bos(tokenizer, text)[0]) - max_length
+    if cut > 0:
+        keep = 1 if prompt[:1] == [tokenizer.bos_token_id] else 0
+        prompt = prompt[:keep] + prompt[keep + cut :]
+    return prompt
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> list[int]:
     """Ids that end a generated response: the template's end-of-turn token (when it is one token) and EOS."""
     return stop_ids(tokenizer, template.end_of_turn)

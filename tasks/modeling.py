@@ -269,3 +269,19 @@ def load_base_model(
     if source.added_tokens:
         fit_embeddings(model, tokenizer)
     return model
+
+
+def check_context(source: ModelSource, max_length: int) -> None:
+    """Rows of `data.max_length` tokens must fit the model's positions: beyond them training and evaluation fail
+    (or, with rotary positions, silently extrapolate) after the run has opened.
+
+    Raises:
+        UserInputError: naming data.max_length and the model's context.
+    """
+    config = AutoConfig.from_pretrained(source.name_or_path, **source.kwargs())
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and max_length > context:
+        raise UserInputError(
+            f"data.max_length: {max_length} is beyond the context of model {source.display_name} "
+            f"(max_position_embeddings {context}); set data.max_length to at most {context}"
+        )

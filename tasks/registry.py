@@ -116,9 +116,17 @@ def logged_base(client: MlflowClient, fingerprint: str) -> str | None:
         [experiment.experiment_id],
         f"tags.`{BASE_FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"],
-        max_results=1,
     )
-    return runs[0].info.run_id if runs else None
+    # Its files must still be there: a version pinned to a run whose artifacts were deleted would load only
+    # while the original folder exists.
+    return next((run.info.run_id for run in runs if _holds_base(client, run.info.run_id)), None)
+
+
+def _holds_base(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return any(Path(f.path).name == "config.json" for f in client.list_artifacts(run_id, BASE_ARTIFACT))
+    except (MlflowException, OSError):
+        return False
 
 
 def log_base(client: MlflowClient, folder: Path, fingerprint: str, display_name: str) -> str:

@@ -76,6 +76,29 @@ def test_rouge_l_and_exact_match_against_a_hand_worked_example() -> None:
     assert answer_scores([], []) == {}
 
 
+@pytest.mark.parametrize(
+    "answer",
+    ["猫坐在垫子上。", "القطة جلست على الحصيرة", "Η γάτα κάθισε στο χαλί.", "बिल्ली चटाई पर बैठी", "ねこがすわった"],
+)
+def test_an_exact_answer_in_any_script_scores_rouge_l_one(answer: str) -> None:
+    assert answer_scores([answer], [answer]) == {"eval_rouge_l": 1.0, "eval_exact_match": 1.0}
+    half = answer_scores([answer[: len(answer) // 2]], [answer])["eval_rouge_l"]
+    assert 0.0 < half < 1.0  # a partial answer scores part, not 0 (rouge-score's own tokenizer gave 0 to all)
+
+
+def test_rouge_l_tokens_are_rouge_scores_own_on_ascii_text() -> None:
+    from rouge_score import rouge_scorer, tokenize
+
+    from tasks.objectives.instruction import WordTokens
+
+    texts = ["It's 3 o'clock, Mr. Smith_Jones!", "the CAT sat -- on the mat...", "x2y snake_case  tabs\tand\nlines"]
+    reference = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for text in texts:
+        assert WordTokens().tokenize(text) == tokenize.tokenize(text, None)
+        pred = text.split()[0] + " " + text
+        assert answer_scores([pred], [text])["eval_rouge_l"] == reference.score(text, pred)["rougeL"].fmeasure
+
+
 def test_generation_stops_at_the_end_of_turn_token_batched_and_left_padded(tiny_model: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -215,3 +238,64 @@ def test_messages_data_trains_registers_predicts_and_serves_chat(
     assert done.returncode == 2, done.stderr[-3000:]
     assert "row 4 has an empty response" in done.stderr
     assert not MlflowClient().search_registered_models("name = 'chat-bad'")
+
+
+def test_held_out_prompts_are_cut_and_dropped_as_training_cuts_its_rows(tmp_path: Path, tiny_model: str) -> None:
+    """A held-out prompt longer than data.max_length was generated whole (minutes of eval; past the model's
+    context, a crash) and scored although the loss dropped its row."""
+    from datasets import load_from_disk
+
+    from tasks.config import DataSettings, ModelSettings
+    from tasks.instruction import encode_prompt
+    from tasks.load import load_data
+    from tasks.modeling import load_tokenizer, resolve_model
+    from tasks.objectives.instruction import _prompt, held_out, template_of
+    from tasks.tokenization import tokenize_dataset
+
+    words = " ".join(f"word{i}" for i in range(120))
+    rows = [
+        {"instruction": "Say hi.", "output": "Hi."},
+        {"instruction": f"Read this: {words}. Say hi.", "output": "Hi."},  # long prompt: cut, kept
+        {"instruction": "Say many words.", "output": words},  # long answer: dropped, as from the loss
+        {"instruction": "Say bye.", "output": "Bye."},
+    ]
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:1] + rows[3:]))
+    evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = resolve_model(ModelSettings(name_or_path=tiny_model))
+    settings = DataSettings(train=str(train), eval=str(evaluation), max_length=48)
+    data = load_data(settings, "instruction", tmp_path / "data")
+    options = {"template": "plain", "loss_on": "assistant", "eval_generations": 8, "max_new_tokens": 8}
+    tokenized = tokenize_dataset(data, source, "instruction", 48, tmp_path / "tok", options)
+    tokenizer = load_tokenizer(source)
+
+    kept = held_out(tokenized, tokenizer)
+    everything = list(load_from_disk(data.eval_dir)["messages"])
+    assert len(everything) == 4 and len(kept) == 3
+    assert all(words not in c[-1]["content"] for c in kept), "the row training drops is not scored"
+    template = template_of(tokenizer, tokenized.options)
+    for conversation in kept:
+        prompt = _prompt(conversation, tokenizer, tokenized)
+        assert prompt is not None and len(prompt) < 48
+        if words in conversation[0]["content"]:
+            assert len(encode_prompt(conversation, tokenizer, template)) > 48  # whole, it would not have fit
+
+
+def test_a_max_length_beyond_the_models_context_is_named_before_anything_opens(
+    tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    config = write_config(
+        tmp_path / "c.yaml",
+        model={"name_or_path": tiny_model},
+        task="instruction",
+        data={"train": str(data), "max_length": 4096},
+    )
+    assert main(["run", str(config), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_length: 4096 is beyond the context of model" in err and "max_position_embeddings 512" in err
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

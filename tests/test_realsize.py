@@ -194,7 +194,22 @@ def test_versions_store_the_adapter_and_a_base_logged_once(
     shutil.rmtree(base)
     loaded = fresh_process_predict("models:/real/1", tmp_path / "fresh-cache")
     assert loaded.returncode == 0 and loaded.stdout.strip(), loaded.stderr[-2000:]
-    assert (tmp_path / "fresh-cache" / "bases" / info["base"]["fingerprint"] / "config.json").exists()
+    cached = tmp_path / "fresh-cache" / "bases" / info["base"]["fingerprint"]
+    assert (cached / "config.json").exists()
+
+    # The cached copy modified (same size): predict refuses it, naming both fingerprints and the fix.
+    weights = cached / "model.safetensors"
+    changed = bytearray(weights.read_bytes())
+    changed[-8:] = bytes(8)
+    weights.write_bytes(bytes(changed))
+    env = {**os.environ, "ADAPTFLOW_CACHE": str(tmp_path / "fresh-cache")}
+    command = [str(Path(sys.executable).with_name("adaptflow")), "predict", "models:/real/1", "--text", "Once"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "the cached copy of the base" in refused.stderr and info["base"]["fingerprint"] in refused.stderr
+    assert f"Remove the folder {cached}" in refused.stderr and "Traceback" not in refused.stderr
+    shutil.rmtree(cached)  # the fix the message gives: downloaded again, checked, loads
+    assert fresh_process_predict("models:/real/1", tmp_path / "fresh-cache").returncode == 0
 
     # The base's artifacts gone: loading names the base and how it was pinned.
     client.delete_run(bases[0].info.run_id)
@@ -202,3 +217,17 @@ def test_versions_store_the_adapter_and_a_base_logged_once(
     assert failed.returncode != 0
     assert f"base model '{base}' (local folder, stored once in the tracking store as run" in failed.stderr
     assert "that run was deleted" in failed.stderr
+
+    # A new version of the same base whose stored copy's files are gone logs the base again instead of pinning
+    # itself to files that no longer exist.
+    shutil.copytree(tiny_model, base)
+    stored = client.get_run(bases[0].info.run_id).info.artifact_uri.removeprefix("file://")
+    client.restore_run(bases[0].info.run_id)
+    shutil.rmtree(Path(stored) / "base")
+    assert main(["run", str(config), "--set", "train.seed=1", "--json"]) == 0
+    third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pin = json.loads((package_of(third["model_uri"]) / "adaptflow.json").read_text())["base"]
+    assert pin["fingerprint"] == info["base"]["fingerprint"] and pin["run_id"] != bases[0].info.run_id
+    shutil.rmtree(base)
+    again = fresh_process_predict(third["model_uri"], tmp_path / "third-cache")
+    assert again.returncode == 0, again.stderr[-2000:]

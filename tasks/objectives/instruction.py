@@ -110,6 +110,7 @@ def encoder(
     chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
     settings["chat"] = chat
     settings["held_out"] = data.eval_dir  # the eval conversations, answered in evaluation
+    settings["max_length"] = max_length  # held-out prompts are cut (or dropped) as training cuts its rows
     settings["params"] = {"sft.template": template.name}
     settings["package"] = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
     counts = settings["metrics"] = {"sft_dropped_rows": 0}
@@ -182,7 +183,7 @@ def scored(
 
     _, eval_split = tokenized.splits()
     result = response_metrics(model, eval_split, causal_lm.collator(tokenizer), batch_size, prefix=prefix)
-    conversations = held_out(tokenized)
+    conversations = held_out(tokenized, tokenizer)
     references = [split_reference(c)[1] for c in conversations]
     texts = answers(model, tokenizer, tokenized, conversations, batch_size)
     scores = answer_scores(texts, references)
@@ -201,12 +202,33 @@ def prompts_of(tokenizer: Any, tokenized: TokenizedRef, conversations: list[list
     return [prompt_for_generation(c, tokenizer, template) for c in conversations]
 
 
-def held_out(tokenized: TokenizedRef) -> list[list[dict[str, str]]]:
-    """The eval conversations whose last response is generated and scored: the first `eval_generations`."""
+def held_out(tokenized: TokenizedRef, tokenizer: Any) -> list[list[dict[str, str]]]:
+    """The eval conversations whose last response is generated and scored: the first `eval_generations` of those
+    training would keep (a conversation whose last response does not fit in data.max_length is dropped, as from
+    the loss)."""
     from datasets import load_from_disk
 
     count = int(tokenized.options.get("eval_generations", 64))
-    return list(load_from_disk(tokenized.options["held_out"])["messages"][:count]) if count else []
+    if not count:
+        return []
+    kept = []
+    for conversation in load_from_disk(tokenized.options["held_out"])["messages"]:
+        if _prompt(conversation, tokenizer, tokenized) is not None:
+            kept.append(conversation)
+            if len(kept) == count:
+                break
+    return kept
+
+
+def _prompt(conversation: list[dict[str, str]], tokenizer: Any, tokenized: TokenizedRef) -> list[int] | None:
+    """The conversation's generation prompt cut as training cuts its row (None: training drops it)."""
+    from tasks.instruction import encode_prompt, fitting_prompt
+
+    template = template_of(tokenizer, tokenized.options)
+    max_length = tokenized.options.get("max_length")
+    if max_length is None:  # tokenized before the length was recorded
+        return encode_prompt(conversation, tokenizer, template)
+    return fitting_prompt(conversation, tokenizer, template, tokenized.options.get("loss_on", "assistant"), max_length)
 
 
 def answers(
@@ -218,17 +240,18 @@ def answers(
 ) -> list[str]:
     """Greedy answers to the conversations' prompts: rendered with the run's template, stopped at its end of turn."""
     from tasks.generation import generate_from_ids
-    from tasks.instruction import encode_prompt, response_only, stop_token_ids
+    from tasks.instruction import response_only, stop_token_ids
 
     if not conversations:
         return []
     template = template_of(tokenizer, tokenized.options)
     stops = stop_token_ids(tokenizer, template)
     limit = int(tokenized.options.get("max_new_tokens", 128))
-    prompts = [encode_prompt(c, tokenizer, template) for c in conversations]
+    prompts = [_prompt(c, tokenizer, tokenized) for c in conversations]  # held_out's: none is dropped
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        generated = generate_from_ids(model, tokenizer.pad_token_id, prompts[start : start + batch_size], limit, stops)
+        batch = [p for p in prompts[start : start + batch_size] if p is not None]
+        generated = generate_from_ids(model, tokenizer.pad_token_id, batch, limit, stops)
         texts = tokenizer.batch_decode(generated, skip_special_tokens=False)
         out += [response_only(text, tokenizer, template) for text in texts]
     return out
@@ -240,8 +263,9 @@ def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef
     from tasks.evaluation import EVAL_BATCH_SIZE
     from tasks.modeling import load_tokenizer
 
-    conversations = held_out(tokenized)
-    prompts = prompts_of(load_tokenizer(tokenized.model_source(source)), tokenized, conversations)
+    tokenizer = load_tokenizer(tokenized.model_source(source))
+    conversations = held_out(tokenized, tokenizer)
+    prompts = prompts_of(tokenizer, tokenized, conversations)
     scored_here = _BASE_ANSWERS.get(_base_key(source, tokenized, prompts))
     if scored_here is not None:
         return list(scored_here)
@@ -254,13 +278,27 @@ def normalized(text: str) -> str:
     return " ".join(text.split())
 
 
+class WordTokens:
+    """rouge-score's tokenization (lowercase; runs of letters and digits; no stemming) for every script: its own
+    keeps [a-z0-9] only, so a Chinese, Arabic or Greek answer had no tokens and scored 0 even when exact. ASCII text
+    gives the same tokens as rouge-score's; a word keeps its combining marks (Arabic, Devanagari); scripts written
+    without spaces (Han, kana, Thai) count one token per character, as multilingual ROUGE does."""
+
+    PATTERN = r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}]|(?:[\p{L}\p{N}]\p{M}*)+"
+
+    def tokenize(self, text: str) -> list[str]:
+        import regex  # unicode properties; a dependency of transformers' tokenizers
+
+        return list(regex.findall(self.PATTERN, text.lower()))
+
+
 def answer_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-L F1 (rouge-score's own tokenizer, no stemming) and exact match (after `normalized`)."""
+    """Mean ROUGE-L F1 (rouge-score, no stemming, `WordTokens`) and exact match (after `normalized`)."""
     from rouge_score import rouge_scorer
 
     if not references:
         return {}
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=WordTokens())
     rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
     exact = [normalized(p) == normalized(r) for p, r in zip(predictions, references, strict=True)]
     return {"eval_rouge_l": sum(rouge) / len(rouge), "eval_exact_match": sum(exact) / len(exact)}
@@ -272,7 +310,7 @@ def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
     in the reports folder); generated here only when none were kept for these prompts."""
     from tasks.instruction import split_reference
 
-    conversations = held_out(given.tokenized)
+    conversations = held_out(given.tokenized, given.tokenizer)
     prompts = prompts_of(given.tokenizer, given.tokenized, conversations)
     kept_file = given.folder / ANSWERS_FILE
     kept = json.loads(kept_file.read_text()) if kept_file.exists() else []
