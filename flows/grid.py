@@ -21,6 +21,7 @@ from tasks.grid import (
     TrialSpec,
     at_rung,
     before_rung,
+    check_no_live_trials,
     expand_grid,
     mark_pruned,
     recorded_trials,
@@ -195,10 +196,13 @@ def run_trials(
 ) -> list[TrialResult]:
     """Fan the trials out on the configured runner: once each to the end, or in rungs under `grid.prune`."""
     runner, threads = trial_runner(grid)
-    context = {"source": source, "tokenized": tokenized, "parent": parent}
+    # Workers on this machine (processes, a local Dask cluster) end with this process; a cluster's do not.
+    grid_pid = None if grid.dask_address else os.getpid()
+    context = {"source": source, "tokenized": tokenized, "parent": parent, "grid_pid": grid_pid}
     metric = rung_ranking(grid).metric if grid.prune else None
     # A resumed grid continues each trial it had started in that trial's run, from its own checkpoint.
     recorded = recorded_trials(parent, specs, metric) if parent.resumed else {}
+    check_no_live_trials(recorded)
     with runner:
         if grid.prune is None:
             return fan_out(runner, threads, [(spec, recorded.get(spec.index)) for spec in specs], context, grid)

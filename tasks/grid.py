@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
+import time
 import traceback
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 from adapters_impl import METHODS
@@ -144,6 +149,57 @@ def trial_run(result: TrialResult, parent: RunRef) -> RunRef:
     )
 
 
+TRIAL_LOCK = ".trial.lock"  # in a trial's folder, held by the process that trains it
+
+
+def follow_grid(grid_pid: int) -> None:
+    """In a trial worker: end this process within a second of the grid's. A SIGKILLed grid cannot stop its
+    workers, which would train on, alone, and beside a resumed grid in the same folders. One watcher per process.
+    """
+    if grid_pid == os.getpid():  # trials in the grid's own process (one at a time) end with it anyway
+        return
+    name = f"adaptflow-follow-{grid_pid}"
+    if any(thread.name == name for thread in threading.enumerate()):
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(grid_pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGKILL)  # nothing to save: the grid's resume continues the trial
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name=name, daemon=True).start()
+
+
+def trial_lock(run_dir: str | Path) -> FileLock:
+    """The lock a trial's trainer holds: released by the operating system when that process dies."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / TRIAL_LOCK))
+
+
+def check_no_live_trials(recorded: dict[int, TrialResult], wait: float = 5.0) -> None:
+    """A resumed grid never trains beside a process of the grid it resumes (still training a trial's folder).
+
+    Raises:
+        UserInputError: naming the trial and its folder.
+    """
+    for index, result in recorded.items():
+        if not result.run_dir:
+            continue
+        lock = trial_lock(result.run_dir)
+        try:
+            with lock.acquire(timeout=wait):
+                pass
+        except Timeout:
+            raise UserInputError(
+                f"--resume: trial {index} ({result.run_dir}) is still being trained by a process of the grid this "
+                "resumes; wait for it to end (or stop it), then resume"
+            ) from None
+
+
 def run_trial(
     spec: TrialSpec,
     source: ModelSource,
@@ -152,12 +208,16 @@ def run_trial(
     threads: int | None,
     stop_at: int | None = None,
     previous: TrialResult | None = None,
+    grid_pid: int | None = None,
 ) -> TrialResult:
     """apply -> train -> evaluate in a nested MLflow run and its own folder; a failure is a result, not a crash.
 
     Under pruning, training stops at `stop_at` (a rung) and a trial that goes on (`previous`, its result at the
     rung before) continues in the same run from its own checkpoint, with the adapter it was given then.
+    In a worker process on the grid's machine (`grid_pid`), the trial ends with the grid.
     """
+    if grid_pid is not None:
+        follow_grid(grid_pid)
     if threads:
         torch.set_num_threads(threads)  # trials share the machine's cores instead of fighting over them
     config = spec.config
@@ -171,6 +231,21 @@ def run_trial(
         client.update_run(run.run_id, status="RUNNING")
         clear_error(client, run.run_id)  # a failure of an interrupted attempt is no longer the trial's state
     kept = {"steps": previous.steps, "rungs": previous.rungs} if previous else {}
+    with trial_lock(run.run_dir):
+        return _train_trial(spec, source, tokenized, run, stop_at, previous, kept)
+
+
+def _train_trial(
+    spec: TrialSpec,
+    source: ModelSource,
+    tokenized: TokenizedRef,
+    run: RunRef,
+    stop_at: int | None,
+    previous: TrialResult | None,
+    kept: dict[str, Any],
+) -> TrialResult:
+    config = spec.config
+    client = client_for(run)
     try:
         if previous is not None and previous.trained is not None:
             adapted = previous.trained.adapted

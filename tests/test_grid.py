@@ -380,3 +380,87 @@ def test_a_pruned_grid_killed_mid_rung_resumes_from_the_trials_checkpoints_to_th
     for t in resumed["trials"]:  # the pruned trials' rung was taken as logged, not trained again
         steps = sorted(m.step for m in client.get_metric_history(t["run_id"], "eval_loss") if m.step)  # 0: finish's
         assert steps == ([4] if t["status"] == "pruned" else [4, 12])
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc: each process's parent)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_a_sigkilled_grid_takes_its_trial_workers_with_it(tmp_path: Path, tiny_model: str, stories_file: Path) -> None:
+    """Only the grid's own process is killed (kill -9 PID): its workers trained on, for good, before."""
+    config = grid_config(tmp_path, tiny_model, stories_file)
+    longer = ["--set", "train.max_steps=400", "--set", "train.save_steps=5"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    command = [str(Path(sys.executable).with_name("adaptflow")), "grid", str(config), *longer]
+    child = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and child.poll() is None:
+            if len(list((tmp_path / "runs").glob("*/checkpoints/checkpoint-*"))) >= 2:  # both trials train
+                break
+            time.sleep(0.1)
+        below = _descendants(child.pid)
+        assert child.poll() is None and below, "the grid never started its trials"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in below):
+            time.sleep(0.2)
+        left = sorted(p for p in below if _alive(p))
+        assert not left, f"processes outlived the grid: {[Path(f'/proc/{p}/cmdline').read_bytes()[:80] for p in left]}"
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+
+
+def test_a_resume_refuses_to_train_beside_a_live_worker_of_the_grid(tmp_path: Path) -> None:
+    from tasks.errors import UserInputError
+    from tasks.grid import TRIAL_LOCK, check_no_live_trials
+
+    folder = tmp_path / "trial-run"
+    folder.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder / TRIAL_LOCK)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        recorded = {0: trial(0, 1.0, 10).model_copy(update={"run_dir": str(folder)})}
+        with pytest.raises(UserInputError) as refused:
+            check_no_live_trials(recorded, wait=0.5)
+        assert "trial 0" in str(refused.value) and str(folder) in str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    check_no_live_trials(recorded, wait=5)  # its process gone, the lock is free
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+lock = FileLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
