@@ -254,11 +254,14 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.config import load_config
+    from tasks.distributed import check_device
     from tasks.grid import expand_grid
     from tasks.memory import Device, gib, parse_bytes, plan, this_device
 
     config = load_config(args.config, args.set)
     device = this_device()
+    if not args.device or args.device == device.kind:  # planned for this machine: what `run` would refuse here
+        check_device(config.train)
     if args.device and args.device != device.kind:
         if not args.memory:
             raise UserInputError(

@@ -68,7 +68,7 @@ def check_device(settings: TrainSettings) -> None:
 
     Raises:
         UserInputError: FSDP without CUDA (accelerate shards with FSDP on GPUs only), or more processes per
-            node than GPUs.
+            node than GPUs (or, on CPU, than cores).
     """
     import torch
 
@@ -85,6 +85,12 @@ def check_device(settings: TrainSettings) -> None:
         raise UserInputError(
             f"train.distributed.nproc_per_node: {distributed.nproc_per_node} processes, but this node has {gpus} "
             "GPU(s); one process per GPU"
+        )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not gpus and distributed.nproc_per_node > cores:  # each CPU process holds a model copy and wants a core
+        raise UserInputError(
+            f"train.distributed.nproc_per_node: {distributed.nproc_per_node} CPU processes, but this node has "
+            f"{cores} core(s) for them; at most {cores}"
         )
 
 

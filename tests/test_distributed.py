@@ -117,6 +117,27 @@ def test_fsdp_without_gpus_is_refused_before_launching() -> None:
     check_device(TrainSettings(distributed=DistributedSettings(nproc_per_node=2)))  # ddp with gloo is fine
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU processes")
+def test_more_cpu_processes_than_cores_are_refused_by_run_and_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import write_config
+
+    from flows.cli import main
+
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(UserInputError, match=f"999 CPU processes, but this node has {cores} core"):
+        check_device(TrainSettings(distributed=DistributedSettings(nproc_per_node=999)))
+    config = write_config(
+        tmp_path / "c.yaml", data={"train": "x.jsonl"}, train={"distributed": {"nproc_per_node": 999}}
+    )
+    assert main(["plan", str(config)]) == 2
+    assert "train.distributed.nproc_per_node: 999 CPU processes" in capsys.readouterr().err
+    fsdp = ["--set", "train.distributed.nproc_per_node=2", "--set", "train.distributed.strategy=fsdp"]
+    assert main(["plan", str(config), *fsdp]) == 2
+    assert "fsdp needs CUDA GPUs" in capsys.readouterr().err
+
+
 class Stage:
     """The train stage called directly (no Prefect) on the tiny model, dropout off so that ranks compute alike;
     a tiny LoRA on stories unless `sections` say otherwise (sections of a run config: task, data, method)."""
