@@ -109,8 +109,12 @@ def preflight(config: RunConfig) -> None:
     from tasks.load import check_source
     from tasks.memory import check_fits
     from tasks.modeling import check_context, resolve_model
+    from tasks.objectives import get_objective
 
     check_writable(Path(config.train.output_dir), "train.output_dir")
+    problems = get_objective(config.task).check(config)
+    if problems:
+        raise UserInputError.many("invalid configuration:", problems)
     check_source(config.data.train, "data.train")
     if config.data.eval:
         check_source(config.data.eval, "data.eval")

@@ -729,7 +729,8 @@ def _resolve(value: str, base: Path) -> str:
 
 
 def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
-    """Make existing relative data and model paths absolute, so stages do not depend on the cwd."""
+    """Make existing relative data, model and template paths absolute (looked up from the working directory, then
+    beside the config), so stages do not depend on the cwd."""
     data = config.data.model_copy(
         update={
             "train": _resolve(config.data.train, base),
@@ -739,7 +740,11 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     model = config.model
     if not model.name_or_path.startswith(BUILTIN_PREFIX):
         model = model.model_copy(update={"name_or_path": _resolve(model.name_or_path, base)})
-    return config.model_copy(update={"data": data, "model": model})
+    update: dict[str, Any] = {"data": data, "model": model}
+    if config.instruction is not None and config.instruction.template.endswith(".jinja"):
+        template = _resolve(config.instruction.template, base)
+        update["instruction"] = config.instruction.model_copy(update={"template": template})
+    return config.model_copy(update=update)
 
 
 def dump_config(config: RunConfig) -> str:

@@ -41,6 +41,7 @@ Packing and loss
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ from tasks.config import (
 from tasks.errors import UserInputError, capped
 from tasks.objectives.base import IGNORE_INDEX as IGNORE
 
+log = logging.getLogger("adaptflow.instruction")
+
 Message = dict[str, str]
 Format = Literal["alpaca", "prompt_completion", "messages", "sharegpt"]
 
@@ -83,7 +86,8 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 # Contents used to find what a template writes after a response (its end of turn).
-_PROBE = [{"role": "user", "content": "adaptflow-probe-question"}, {"role": "assistant", "content": "adaptflow-probe"}]
+# Neither content contains the other: a template that drops the response must not find it in the question.
+_PROBE = [{"role": "user", "content": "adaptflow-probe-question"}, {"role": "assistant", "content": "adaptflow-answer"}]
 
 
 # ---------------------------------------------------------------- formats
@@ -282,7 +286,8 @@ class ChatTemplate:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
             )
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError) as exc:
+        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
+            # a template is the user's code: any error of its own is bad input, named
             roles = [m["role"] for m in messages]
             raise UserInputError(
                 f"instruction.template: template {self.name} cannot render a conversation with roles {roles}: "
@@ -294,9 +299,25 @@ class ChatTemplate:
 
 
 def _end_of_turn(tokenizer: PreTrainedTokenizerBase, name: str, source: str) -> str:
+    """What the template writes after a response; checks that it writes the response at all, and warns when it
+    ignores `add_generation_prompt`."""
     template = ChatTemplate(name=name, source=source, end_of_turn="")
     text = template.render(tokenizer, _PROBE, add_generation_prompt=False)
-    after = text[text.rindex(_PROBE[1]["content"]) + len(_PROBE[1]["content"]) :].split()
+    answer = _PROBE[1]["content"]
+    if answer not in text:
+        raise UserInputError(
+            f"instruction.template: template {name} does not write the assistant's message (a conversation "
+            "rendered with it lacks the response's text), so there is nothing to train on; write "
+            "{{ message['content'] }} for every role, or choose plain or chatml"
+        )
+    question = _PROBE[:1]
+    if template.render(tokenizer, question, True) == template.render(tokenizer, question, False):
+        log.warning(
+            "instruction.template: template %s ignores add_generation_prompt: a prompt ends with the user's turn, "
+            "so the model must write the assistant's header itself before answering in evaluation and serving",
+            name,
+        )
+    after = text[text.rindex(answer) + len(answer) :].split()
     if not after:
         raise UserInputError(
             f"instruction.template: template {name} writes nothing after a response, so the model could not "
@@ -349,6 +370,8 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSe
             source = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise UserInputError(f"instruction.template: cannot read {path}: {exc}") from None
+        if not source.strip():
+            raise UserInputError(f"instruction.template: {path} is empty; it must be a Jinja chat template")
         name, added = f"file:{path.name}", marker_tokens_missing(tokenizer, source)
         tokenizer.add_tokens(list(added), special_tokens=True)
     return ChatTemplate(name=name, source=source, end_of_turn=_end_of_turn(tokenizer, name, source), added_tokens=added)

@@ -69,6 +69,10 @@ def no_files(config: RunConfig) -> dict[str, str]:
     return {}
 
 
+def no_problems(config: RunConfig) -> list[str]:
+    return []
+
+
 def loss_only(config: RunConfig) -> tuple[str, ...]:
     return ("eval_loss",)
 
@@ -106,6 +110,8 @@ class Objective:
     `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
     `metric_names(config)` names what `metrics` will report for this config and `report_metrics` what `report` adds:
     known before training, so that a promotion or grid metric no run reports is refused at once.
+    Checks: `check(config)` what is wrong with the files its settings name (each problem naming its key), before
+    any run opens.
     Identity: `files(config)` the files its settings name, config key -> content fingerprint: part of the
     tokenization cache key, of a version's identity and of what `--resume` checks (a file edited in place counts).
     Reports: `base_generations(source, data, tokenized)` the base model's part of the report (cached per base model),
@@ -148,6 +154,7 @@ class Objective:
     metric_names: Callable[[RunConfig], tuple[str, ...]] = loss_only
     report_metrics: tuple[str, ...] = ()
     files: Callable[[RunConfig], dict[str, str]] = no_files
+    check: Callable[[RunConfig], list[str]] = no_problems
 
     def supports(self, method: Method) -> bool:
         return self.name not in method.unsupported

@@ -55,6 +55,22 @@ def files(config: RunConfig) -> dict[str, str]:
     return {"instruction.template": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
 
 
+def check(config: RunConfig) -> list[str]:
+    """A template file that is missing or empty, named before anything opens."""
+    from pathlib import Path
+
+    template = config.instruction.template if config.instruction else "tokenizer"
+    if not template.endswith(".jinja"):
+        return []
+    path = Path(template).expanduser()
+    if not path.is_file():
+        return [f"instruction.template: file not found: {template} (looked up from the working directory, then "
+                "beside the config)"]  # fmt: skip
+    if not path.read_text(errors="replace").strip():
+        return [f"instruction.template: {template} is empty; it must be a Jinja chat template"]
+    return []
+
+
 def metric_names(config: RunConfig) -> tuple[str, ...]:
     """Loss, perplexity and token accuracy over responses; ROUGE-L and exact match need generated answers."""
     from tasks.config import InstructionSettings
@@ -379,4 +395,5 @@ OBJECTIVE = Objective(
     data_key=data_key,
     metric_names=metric_names,
     files=files,
+    check=check,
 )

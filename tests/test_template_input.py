@@ -1,0 +1,99 @@
+"""Chat templates from users (hostile round two): a template that drops the response, ignores the generation
+prompt, is empty, raises or recurses is named (`instruction.template`) instead of training on a placeholder or
+ending in a traceback; a relative template is found beside the config, before anything opens."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from tasks.config import InstructionSettings
+from tasks.errors import UserInputError
+from tasks.instruction import resolve_template
+from tasks.modeling import load_tokenizer, resolve_model
+
+ROLE_TURNS = "{% for m in messages %}<{{ m['role'] }}>{{ CONTENT }}</s>{% endfor %}"
+GENERATION = "{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+@pytest.fixture
+def tokenizer(tiny_model: str):  # type: ignore[no-untyped-def]
+    from tasks.config import ModelSettings
+
+    return load_tokenizer(resolve_model(ModelSettings(name_or_path=tiny_model)))
+
+
+def resolved(tokenizer, tmp_path: Path, source: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / "t.jinja"
+    path.write_text(source)
+    return resolve_template(tokenizer, InstructionSettings(template=str(path)))
+
+
+def test_a_template_that_never_writes_the_response_is_refused(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    redacted = ROLE_TURNS.replace(
+        "{{ CONTENT }}", "{% if m['role'] == 'assistant' %}[redacted]{% else %}{{ m['content'] }}{% endif %}"
+    )
+    with pytest.raises(UserInputError) as refused:
+        resolved(tokenizer, tmp_path, redacted + GENERATION)
+    assert "instruction.template" in str(refused.value) and "does not write the assistant's message" in str(
+        refused.value
+    )
+    # Writing it is enough: the end of turn is what follows the response, not a guess from the question.
+    template = resolved(tokenizer, tmp_path, ROLE_TURNS.replace("{{ CONTENT }}", "{{ m['content'] }}") + GENERATION)
+    assert template.end_of_turn == "</s>"
+
+
+def test_a_template_that_ignores_the_generation_prompt_is_warned_about(
+    tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.WARNING, logger="adaptflow.instruction"):
+        resolved(tokenizer, tmp_path, ROLE_TURNS.replace("{{ CONTENT }}", "{{ m['content'] }}"))
+    assert "ignores add_generation_prompt" in caplog.text and "assistant's header" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [
+        ("{{ 1 / 0 }}", "division by zero"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
+        ("{{ messages[0]['missing'] }}{{ raise_exception('no system turn') }}", "no system turn"),
+    ],
+)
+def test_a_template_that_raises_or_recurses_is_named(tokenizer, tmp_path: Path, source: str, said: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UserInputError) as refused:
+        resolved(tokenizer, tmp_path, source)
+    assert str(refused.value).startswith("instruction.template: template file:t.jinja cannot render")
+    assert said in str(refused.value)
+
+
+def test_a_relative_template_is_found_beside_the_config_and_a_missing_or_empty_one_is_named_at_once(
+    tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "data.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n' * 4)
+    config = write_config(
+        folder / "c.yaml",
+        model={"name_or_path": tiny_model},
+        task="instruction",
+        data={"train": "data.jsonl"},
+        instruction={"template": "chat.jinja"},
+    )
+    from tasks.config import load_config
+
+    (folder / "chat.jinja").write_text(ROLE_TURNS.replace("{{ CONTENT }}", "{{ m['content'] }}") + GENERATION)
+    assert load_config(config).instruction.template == str(folder / "chat.jinja")  # type: ignore[union-attr]
+
+    (folder / "chat.jinja").write_text("  \n")
+    assert main(["run", str(config)]) == 2
+    assert "chat.jinja is empty; it must be a Jinja chat template" in capsys.readouterr().err
+    (folder / "chat.jinja").unlink()
+    assert main(["run", str(config)]) == 2
+    assert "instruction.template: file not found: chat.jinja" in capsys.readouterr().err
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
