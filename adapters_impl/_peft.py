@@ -40,6 +40,8 @@ def resolve_target_modules(model: nn.Module, requested: list[str] | str, key: st
     """
     available = linear_module_names(model)
     if requested == ALL_LINEAR:
+        if not available:  # peft itself would raise NoMatchingPeftModuleError, a traceback
+            raise MethodSettingsError(f"{key}: all-linear, but this model has no linear layer besides its output")
         return available
     names = [requested] if isinstance(requested, str) else list(requested)
     unknown = [n for n in names if n not in available]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 # An objective's name (config `task:`). The objectives are registered above this layer (tasks/objectives), which
@@ -21,10 +21,35 @@ class MethodSettingsError(ValueError):
     the apply-method stage reports it as the user's input error (exit 2)."""
 
 
-class MethodSettings(BaseModel):
+# Beyond this an integer setting is a typo or an attack: torch and the Trainer overflow on it far from the config.
+LARGEST_INT = 2**53
+
+
+class ConfigSection(BaseModel):
+    """A section of the run config: unknown keys refused, frozen, and numbers that are numbers: no inf or nan,
+    no `true` for a count (YAML's booleans would pass as 1), no integer beyond 2**53. (A message "@key: ..." names
+    the section's key: the config's error report puts the section's path before it.)"""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_numbers(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        numeric = (int, float, int | None, float | None)
+        for key, value in values.items():
+            field = cls.model_fields.get(key)
+            if isinstance(value, bool) and field is not None and field.annotation in numeric:
+                raise ValueError(f"@{key}: expected a number, got {str(value).lower()}")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INT:
+                raise ValueError(f"@{key}: {value} is too large (at most {LARGEST_INT})")
+        return values
+
+
+class MethodSettings(ConfigSection):
     """Settings common to every method; each method subclasses this with a literal `name`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
 
 

@@ -180,6 +180,11 @@ def _conversation_arg(value: str) -> list[dict[str, str]]:
         )
     ):
         raise UserInputError('--messages: expected a JSON list of {"role": ..., "content": ...} objects')
+    roles = [m["role"] for m in messages]
+    if unknown := sorted(set(roles) - {"system", "user", "assistant"}):
+        raise UserInputError(f"--messages: unknown role(s) {unknown}; roles are system, user and assistant")
+    if "user" not in roles:
+        raise UserInputError(f"--messages: no user turn for the model to answer (roles: {roles})")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

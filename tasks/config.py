@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from adapters_impl import METHODS
+from adapters_impl.base import ConfigSection
 from adapters_impl.lora import LowRankSettings
 from tasks.errors import UserInputError
 from tasks.objectives import OBJECTIVES
@@ -103,8 +104,8 @@ def read_yaml(path: Path, source: str | None = None) -> Any:
     return parse_yaml(text, source)
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Section(ConfigSection):
+    pass
 
 
 class ModelSettings(Section):
@@ -656,6 +657,9 @@ def _describe(error: Any) -> str:
     if kind == "missing":
         return f"{key}: required"
     message = error["msg"].removeprefix("Value error, ")
+    if message.startswith("@"):  # a section's own key (ConfigSection): "@max_steps: ..." -> "train.max_steps: ..."
+        field, _, rest = message[1:].partition(": ")
+        return f"{key}.{field}: {rest}" if loc else f"{field}: {rest}"
     if message.startswith(("method.", "train.", "data.", "instruction", "grid.", "registry.")):
         return message
     shown = error.get("input")

@@ -175,6 +175,8 @@ def _turns(value: Any, role_key: str, content_key: str, roles: Mapping[str, str]
         if not isinstance(turn, Mapping) or role_key not in turn or content_key not in turn:
             raise ValueError(f"every turn needs '{role_key}' and '{content_key}', got {str(turn)[:80]}")
         role = turn[role_key]
+        if not isinstance(role, str):  # a list or number would also fail as a dict key, with a TypeError
+            raise ValueError(f"'{role_key}' must be a string, got {type(role).__name__} {str(role)[:40]}")
         if roles is not None:
             if role not in roles:
                 raise ValueError(f"unknown '{role_key}' value {role!r}; map it to a role with data.role_map")

@@ -97,3 +97,60 @@ def test_a_relative_template_is_found_beside_the_config_and_a_missing_or_empty_o
     assert "instruction.template: file not found: chat.jinja" in capsys.readouterr().err
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_sharegpt_turns_whose_from_is_not_a_string_are_named(tmp_path: Path) -> None:
+    from tasks.config import DataSettings
+    from tasks.instruction import to_messages
+
+    rows = [{"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    with pytest.raises(UserInputError) as refused:
+        to_messages(rows, DataSettings(train="x"), "data.train (x.jsonl)")
+    assert "'from' must be a string, got list" in str(refused.value) and "row 1" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ('[{"role": "assistant", "content": "Hi"}]', "no user turn for the model to answer"),
+        ('[{"role": "robot", "content": "Hi"}]', "unknown role(s) ['robot']"),
+    ],
+)
+def test_predict_messages_without_a_user_turn_is_named(value: str, said: str) -> None:
+    from flows.cli import _conversation_arg
+
+    with pytest.raises(UserInputError, match=r"^--messages: ") as refused:
+        _conversation_arg(value)
+    assert said in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "said"),
+    [
+        ({"train": {"learning_rate": float("inf")}}, "train.learning_rate: Input should be a finite number"),
+        ({"train": {"max_steps": None, "epochs": float("inf")}}, "train.epochs: Input should be a finite number"),
+        ({"train": {"max_steps": True}}, "train.max_steps: expected a number, got true"),
+        ({"train": {"max_steps": 10**20}}, "train.max_steps: 100000000000000000000 is too large"),
+        ({"method": {"r": True}}, "method.r: expected a number, got true"),
+        (
+            {"bias_probe": {"gate": {"max_stereotype_rise": float("nan")}}},
+            "max_stereotype_rise: Input should be a finite",
+        ),
+    ],
+)
+def test_numbers_that_are_not_numbers_are_refused_by_key(section: dict, said: str) -> None:
+    from tasks.config import validate_config
+
+    with pytest.raises(UserInputError) as refused:
+        validate_config({"data": {"train": "x"}, **section})
+    assert said in str(refused.value)
+
+
+def test_all_linear_on_a_model_without_linear_layers_is_a_named_error() -> None:
+    from torch import nn
+
+    from adapters_impl import MethodSettingsError
+    from adapters_impl._peft import resolve_target_modules
+
+    with pytest.raises(MethodSettingsError, match=r"method\.target_modules: all-linear, but this model has no linear"):
+        resolve_target_modules(nn.Sequential(nn.Embedding(4, 2)), "all-linear", "method.target_modules")
