@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import UserInputError
+from tasks.errors import RunFailed, UserInputError
 from tasks.modeling import cache_home
 
 EVENT = "adaptflow.dataset.updated"
@@ -63,9 +63,8 @@ def settled(folder: Path, settle_seconds: float) -> dict[str, tuple[int, int]]:
         before = after
 
 
-def check(folder: Path, settle_seconds: float = 1.0, state: Path | None = None) -> dict[str, Any] | None:
-    """Compare the folder with its last fingerprint; return the change (and remember it), or None."""
-    state = state or state_file(folder)
+def pending(folder: Path, settle_seconds: float, state: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The change since the last fingerprint this watcher recorded, with the new file digests, or None."""
     settled(folder, settle_seconds)
     digests = file_digests(folder)
     previous = json.loads(state.read_text()) if state.exists() else {"fingerprint": None, "files": {}}
@@ -80,16 +79,43 @@ def check(folder: Path, settle_seconds: float = 1.0, state: Path | None = None) 
         "changed": sorted(n for n in digests if n in old and old[n] != digests[n]),
         "removed": sorted(set(old) - set(digests)),
     }
+    return change, digests
+
+
+def record(state: Path, change: dict[str, Any], digests: dict[str, str]) -> None:
+    """Remember a change as seen: only once its event was accepted, or the retrain it asks for never happens."""
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"fingerprint": current, "files": digests}))
-    return change
+    state.write_text(json.dumps({"fingerprint": change["fingerprint"], "files": digests}))
+
+
+def check(folder: Path, settle_seconds: float = 1.0, state: Path | None = None) -> dict[str, Any] | None:
+    """Compare the folder with its last fingerprint; return the change (and remember it), or None."""
+    state = state or state_file(folder)
+    found = pending(folder, settle_seconds, state)
+    if found is None:
+        return None
+    record(state, *found)
+    return found[0]
 
 
 def emit(change: dict[str, Any]) -> None:
-    """The Prefect event a deployment trigger listens for (resource: the folder, payload: what changed)."""
+    """The Prefect event a deployment trigger listens for (resource: the folder, payload: what changed).
+
+    Raises:
+        RunFailed: the Prefect API does not answer: the event would be lost (Prefect's events worker only logs).
+    """
+    from prefect.client.orchestration import get_client
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+        url = client.api_url
+    if problem is not None:
+        raise RunFailed(
+            f"the Prefect API at {url} does not answer ({type(problem).__name__}): the change of {change['path']} "
+            "was not sent and is not recorded; start the server (or set PREFECT_API_URL) and watch again"
+        )
     emit_event(
         event=EVENT,
         resource={
@@ -107,18 +133,28 @@ def watch(folder: Path, once: bool, interval: float = 10.0, settle_seconds: floa
 
     Raises:
         UserInputError: DIR is not a folder.
+        RunFailed: the Prefect API does not answer (the change stays pending for the next check).
     """
     if not folder.is_dir():
         raise UserInputError(f"DIR: not a folder: {folder}")
     if not os.environ.get("PREFECT_API_URL"):
         log.warning("PREFECT_API_URL is not set: events go nowhere a deployment listens; point it at your server")
     changes = []
+    state = state_file(folder)
     while True:
-        change = check(folder, settle_seconds)
-        if change:
-            emit(change)
-            log.info("%s changed (%s): event %s emitted", folder, _summary(change), EVENT)
-            changes.append(change)
+        found = pending(folder, settle_seconds, state)
+        if found:
+            change = found[0]
+            try:
+                emit(change)
+            except RunFailed as exc:
+                if once:
+                    raise
+                log.warning("%s; trying again in %.0f s", exc, interval)  # still pending: sent when the API is back
+            else:
+                record(state, *found)
+                log.info("%s changed (%s): event %s emitted", folder, _summary(change), EVENT)
+                changes.append(change)
         if once:
             return changes
         time.sleep(interval)

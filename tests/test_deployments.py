@@ -161,3 +161,19 @@ def test_new_data_in_a_watched_folder_retrains_and_registers_a_new_version(tmp_p
                     process.kill()
         for handle in logs.values():
             handle.close()
+
+
+def test_watch_once_with_the_prefect_api_away_fails_and_keeps_the_change_pending(tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "new"}\n')
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",  # nothing listens there
+        "ADAPTFLOW_CACHE": str(tmp_path / "cache"),
+    }
+    command = [str(BIN / "adaptflow"), "watch", str(folder), "--once", "--settle", "0.05", "--json"]
+    away = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert away.returncode == 1, away.stdout[-2000:]
+    assert "does not answer" in away.stderr and "not recorded" in away.stderr and "emitted" not in away.stderr
+    assert not list((tmp_path / "cache" / "watch").glob("*.json")), "the fingerprint must not be saved"
