@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from tasks.grid import (
     at_rung,
     before_rung,
     check_no_live_trials,
+    end_live_trials,
     expand_grid,
     mark_pruned,
     recorded_trials,
@@ -90,6 +94,22 @@ def trial_runner(grid: GridSettings) -> tuple[TaskRunner[Any], int | None]:
     if grid.max_parallel == 1:
         return ThreadPoolTaskRunner(max_workers=1), None
     return ProcessPoolTaskRunner(max_workers=grid.max_parallel), threads
+
+
+@contextmanager
+def workers_ended_on_interrupt(runner: TaskRunner[Any], parent: RunRef) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while trials train: end the worker processes at once (the runner's exit would wait for
+    every trial to finish its rung, and workers interrupted by a terminal's Ctrl-C hang on their pipes) and mark
+    the trials' runs KILLED, as the grid's run is. Workers ignore SIGINT (`tasks.grid.follow_grid`)."""
+    try:
+        yield
+    except BaseException:
+        executor = getattr(runner, "_executor", None)  # ProcessPoolTaskRunner's ProcessPoolExecutor
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                process.kill()
+        end_live_trials(parent, "KILLED")
+        raise
 
 
 def fan_out(
@@ -203,7 +223,7 @@ def run_trials(
     # A resumed grid continues each trial it had started in that trial's run, from its own checkpoint.
     recorded = recorded_trials(parent, specs, metric) if parent.resumed else {}
     check_no_live_trials(recorded)
-    with runner:
+    with runner, workers_ended_on_interrupt(runner, parent):
         if grid.prune is None:
             return fan_out(runner, threads, [(spec, recorded.get(spec.index)) for spec in specs], context, grid)
         assert max_steps is not None  # the config's validation asks for it

@@ -158,6 +158,9 @@ def follow_grid(grid_pid: int) -> None:
     """
     if grid_pid == os.getpid():  # trials in the grid's own process (one at a time) end with it anyway
         return
+    # A terminal's Ctrl-C reaches the whole process group: the grid ends its workers itself, and a worker
+    # interrupted on its own would leave the pool waiting on its pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     name = f"adaptflow-follow-{grid_pid}"
     if any(thread.name == name for thread in threading.enumerate()):
         return
@@ -171,6 +174,18 @@ def follow_grid(grid_pid: int) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, name=name, daemon=True).start()
+
+
+def end_live_trials(parent: RunRef, status: str) -> None:
+    """Mark the grid's trial runs still RUNNING as `status` (their processes were ended)."""
+    client = client_for(parent)
+    running = client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
+        max_results=5000,
+    )
+    for run in running:
+        client.set_terminated(run.info.run_id, status)
 
 
 def trial_lock(run_dir: str | Path) -> FileLock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -419,7 +420,7 @@ def test_a_sigkilled_grid_takes_its_trial_workers_with_it(tmp_path: Path, tiny_m
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and child.poll() is None:
-            if len(list((tmp_path / "runs").glob("*/checkpoints/checkpoint-*"))) >= 2:  # both trials train
+            if len({p.parents[1] for p in (tmp_path / "runs").glob("*/checkpoints/checkpoint-*")}) >= 2:  # both train
                 break
             time.sleep(0.1)
         below = _descendants(child.pid)
@@ -464,3 +465,44 @@ lock.acquire()
 print("held", flush=True)
 time.sleep(60)
 """
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "to_group", "code"), [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)])
+def test_ctrl_c_or_sigterm_during_a_rung_ends_the_grid_its_workers_and_their_runs_promptly(
+    tmp_path: Path, tiny_model: str, stories_file: Path, signum: int, to_group: bool, code: int
+) -> None:
+    """Ctrl-C in a terminal (the whole group) hung forever; SIGTERM to the grid waited for the rung to end."""
+    config = grid_config(tmp_path, tiny_model, stories_file, prune={"eta": 2, "min_steps": 200})
+    longer = ["--set", "train.max_steps=400", "--set", "train.save_steps=5"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    command = [str(Path(sys.executable).with_name("adaptflow")), "grid", str(config), *longer]
+    log = (tmp_path / "cli.log").open("w")
+    child = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len({p.parents[1] for p in (tmp_path / "runs").glob("*/checkpoints/checkpoint-*")}) < 2:  # both train
+            assert child.poll() is None and time.monotonic() < deadline, "the trials never trained"
+            time.sleep(0.1)
+        below = _descendants(child.pid)
+        os.killpg(child.pid, signum) if to_group else child.send_signal(signum)
+        sent = time.monotonic()
+        child.wait(timeout=120)
+        took = time.monotonic() - sent
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in below):
+            time.sleep(0.2)
+        left = [p for p in below if _alive(p)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    output = (tmp_path / "cli.log").read_text()
+    assert child.returncode == code, output[-3000:]
+    assert took < 20, f"{took:.0f} s from the signal to the exit"
+    assert not left, "processes outlived the grid"
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("adaptflow").experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"KILLED"}  # the grid's run and both trials'
