@@ -22,6 +22,37 @@ from mlflow.pyfunc import PythonModel
 
 Conversation = list[dict[str, str]]
 
+# Server-side bounds on one generation, whatever a request asks: a client that gives up cannot be seen from here,
+# so a request for a billion tokens would otherwise run on for hours. Operators raise them with these variables.
+MAX_TOKENS_VARIABLE, MAX_SECONDS_VARIABLE = "ADAPTFLOW_SERVE_MAX_TOKENS", "ADAPTFLOW_SERVE_MAX_SECONDS"
+DEFAULT_MAX_TOKENS, DEFAULT_MAX_SECONDS = 1024, 120.0
+
+
+class BadRequest(ValueError):
+    """A request this model cannot answer; served as HTTP 400 with the one-line reason."""
+
+
+def _bad_request(reason: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(reason)
+
+
+def _token_limit(value: Any, key: str) -> int:
+    """A requested length: a positive integer, capped by the server's limit."""
+    import os
+
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value <= 0:
+        raise BadRequest(f"{key} must be a positive integer, got {value!r}")
+    cap = int(os.environ.get(MAX_TOKENS_VARIABLE, DEFAULT_MAX_TOKENS))
+    return min(int(value), cap)
+
+
+def _max_seconds() -> float:
+    import os
+
+    return float(os.environ.get(MAX_SECONDS_VARIABLE, DEFAULT_MAX_SECONDS))
+
 
 def _texts(model_input: Any) -> list[str]:
     if isinstance(model_input, str):
@@ -34,8 +65,17 @@ def _texts(model_input: Any) -> list[str]:
 
 def _conversation(value: Any) -> Conversation:
     if isinstance(value, str):
-        value = json.loads(value)  # a JSON cell of a DataFrame
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+        try:
+            value = json.loads(value)  # a JSON cell of a DataFrame
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"messages: not JSON ({exc.msg})") from None
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise BadRequest('messages: expected a list of {"role": ..., "content": ...} objects with string values')
+    if not any(m["role"] == "user" for m in value):
+        raise BadRequest("messages: no user turn to answer")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _conversations(model_input: Any) -> list[Conversation]:
@@ -59,6 +99,12 @@ class AdaptflowModel(PythonModel):
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         # Untyped on purpose: MLflow would turn type hints into a strict input schema.
+        try:
+            return self._predict(model_input, params)
+        except BadRequest as exc:  # HTTP 400 with the reason, never a stack trace in the body
+            raise _bad_request(str(exc)) from None
+
+    def _predict(self, model_input: Any, params: dict[str, Any] | None) -> Any:
         import torch
 
         params = {**self.info.get("generation", {}), **(params or {})}
@@ -75,16 +121,22 @@ class AdaptflowModel(PythonModel):
             if self.info.get("chat"):
                 if isinstance(model_input, dict) and "messages" in model_input:  # an OpenAI-style chat request
                     request = {k: v for k, v in model_input.items() if k != "messages"}
-                    limit = int(request.get("max_tokens") or params.get("max_new_tokens", 128))
+                    asked = request.get("max_tokens")
+                    limit = _token_limit(params.get("max_new_tokens", 128) if asked is None else asked, "max_tokens")
                     return self._chat_completion(_conversation(model_input["messages"]), limit)
-                limit = int(params.get("max_new_tokens", 128))
+                limit = _token_limit(params.get("max_new_tokens", 128), "max_new_tokens")
                 return [self._answer(c, limit)[0] for c in _conversations(model_input)]
-            return [self._continue(text, int(params.get("max_new_tokens", 40))) for text in _texts(model_input)]
+            limit = _token_limit(params.get("max_new_tokens", 40), "max_new_tokens")
+            return [self._continue(text, limit) for text in _texts(model_input)]
 
     def _continue(self, text: str, limit: int) -> str:
         batch = self.tokenizer(text, return_tensors="pt")  # one at a time: no padding to get wrong
         generated = self.model.generate(  # type: ignore[operator]
-            **batch, max_new_tokens=limit, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            **batch,
+            max_new_tokens=limit,
+            max_time=_max_seconds(),
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
         return str(self.tokenizer.decode(generated[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
 
@@ -107,6 +159,7 @@ class AdaptflowModel(PythonModel):
             input_ids=torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             max_new_tokens=limit,
+            max_time=_max_seconds(),
             do_sample=False,
             eos_token_id=stops,
             pad_token_id=self.tokenizer.pad_token_id,

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -125,6 +126,20 @@ def adaptflow(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "adaptflow"), *args], capture_output=True, text=True, timeout=900)
 
 
+def served(port: int, request: dict) -> tuple[int, str]:
+    """POST a request to a model server: (HTTP status, body)."""
+    post = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(request).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(post, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -201,6 +216,7 @@ def test_messages_data_trains_registers_predicts_and_serves_chat(
     port, log = free_port(), (tmp_path / "serve.log").open("w")
     # The server starts uvicorn from PATH, as in an activated environment.
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["ADAPTFLOW_SERVE_MAX_TOKENS"] = "16"  # the server's bound on any request
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", "models:/chat@champion", "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
@@ -221,10 +237,25 @@ def test_messages_data_trains_registers_predicts_and_serves_chat(
                 started = server.poll() is None and time.monotonic() < deadline
                 assert started, f"mlflow models serve did not start: {(tmp_path / 'serve.log').read_text()[-3000:]}"
                 time.sleep(2)
+        bounded = served(port, {"messages": CONVERSATIONS[0][:2], "max_tokens": 1_000_000_000})
+        refusals = [
+            served(port, {"messages": CONVERSATIONS[0][:2], "max_tokens": 0}),
+            served(port, {"messages": CONVERSATIONS[0][:2], "max_tokens": -3}),
+            served(port, {"messages": "not a conversation"}),
+            served(port, {"messages": [{"role": "assistant", "content": "Hi"}]}),
+        ]
     finally:
         if server.poll() is None:
             os.killpg(server.pid, 15)
             server.wait(30)
+    assert bounded[0] == 200 and json.loads(bounded[1])["usage"]["completion_tokens"] <= 16
+    for (status, body), reason in zip(
+        refusals,
+        ["max_tokens must be a positive integer, got 0", "got -3", "messages: not JSON", "no user turn"],
+        strict=True,
+    ):
+        assert status == 400 and reason in body, body[:500]
+        assert "Traceback" not in body and "stack_trace" not in body
     assert reply["object"] == "chat.completion"
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": answer}, "served = predicted"
     assert 0 < reply["usage"]["completion_tokens"] <= 12
