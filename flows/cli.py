@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -427,12 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The interrupted command line as typed, its --set overrides included (they are part of what is resumed),
+    with --resume."""
+    words = ["adaptflow", args.command, args.config]
+    for override in args.set:
+        words += ["--set", override]
+    words.append("--resume")
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 1 anything else, 128 + signal if interrupted)."""
     args = build_parser().parse_args(argv)
     hint = ""
     if args.command in ("run", "grid"):
-        hint = f"; the run is marked KILLED: `adaptflow {args.command} {args.config} --resume` continues it"
+        hint = f"; the run is marked KILLED: `{resume_command(args)}` continues it"
     with session(args.command, runs_flows=args.runs_flows, json_output=args.json, resume_hint=hint) as outcome:
         outcome.result = args.handler(args)
     return outcome.code

@@ -100,7 +100,7 @@ def trial_runner(grid: GridSettings) -> tuple[TaskRunner[Any], int | None]:
 def workers_ended_on_interrupt(runner: TaskRunner[Any], parent: RunRef) -> Iterator[None]:
     """Ctrl-C or SIGTERM while trials train: end the worker processes at once (the runner's exit would wait for
     every trial to finish its rung, and workers interrupted by a terminal's Ctrl-C hang on their pipes) and mark
-    the trials' runs KILLED, as the grid's run is. Workers ignore SIGINT (`tasks.grid.follow_grid`)."""
+    the trials' runs KILLED, as the grid's run is. Workers ignore SIGINT (`tasks.grid.become_trial_worker`)."""
     try:
         yield
     except BaseException:

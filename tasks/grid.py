@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -152,15 +153,17 @@ def trial_run(result: TrialResult, parent: RunRef) -> RunRef:
 TRIAL_LOCK = ".trial.lock"  # in a trial's folder, held by the process that trains it
 
 
-def follow_grid(grid_pid: int) -> None:
-    """In a trial worker: end this process within a second of the grid's. A SIGKILLed grid cannot stop its
-    workers, which would train on, alone, and beside a resumed grid in the same folders. One watcher per process.
+def become_trial_worker(grid_pid: int) -> None:
+    """In a worker process of the grid's: end within a second of the grid (a SIGKILLed grid cannot stop its
+    workers, which would train on, alone, and beside a resumed grid in the same folders); leave a terminal's
+    Ctrl-C to the grid; print on stderr (the grid's stdout holds its --json result alone). Once per process.
     """
     if grid_pid == os.getpid():  # trials in the grid's own process (one at a time) end with it anyway
         return
     # A terminal's Ctrl-C reaches the whole process group: the grid ends its workers itself, and a worker
     # interrupted on its own would leave the pool waiting on its pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout = sys.stderr  # the Trainer prints its log dicts
     name = f"adaptflow-follow-{grid_pid}"
     if any(thread.name == name for thread in threading.enumerate()):
         return
@@ -232,7 +235,7 @@ def run_trial(
     In a worker process on the grid's machine (`grid_pid`), the trial ends with the grid.
     """
     if grid_pid is not None:
-        follow_grid(grid_pid)
+        become_trial_worker(grid_pid)
     if threads:
         torch.set_num_threads(threads)  # trials share the machine's cores instead of fighting over them
     config = spec.config

@@ -209,8 +209,12 @@ def start_run(
             resumed=True,
             previous_status=previous_status,
         )
-    if resume:
-        log.info("nothing to resume for this config: starting a new run")
+    if resume:  # as the HF Trainer's resume_from_checkpoint=True: asked to continue, nothing to continue from
+        raise UserInputError(
+            f"--resume: no unfinished run of this config (config hash {config_hash(config)}) in experiment "
+            f"{config.tracking.experiment!r}: every run of it finished, or none started with these --set "
+            "overrides; run without --resume to start one"
+        )
     tags = {
         "adaptflow.config_hash": config_hash(config),
         "adaptflow.base_model": redact(config.model.name_or_path),

@@ -169,9 +169,12 @@ class MlflowStreamCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         now = int(time.time() * 1000)
+        summary = "train_runtime" in (logs or {})  # the Trainer's end-of-training summary
         for key, value in (logs or {}).items():
             if isinstance(value, int | float) and math.isfinite(float(value)):
                 name = key if key.startswith(("train_", "eval_")) else f"{self.prefix}{key}"
+                if summary and key == "train_loss":  # the run's mean, not one more point of the step curve
+                    name = "train_loss_mean"
                 self.pending.append(Metric(name, float(value), now, state.global_step))
         self.flush()
 

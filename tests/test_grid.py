@@ -506,3 +506,15 @@ def test_ctrl_c_or_sigterm_during_a_rung_ends_the_grid_its_workers_and_their_run
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("adaptflow").experiment_id])
     assert len(runs) == 3 and {r.info.status for r in runs} == {"KILLED"}  # the grid's run and both trials'
+
+
+@pytest.mark.slow
+def test_grid_json_leaves_stdout_to_the_one_json_object(tmp_path: Path, tiny_model: str, stories_file: Path) -> None:
+    """Trial workers printed the Trainer's log dicts ({'loss': ...}) on the grid's stdout: `| jq .` broke."""
+    config = grid_config(tmp_path, tiny_model, stories_file)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    command = [str(Path(sys.executable).with_name("adaptflow")), "grid", str(config), "--json"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = done.stdout.strip().splitlines()
+    assert json.loads(line)["command"] == "grid" and "'loss'" in done.stderr

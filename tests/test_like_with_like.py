@@ -193,3 +193,33 @@ def test_promotion_after_a_change_of_loss_on_compares_on_the_challengers_yardsti
     reason = MlflowClient().get_model_version("yardstick", second["model_version"]).tags["promotion"]
     assert "re-evaluated under this version's evaluation settings (instruction.loss_on differed)" in reason, reason
     assert "instruction.loss_on all" in reason
+
+
+def test_the_resume_hint_repeats_the_command_with_its_overrides_and_nothing_to_resume_is_exit_2(
+    tmp_path: Path,
+) -> None:
+    from flows.cli import build_parser, resume_command
+
+    args = build_parser().parse_args(["run", "my run.yaml", "--set", "train.seed=1", "--set", "method.r=16"])
+    assert resume_command(args) == "adaptflow run 'my run.yaml' --set train.seed=1 --set method.r=16 --resume"
+    config = RunConfig.model_validate({"data": {"train": "x.jsonl"}, "train": {"output_dir": str(tmp_path)}})
+    with pytest.raises(UserInputError, match="--resume: no unfinished run of this config"):
+        start_run(config, resume=True)
+
+
+def test_the_trainers_run_average_loss_is_not_a_last_point_of_the_loss_curve(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from tasks.training import MlflowStreamCallback
+
+    config = RunConfig.model_validate({"data": {"train": "x.jsonl"}, "train": {"output_dir": str(tmp_path)}})
+    run = start_run(config)
+    callback = MlflowStreamCallback(run)
+    for step, loss in ((10, 2.0), (20, 1.0)):
+        callback.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": loss, "learning_rate": 1e-3})
+    summary = {"train_runtime": 3.0, "train_loss": 1.5, "train_samples_per_second": 9.0}
+    callback.on_log(None, SimpleNamespace(global_step=20), None, logs=summary)
+    client = MlflowClient()
+    curve = [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train_loss")]
+    assert sorted(curve) == [(10, 2.0), (20, 1.0)]
+    assert client.get_run(run.run_id).data.metrics["train_loss_mean"] == 1.5

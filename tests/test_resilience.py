@@ -96,9 +96,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     run = MlflowClient().get_run(killed[0])
     assert run.info.status == "FINISHED" and run.data.tags["adaptflow.resumed"] == "true"
 
-    # Nothing left to resume: --resume starts a new run.
-    assert main(["run", str(config), "--resume", "--json"]) == 0
-    assert last_json(capsys.readouterr().out)["run_id"] not in {killed[0], uninterrupted["run_id"]}
+    # Nothing left to resume: --resume says so (exit 2) instead of silently training a new run.
+    assert main(["run", str(config), "--resume", "--json"]) == 2
+    assert "--resume: no unfinished run of this config" in capsys.readouterr().err
 
 
 @pytest.mark.slow
