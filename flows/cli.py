@@ -19,6 +19,7 @@ from typing import Any
 
 from flows.startup import connect, session
 from tasks.errors import UserInputError
+from tasks.yaml_files import config_file_problem
 
 log = logging.getLogger("adaptflow")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
@@ -444,7 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     hint = ""
     if args.command in ("run", "grid"):
         hint = f"; the run is marked KILLED: `{resume_command(args)}` continues it"
-    with session(args.command, runs_flows=args.runs_flows, json_output=args.json, resume_hint=hint) as outcome:
+    # A missing or unreadable config is named at once, before a server starts or torch is imported.
+    problem = config_file_problem(Path(args.config)) if isinstance(getattr(args, "config", None), str) else None
+    with session(
+        args.command, runs_flows=args.runs_flows and not problem, json_output=args.json, resume_hint=hint
+    ) as outcome:
+        if problem:
+            raise UserInputError(problem)
         outcome.result = args.handler(args)
     return outcome.code
 

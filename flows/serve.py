@@ -18,7 +18,7 @@ PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
 
 def read_deployments(prefect_file: Path = PREFECT_FILE) -> list[dict[str, Any]]:
     """The deployment entries of a prefect.yaml (YAML anchors and merges resolved)."""
-    from tasks.config import read_yaml
+    from tasks.yaml_files import read_yaml
 
     return list(read_yaml(prefect_file)["deployments"])
 

@@ -223,3 +223,18 @@ def test_the_trainers_run_average_loss_is_not_a_last_point_of_the_loss_curve(tmp
     curve = [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train_loss")]
     assert sorted(curve) == [(10, 2.0), (20, 1.0)]
     assert client.get_run(run.run_id).data.metrics["train_loss_mean"] == 1.5
+
+
+def test_a_missing_or_unreadable_config_is_named_before_anything_heavy_starts(tmp_path: Path) -> None:
+    """`adaptflow run nonexist.yaml` took 15-21 s: the Prefect server started and torch was imported first."""
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    probe = (
+        "import sys; from flows.cli import main; codes = [main(['run', 'nonexist.yaml']), main(['grid', 'bad.yaml'])];"
+        "print(codes, 'torch' in sys.modules, 'prefect' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.stdout.strip().endswith("[2, 2] False False"), done.stdout + done.stderr
+    assert "nonexist.yaml: config file not found" in done.stderr and "bad.yaml: not valid YAML" in done.stderr

@@ -10,8 +10,8 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.config import read_yaml
 from tasks.errors import UserInputError
+from tasks.yaml_files import read_yaml
 
 BUILTIN_SUITES = Path(__file__).parent.parent / "builtin" / "probes"
 Perturbation = Literal["typo", "case", "whitespace", "punctuation"]
