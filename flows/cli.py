@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,8 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(r["table"])
         print(f"best: trial {r['best']['index']} {r['best']['name']}")
+        if r["steps_saved"]:
+            print(f"steps trained: {r['steps_total']}; saved by pruning: {r['steps_saved']}")
         aliases = ", ".join(f"@{a}" for a in r["aliases"]) or "no alias"
         print(f"registered {r['model_name']} version {r['model_version']} -> {aliases}  ({r['promotion']})")
 
@@ -213,15 +216,19 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
         raise UserInputError(f"MODEL_URI: cannot load {args.model_uri!r}: {str(exc).splitlines()[0][:1000]}") from None
     if conversations and not getattr(model.unwrap_python_model(), "info", {}).get("chat"):
         raise UserInputError(f"--messages: {args.model_uri} is not an instruction model; give --text instead")
-    predictions = list(model.predict(texts)) if texts else []
+    # The pyfunc's own predict, with predict's length (the registered model's signature has no params schema)
+    python_model = model.unwrap_python_model()
+    params = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None
+    predictions = list(python_model.predict(None, texts, params)) if texts else []
     for conversation in conversations:  # one at a time: a list of messages is one conversation to the pyfunc
-        predictions += list(model.predict(conversation))
+        predictions += list(python_model.predict(None, conversation, params))
     inputs: list[Any] = [*texts, *conversations]
     result = {"command": "predict", "model_uri": args.model_uri, "predictions": predictions}
 
     def human(r: dict[str, Any]) -> None:
-        for given, prediction in zip(inputs, r["predictions"], strict=True):
-            print(f"{given!r} -> {prediction!r}")
+        for number, (given, prediction) in enumerate(zip(inputs, r["predictions"], strict=True)):
+            shown = given if isinstance(given, str) else given[-1]["content"]  # a conversation: its last turn
+            print(("\n" if number else "") + f"> {shown}\n{prediction}")
 
     return _emit(result, args, human)
 
@@ -358,6 +365,7 @@ ALLOW_CHANGED_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"adaptflow {package_version('adaptflow')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(
@@ -397,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = add("predict", cmd_predict, "generate or classify with a registered model")
     predict.add_argument("model_uri", help="models:/NAME@champion, models:/NAME/VERSION, runs:/... ")
     predict.add_argument("--text", action="append", help="input text (repeatable)")
+    predict.add_argument(
+        "--max-new-tokens", type=positive_int, help="longest answer (default: what the model was registered with)"
+    )
     predict.add_argument("--input", help="a file with one input text per line")
     predict.add_argument(
         "--messages",
@@ -407,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("model", help="local model folder, hub id, or models:/NAME@ALIAS")
     probe.add_argument(
         "--suite",
-        required=True,
-        help="builtin suite name (default) or a path: YAML suite, pairs CSV/JSONL, WinoBias folder",
+        default="default",
+        help="builtin suite name (default: default) or a path: YAML suite, pairs CSV/JSONL, WinoBias folder",
     )
     probe.add_argument("--data", help="labelled texts for the robustness check of a classifier")
     probe.add_argument("--text-column", default="text")
@@ -427,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", **overrides)  # type: ignore[arg-type]
     add("methods", cmd_methods, "list the methods and their settings")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value
 
 
 def resume_command(args: argparse.Namespace) -> str:

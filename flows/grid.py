@@ -202,7 +202,8 @@ def successive_halving(
         final += [mark_pruned(r, context["parent"]) for r in finished if r.index not in going_on]
         by_index = {spec.index: spec for spec in specs}
         work = [(by_index[r.index], r) for r in results if r.index in going_on]
-        progress.info("[rung %d/%d] %d trials go on to step %d", number, len(rungs), len(work), rungs[number])
+        going = "1 trial goes on" if len(work) == 1 else f"{len(work)} trials go on"
+        progress.info("[rung %d/%d] %s to step %d", number, len(rungs), going, rungs[number])
     raise AssertionError("the last rung is max_steps")
 
 

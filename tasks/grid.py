@@ -280,6 +280,8 @@ def _train_trial(
         end_run(run, "FAILED")
         return spec.outcome("failed", run_id=run.run_id, run_dir=run.run_dir, error=error, **kept)
     metrics = {**metrics, **trained.metrics()}
+    if previous is not None:  # a trial continued across rungs: its training time is every rung's
+        metrics["train_seconds"] += previous.metrics.get("train_seconds", 0.0)
     # Under pruning each rung's evaluation is logged at its step: the trial's metric history is its rungs.
     log_metrics(run, metrics, step=trained.steps if stop_at else 0)
     end_run(run, "FINISHED")

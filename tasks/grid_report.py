@@ -114,7 +114,10 @@ def plot_grid(results: list[TrialResult], select: SelectSettings, folder: Path) 
             grid.loc[t.params["r"], t.params["alpha"]] = (
                 t.metrics.get(select.metric, math.nan) if t.status == "ok" else math.nan
             )
-            labels.loc[t.params["r"], t.params["alpha"]] = t.status
+            last = t.rungs[-1].value if t.status == "pruned" and t.rungs else None
+            labels.loc[t.params["r"], t.params["alpha"]] = (
+                f"pruned @{t.steps}\n{last:.4g}" if last is not None and math.isfinite(last) else t.status
+            )
         image = ax.imshow(grid.values, cmap="viridis_r" if select.mode == "min" else "viridis", aspect="auto")
         for (i, j), value in pd.DataFrame(grid.values).stack(future_stack=True).items():
             shown = labels.iat[i, j] if math.isnan(value) else f"{value:.4g}"
@@ -145,6 +148,11 @@ def plot_grid(results: list[TrialResult], select: SelectSettings, folder: Path) 
             s=40 if on_front else 20,
         )
         ax.annotate(str(r.index), (r.metrics["trainable_params"], r.metrics[select.metric]), fontsize=7)
+    for r in results:  # pruned trials at their last rung's value: fewer steps, so off the front
+        value = r.rungs[-1].value if r.status == "pruned" and r.rungs else None
+        if value is not None and math.isfinite(value) and "trainable_params" in r.metrics:
+            ax.scatter(r.metrics["trainable_params"], value, c="tab:gray", marker="x", s=20)
+            ax.annotate(f"{r.index} (pruned @{r.steps})", (r.metrics["trainable_params"], value), fontsize=7)
     frontier = sorted((r for r in ok if r.index in front), key=lambda r: r.metrics["trainable_params"])
     ax.plot(
         [r.metrics["trainable_params"] for r in frontier],

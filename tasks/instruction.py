@@ -357,6 +357,12 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSe
     if choice == "tokenizer" and isinstance(tokenizer.chat_template, str):
         name, source, added = "tokenizer", tokenizer.chat_template, ()
     elif choice in ("tokenizer", "plain"):
+        if choice == "tokenizer":
+            log.warning(
+                "instruction.template: the tokenizer has no chat template; using plain (### Instruction / "
+                "### Response, EOS after each response). Set instruction.template to chatml or a .jinja file for "
+                "another"
+            )
         if tokenizer.eos_token is None:
             raise UserInputError(
                 "model.name_or_path: the tokenizer has no EOS token, which the plain template writes after each "

@@ -212,6 +212,10 @@ def test_messages_data_trains_registers_predicts_and_serves_chat(
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])["predictions"][0]
     assert "###" not in answer and "</s>" not in answer, "predict returns the response only"
+    shown = adaptflow("predict", "models:/chat@champion", "--messages", question, "--max-new-tokens", "2")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    printed = shown.stdout.strip().splitlines()  # the answer as text (2 tokens may be blank), not a repr
+    assert printed[0] == f"> {json.loads(question)[-1]['content']}" and " -> " not in shown.stdout
 
     port, log = free_port(), (tmp_path / "serve.log").open("w")
     # The server starts uvicorn from PATH, as in an activated environment.

@@ -154,3 +154,26 @@ def test_all_linear_on_a_model_without_linear_layers_is_a_named_error() -> None:
 
     with pytest.raises(MethodSettingsError, match=r"method\.target_modules: all-linear, but this model has no linear"):
         resolve_target_modules(nn.Sequential(nn.Embedding(4, 2)), "all-linear", "method.target_modules")
+
+
+def test_a_tokenizer_without_a_chat_template_gets_plain_with_a_notice(
+    tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    assert not tokenizer.chat_template
+    with caplog.at_level(logging.WARNING, logger="adaptflow.instruction"):
+        template = resolve_template(tokenizer, InstructionSettings())
+    assert template.name == "plain" and "the tokenizer has no chat template; using plain" in caplog.text
+
+
+def test_cli_small_gaps(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version, probe's default suite, and predict's --max-new-tokens checked as a number above 0."""
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("adaptflow ")
+    assert build_parser().parse_args(["probe", "models:/m@champion"]).suite == "default"
+    assert build_parser().parse_args(["predict", "m", "--text", "x", "--max-new-tokens", "7"]).max_new_tokens == 7
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["predict", "m", "--text", "x", "--max-new-tokens", "0"])
+    assert "expected a number above 0, got 0" in capsys.readouterr().err
