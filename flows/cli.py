@@ -34,7 +34,7 @@ def _emit(result: dict[str, Any], args: argparse.Namespace, human: Callable[[dic
 
 
 def _run_config(
-    config_path: str, overrides: list[str], resume: bool = False, allow_changed: bool = False
+    config_path: str, overrides: list[str], resume: bool = False, allow_changed: bool = False, force: bool = False
 ) -> dict[str, Any]:
     from flows.finetune import run_method_flow
     from flows.pipeline import finished, preflight
@@ -44,7 +44,7 @@ def _run_config(
     preflight(config)
     connect(config.tracking, while_waiting=[_import_plotting])
     try:
-        return run_method_flow(config, resume, allow_changed).model_dump()
+        return run_method_flow(config, resume, allow_changed, force).model_dump()
     except Exception as exc:
         if not finished:
             raise
@@ -144,7 +144,8 @@ def _allow_changed(args: argparse.Namespace) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    return _emit(_run_config(args.config, args.set, args.resume, _allow_changed(args)), args, _print_run)
+    result = _run_config(args.config, args.set, args.resume, _allow_changed(args), args.force)
+    return _emit(result, args, _print_run)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -388,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", **overrides)  # type: ignore[arg-type]
     run.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this config")
     run.add_argument("--allow-changed", action="store_true", help=ALLOW_CHANGED_HELP)
+    run.add_argument(
+        "--force", action="store_true", help="train and register even when this config was trained on the same data"
+    )
     grid = add("grid", cmd_grid, "the comparison grid, then register and promote the best", runs_flows=True)
     grid.add_argument("config", help="YAML config file (its grid section; defaults when absent)")
     grid.add_argument("--set", **overrides)  # type: ignore[arg-type]

@@ -32,13 +32,19 @@ def method_flow(method: Method) -> Flow[Any, RunResult]:
     """The method's flow: its typed config in, the pipeline's `RunResult` out."""
     config_type = method_config_type(method)
 
-    def run(config: RunConfig, resume: bool = False, allow_changed: bool = False) -> RunResult:
-        return finetune(config, resume, allow_changed)
+    def run(config: RunConfig, resume: bool = False, allow_changed: bool = False, force: bool = False) -> RunResult:
+        return finetune(config, resume, allow_changed, force)
 
     run.__name__ = run.__qualname__ = method.flow_name
     run.__module__ = __name__
     run.__doc__ = f"{method.summary}. Evaluate against the base, probe, merge, register and promote."
-    run.__annotations__ = {"config": config_type, "resume": bool, "allow_changed": bool, "return": RunResult}
+    run.__annotations__ = {
+        "config": config_type,
+        "resume": bool,
+        "allow_changed": bool,
+        "force": bool,
+        "return": RunResult,
+    }
     return flow(name=method.flow_name, log_prints=True)(run)
 
 
@@ -53,8 +59,10 @@ def config_type_of(method_name: str) -> type[RunConfig]:
     return FLOWS[method_name].fn.__annotations__["config"]  # type: ignore[no-any-return]
 
 
-def run_method_flow(config: RunConfig, resume: bool = False, allow_changed: bool = False) -> RunResult:
+def run_method_flow(
+    config: RunConfig, resume: bool = False, allow_changed: bool = False, force: bool = False
+) -> RunResult:
     """Run the configured method's own flow with the config narrowed to its type."""
     method_name = config.method.name
     narrowed = config_type_of(method_name).model_validate(config.model_dump())
-    return FLOWS[method_name](narrowed, resume, allow_changed)
+    return FLOWS[method_name](narrowed, resume, allow_changed, force)

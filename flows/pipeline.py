@@ -70,12 +70,22 @@ def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = F
         # Not an Exception: KeyboardInterrupt, or Prefect's TerminationSignal for a SIGTERM inside a flow.
         stopped = not isinstance(exc, Exception)
         stages.end_run(run, "KILLED" if stopped else "FAILED", repr(exc)[:5000])
-        reason = disk_error(exc)
-        if reason is not None:  # name the path instead of a bare errno
-            raise disk_failure(exc, config.train.output_dir, reason) from None
-        raise
+        with named_disk_errors(config):
+            raise
     forget_live_model()
     stages.end_run(run, "FINISHED")
+
+
+@contextmanager
+def named_disk_errors(config: RunConfig) -> Iterator[None]:
+    """A full or read-only disk is named by its path and train.output_dir's free space, not a bare errno."""
+    try:
+        yield
+    except Exception as exc:
+        reason = disk_error(exc)
+        if reason is not None:
+            raise disk_failure(exc, config.train.output_dir, reason) from None
+        raise
 
 
 def check_writable(folder: Path, key: str) -> None:
@@ -144,6 +154,7 @@ def finish(
     trained: TrainedRef,
     metrics: dict[str, float],
     lineage: dict[str, str] | None = None,
+    force: bool = False,
 ) -> Finished:
     """report -> probe -> merge -> register -> promote a trained and evaluated model: the one order for runs and
     for a grid's best trial. `metrics` holds the tuned and base evaluations; this adds the report's, the merge's
@@ -166,16 +177,17 @@ def finish(
         metrics["merged_eval_loss"] = merged.merged_eval_loss
         metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - metrics["eval_loss"]
     tags = {**(lineage or {}), **gate_tags(probe_report.gate)}  # the gate's verdict is on the version from the start
-    registered = stages.register_model(config, data, run, trained, merged, metrics, tags, tokenized.package())
+    registered = stages.register_model(config, data, run, trained, merged, metrics, tags, tokenized.package(), force)
     decision = stages.promote(registered, run, config, data, probe_report)
     return Finished(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
 
 
-def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = False) -> RunResult:
+def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = False, force: bool = False) -> RunResult:
     """Run the pipeline for one configured method; the method flows are thin, typed entries into this.
 
     With `resume`, the newest unfinished run of this config continues from its last checkpoint, provided its data,
-    base and objective files are the ones it started on (or `allow_changed`).
+    base and objective files are the ones it started on (or `allow_changed`). A config already trained on the same
+    content reports that version without training, unless `force`: then it trains and registers a new version.
     """
     finished.clear()
     distributed = config.train.distributed
@@ -186,9 +198,13 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
     eval_batch = config.train.eval_batch_size
     source = stages.resolve_model(config.model)
-    with tracked_run(config, resume=resume) as run:
+    with named_disk_errors(config):  # read before any run opens: bad data is named with nothing left behind
         data = stages.load_data(config.data, config.task, cache_dir / "data")
-        lineage = stages.record_identity(run, run_identity(config, data, source), allow_changed)
+    identity = run_identity(config, data, source)
+    if not resume and not force and (same := stages.identical_version(config, identity)) is not None:
+        return _finish(_identical_result(config, same))
+    with tracked_run(config, resume=resume) as run:
+        lineage = stages.record_identity(run, identity, allow_changed)
         tokenized = stages.tokenize_dataset(
             data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
         )
@@ -198,7 +214,8 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
         )
         trained = stages.train_model(adapted, tokenized, config.train, run)
         tuned_metrics = stages.evaluate_model(trained, tokenized, run, eval_batch)
-        done = finish(config, source, data, tokenized, run, trained, {**tuned_metrics, **base_metrics}, lineage)
+        metrics = {**tuned_metrics, **base_metrics}
+        done = finish(config, source, data, tokenized, run, trained, metrics, lineage, force)
     warnings = []
     if done.registered.existing:
         warnings.append(
@@ -278,6 +295,23 @@ def _finish(result: RunResult) -> RunResult:
 
 def _pending_result(config: RunConfig, version: ModelVersion, decision: Decision) -> RunResult:
     """What the killed run would have reported, from its registered version and its MLflow run."""
+    warning = f"finished the promotion decision of version {decision.version}, left pending by a killed run"
+    aliases = [decision.alias] if decision.alias else []
+    return _version_result(config, version, aliases, decision.reason, warning)
+
+
+def _identical_result(config: RunConfig, version: ModelVersion) -> RunResult:
+    """A config already trained on the same content: that version, as its run reported it; nothing trained."""
+    warning = (
+        f"version {version.version} (run {version.run_id}) was trained from this config on the same data, base "
+        "and files: reported without training (--force trains and registers anew)"
+    )
+    return _version_result(config, version, list(version.aliases), version.tags.get("promotion", ""), warning)
+
+
+def _version_result(
+    config: RunConfig, version: ModelVersion, aliases: list[str], promotion: str, warning: str
+) -> RunResult:
     from adapters_impl import METHODS
     from tasks.tracking import use_tracking
 
@@ -288,12 +322,12 @@ def _pending_result(config: RunConfig, version: ModelVersion, decision: Decision
         task=config.task,
         metrics=dict(run.data.metrics),
         bias_probe={"gate": recorded_gate(version)} if recorded_gate(version) else {},
-        model_name=decision.name,
-        model_version=decision.version,
-        model_uri=f"models:/{decision.name}/{decision.version}",
-        aliases=[decision.alias] if decision.alias else [],
+        model_name=version.name,
+        model_version=str(version.version),
+        model_uri=f"models:/{version.name}/{version.version}",
+        aliases=aliases,
         mergeable=METHODS[config.method.name].mergeable,
-        promotion=decision.reason,
+        promotion=promotion,
         run_dir=str(Path(config.train.output_dir).resolve() / run.info.run_id),
-        warnings=[f"finished the promotion decision of version {decision.version}, left pending by a killed run"],
+        warnings=[warning],
     )

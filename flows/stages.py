@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities.model_registry import ModelVersion
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
@@ -171,3 +172,10 @@ log_params = task(name="log-params", cache_policy=NO_CACHE)(tracking.log_params)
 
 end_run = task(name="end-run", cache_policy=NO_CACHE)(tracking.end_run)
 record_identity = task(name="record-identity", cache_policy=NO_CACHE)(tracking.record_identity)
+
+
+@task(name="find-identical-version", cache_policy=NO_CACHE)
+def identical_version(config: RunConfig, identity: dict[str, str]) -> ModelVersion | None:
+    """The registered version of this config trained on the same content, if any (before anything is trained)."""
+    client = tracking.use_tracking(config.tracking)
+    return registry.identical_version(client, config.registry.name, config, identity)

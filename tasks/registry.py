@@ -280,17 +280,18 @@ def register_model(
     metrics: dict[str, float],
     extra_tags: dict[str, str] | None = None,
     serving: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> RegisteredRef:
     """Log artifacts first, then create the version: the registry never points at missing files.
 
-    Idempotent: when a version of the same config on the same data exists (a re-run after a lost orchestrator,
-    a retrying script), that version is returned instead of registering a duplicate.
+    Idempotent: when a version of the same config on the same content exists (a re-run after a lost orchestrator,
+    a retrying script), that version is returned instead of registering a duplicate, unless `force`.
     """
     import mlflow
 
     client = use_tracking(config.tracking)
     identity = run_identity(config, data, trained.adapted.source)
-    found = identical_version(client, config.registry.name, config, identity)
+    found = None if force else identical_version(client, config.registry.name, config, identity)
     if found is not None:
         return RegisteredRef(
             name=config.registry.name,

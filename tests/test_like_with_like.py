@@ -194,6 +194,18 @@ def test_promotion_after_a_change_of_loss_on_compares_on_the_challengers_yardsti
     assert "re-evaluated under this version's evaluation settings (instruction.loss_on differed)" in reason, reason
     assert "instruction.loss_on all" in reason
 
+    # The first config again, on the same content: its version is reported before anything is trained.
+    client = MlflowClient()
+    runs_before = len(client.search_runs([client.get_experiment_by_name("adaptflow").experiment_id]))
+    assert main(["run", str(config), "--json"]) == 0
+    again = last_json(capsys.readouterr().out)
+    assert again["model_version"] == first["model_version"] and again["run_id"] == first["run_id"]
+    assert "reported without training (--force trains and registers anew)" in again["warnings"][0]
+    assert len(client.search_runs([client.get_experiment_by_name("adaptflow").experiment_id])) == runs_before
+    assert main(["run", str(config), "--force", "--json"]) == 0
+    forced = last_json(capsys.readouterr().out)
+    assert forced["run_id"] != first["run_id"] and int(forced["model_version"]) == int(second["model_version"]) + 1
+
 
 def test_the_resume_hint_repeats_the_command_with_its_overrides_and_nothing_to_resume_is_exit_2(
     tmp_path: Path,

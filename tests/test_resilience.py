@@ -55,7 +55,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
 
     # The same config in a separate process, SIGKILLed once it has checkpointed a few times.
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
-    command = [str(Path(sys.executable).with_name("adaptflow")), "run", str(config)]
+    # --force: the config was trained on this data already (that version would be reported, nothing trained).
+    command = [str(Path(sys.executable).with_name("adaptflow")), "run", str(config), "--force"]
     child = subprocess.Popen(
         command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
