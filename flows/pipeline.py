@@ -160,7 +160,8 @@ def finish(
     for a grid's best trial. `metrics` holds the tuned and base evaluations; this adds the report's, the merge's
     and training's own."""
     metrics = {**metrics, **trained.metrics(), **tokenized.metrics()}
-    stages.log_metrics(run, tokenized.metrics())
+    # The base's numbers beside the tuned ones in the run (they were only in the version's tags and the report).
+    stages.log_metrics(run, {**tokenized.metrics(), **{k: v for k, v in metrics.items() if k.startswith("base_")}})
     stages.log_params(run, tokenized.params())
     base_texts = stages.base_generations(source, data, tokenized)
     metrics |= stages.report_evaluation(
@@ -205,6 +206,7 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
         return _finish(_identical_result(config, same))
     with tracked_run(config, resume=resume) as run:
         lineage = stages.record_identity(run, identity, allow_changed)
+        stages.log_datasets(run, data)
         tokenized = stages.tokenize_dataset(
             data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
         )

@@ -271,6 +271,19 @@ def creation_tags(
     return version_tags(config, data, run, metrics, identity) | (extra_tags or {}) | {PENDING: "true"}
 
 
+def describe(config: RunConfig, data: DataRef, metrics: dict[str, float]) -> str:
+    """A version's description: what was tuned on what, and how it did against its base."""
+    metric = config.registry.promote.metric
+    tuned, base = metrics.get(metric), metrics.get(f"base_{metric}")
+    result = f"{metric} {tuned:.4g}" if tuned is not None else ""
+    if tuned is not None and base is not None:
+        result = f"{metric} {base:.4g} (base) -> {tuned:.4g}"
+    return (
+        f"{config.method.name} ({config.task}) on {redact(config.model.name_or_path)}, trained on "
+        f"{redact(str(data.source))} ({data.train_rows} rows, {data.eval_rows} held out). {result}".strip()
+    )
+
+
 def register_model(
     config: RunConfig,
     data: DataRef,
@@ -329,6 +342,7 @@ def register_model(
         )
     # Registered only now, after every artifact is stored.
     registered = mlflow.register_model(info.model_uri, config.registry.name, tags=tags)
+    client.update_model_version(config.registry.name, registered.version, description=describe(config, data, metrics))
     tidy_run_dir(run_dir, config.train.keep_checkpoints)
     return RegisteredRef(
         name=config.registry.name,

@@ -11,7 +11,9 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 from mlflow.entities import Metric, Param
@@ -80,8 +82,10 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     if client.tracking_uri.startswith("sqlite:///"):
         database = Path(client.tracking_uri.removeprefix("sqlite:///"))
         location = (database.parent / "artifacts").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
+    try:  # the UI opens a model-training experiment on its runs, not on an empty GenAI page
+        return client.create_experiment(
+            name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+        )
     except Exception:  # created meanwhile by a concurrent run
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -141,6 +145,35 @@ class RunRef(BaseModel):
     # The status --resume found the run in (KILLED, FAILED, or RUNNING after a SIGKILL): restored when the resume
     # is refused, so that a refusal changes nothing.
     previous_status: str | None = None
+
+
+def run_title(config: RunConfig) -> str:
+    """A run's name that tells runs apart in the UI: method and its rank/alpha, objective, base, registry name."""
+    method = config.method
+    shape = "".join(f" {key}={getattr(method, key):g}" for key in ("r", "alpha") if hasattr(method, key))
+    base = config.model.name_or_path.rstrip("/").rsplit("/", 1)[-1]
+    return f"{method.name}{shape} · {config.task} · {base} → {config.registry.name}"
+
+
+def log_datasets(run: RunRef, data: Any) -> None:
+    """The run's train and eval splits as MLflow dataset inputs (name, source, content digest), so the UI's
+    Datasets column and `mlflow.search_runs` show what each run was trained on."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # a path reads as several kinds of source; MLflow warns and takes the first
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(data.source))
+    inputs = []
+    for split in ("train", "eval"):
+        name = f"{Path(str(data.source)).name}:{split}"
+        dataset = MetaDataset(source=source, name=name, digest=data.fingerprint)  # type: ignore[abstract]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", split)]))
+    try:
+        client_for(run).log_inputs(run.run_id, datasets=inputs)
+    except Exception as exc:  # lineage for the UI: never worth failing a run over
+        log.warning("could not log the datasets to MLflow (%s)", exc.__class__.__name__)
 
 
 def config_hash(config: RunConfig) -> str:
@@ -225,7 +258,8 @@ def start_run(
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp, tags=tags, run_name=run_name or f"{config.method.name}-{config.task}")
+    tags["mlflow.source.git.commit"] = tags["adaptflow.git_commit"]  # where MLflow's UI looks for it
+    run = client.create_run(exp, tags=tags, run_name=run_name or run_title(config))
     run_id = run.info.run_id
     params = public_params(config)
     items = list(params.items())

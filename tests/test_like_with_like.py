@@ -187,6 +187,20 @@ def test_promotion_after_a_change_of_loss_on_compares_on_the_challengers_yardsti
     )
     assert main(["run", str(config), "--json"]) == 0
     first = last_json(capsys.readouterr().out)
+    # MLflow as its users expect it (issue 31 item 9).
+    client = MlflowClient()
+    run = client.get_run(first["run_id"])
+    assert run.data.metrics["base_eval_loss"] == first["metrics"]["base_eval_loss"]
+    assert run.info.run_name.startswith("lora r=4 alpha=8 · instruction · ") and run.info.run_name.endswith("yardstick")
+    assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["adaptflow.git_commit"]
+    contexts = sorted(d.tags[0].value for d in run.inputs.dataset_inputs)
+    assert contexts == ["eval", "train"] and run.inputs.dataset_inputs[0].dataset.name.startswith("alpaca.jsonl:")
+    description = client.get_model_version("yardstick", first["model_version"]).description
+    assert (
+        description.startswith("lora (instruction) on ") and "eval_loss" in description and "(base) ->" in description
+    )
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert main(["run", str(config), "--set", "instruction.loss_on=all", "--json"]) == 0
     second = last_json(capsys.readouterr().out)
     assert second["model_version"] != first["model_version"]
