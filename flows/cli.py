@@ -343,7 +343,7 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 
     def human(result: dict[str, Any]) -> None:
         for m in result["models"]:
-            print(f"{m['name']:32s} {m['status']:32s} {m['summary']}")
+            print(f"{m['name']:32s} {m['status']:40s} {m['summary']}")
             if m["path"]:
                 print(f"    {m['path']}")
 

@@ -64,11 +64,13 @@ def downloads_dir() -> Path:
 
 
 def packaged_status(name: str) -> str:
-    """`converted`, `downloaded` (the GGUF is cached, not yet converted) or `not cached`."""
+    """`cached` (converted: loads offline), `downloaded, not converted` or `not cached`."""
     spec = PACKAGED[name]
     if is_converted(spec.sha256):
-        return "converted"
-    return "downloaded" if (downloads_dir() / spec.file_name).is_file() else "not cached"
+        return "cached"
+    if (downloads_dir() / spec.file_name).is_file():
+        return "downloaded, not converted"
+    return "not cached (downloaded on first use)"
 
 
 def packaged_model_path(name: str) -> Path:

@@ -117,19 +117,16 @@ def builtin_model_path(name: str) -> Path:
     return folder
 
 
-def builtin_models() -> list[dict[str, str]]:
+def builtin_models() -> list[dict[str, Any]]:
     """The builtin models with what each is and whether it is in the cache (nothing is built or fetched)."""
-    tiny_cached = (_tiny_folder() / "config.json").exists()
-    listing = [
-        {
-            "name": f"{BUILTIN_PREFIX}tiny",
-            "summary": "a 2-layer Llama and a BPE tokenizer trained on the sample text, built offline in a second",
-            "status": "built" if tiny_cached else "not cached (built on first use)",
-        }
+    tiny = "cached" if (_tiny_folder() / "config.json").exists() else "not cached (built offline on first use)"
+    statuses = {"tiny": tiny} | {name: packaged_status(name) for name in PACKAGED}
+    summaries = {"tiny": "a 2-layer Llama and a BPE tokenizer trained on the sample text, built in a second"}
+    summaries |= {name: spec.summary for name, spec in PACKAGED.items()}
+    return [
+        {"name": f"{BUILTIN_PREFIX}{name}", "summary": summaries[name], "cached": status == "cached", "status": status}
+        for name, status in statuses.items()
     ]
-    for name, spec in PACKAGED.items():
-        listing.append({"name": f"{BUILTIN_PREFIX}{name}", "summary": spec.summary, "status": packaged_status(name)})
-    return listing
 
 
 def local_model_folder(value: str, key: str = "model.name_or_path") -> Path | None:

