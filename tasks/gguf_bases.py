@@ -147,7 +147,11 @@ def gguf_base(file: Path, key: str = "model.name_or_path", sha256: str | None = 
     if is_converted(sha256):
         return folder
     started = time.monotonic()
-    print(f"adaptflow: converting {file.name} to a safetensors model (once) ...", file=sys.stderr, flush=True)
+    print(
+        f"adaptflow: first use of {file.name}: checking and converting it to safetensors (once) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     architecture = gguf_architecture(file, key)
     model, tokenizer = _load_gguf(file, architecture, key)
     from transformers import __version__ as transformers_version

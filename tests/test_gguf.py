@@ -115,7 +115,7 @@ def test_a_gguf_file_converts_once_into_a_local_base_with_its_tokenizer_and_temp
     source = resolve_model(ModelSettings(name_or_path=str(tiny_gguf)))
     folder = Path(source.name_or_path)
     assert folder == converted_folder(file_sha256(tiny_gguf)) and source.display_name == str(tiny_gguf)
-    assert "converting tiny-llama.F32.gguf" in capsys.readouterr().err
+    assert "first use of tiny-llama.F32.gguf: checking and converting" in capsys.readouterr().err
     assert not list(folder.glob("*.gguf")) and (folder / "model.safetensors").exists()
 
     # The same weights and logits as the model the file was written from, and the same token ids.
