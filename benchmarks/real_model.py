@@ -25,25 +25,34 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "builtin:smollm2-135m-instruct"
 
-PLAIN = """
+# Both sides import the same modules before the clock starts: transformers does one-time set-up on first use that
+# importing adaptflow's modules (peft, the objectives) already triggers, and that would otherwise count on one side.
+IMPORTS = """
 import json, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import tasks.modeling  # the same imports as adaptflow's side, outside the clock
+from tasks.config import ModelSettings
+from tasks.modeling import load_base_model, load_tokenizer, resolve_model
+"""
+
+PLAIN = (
+    IMPORTS
+    + """
 start = time.perf_counter()
 AutoTokenizer.from_pretrained({folder!r})
 AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32)
 print(json.dumps({{"seconds": time.perf_counter() - start}}))
 """
+)
 
-OURS = """
-import json, time
-from tasks.config import ModelSettings
-from tasks.modeling import load_base_model, load_tokenizer, resolve_model
+OURS = (
+    IMPORTS
+    + """
 start = time.perf_counter()
 source = resolve_model(ModelSettings(name_or_path={name!r}))
 load_base_model(source, "instruction", load_tokenizer(source))
 print(json.dumps({{"seconds": time.perf_counter() - start}}))
 """
+)
 
 
 def _env(cache: Path) -> dict[str, str]:

