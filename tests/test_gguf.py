@@ -237,3 +237,36 @@ def test_a_bad_gguf_exits_2_before_any_mlflow_run_opens(
         not client.search_runs([e.experiment_id]) for e in client.search_experiments()
     )
     assert client.search_registered_models() == []
+
+
+@pytest.mark.slow
+def test_a_gguf_base_classifies_registers_and_predicts_in_a_fresh_process(
+    tiny_gguf: Path, tmp_path: Path, reviews_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    config = write_config(
+        tmp_path / "cls.yaml",
+        model={"name_or_path": str(tiny_gguf)},
+        task="classification",
+        data={"train": str(reviews_file), "max_length": 32, "eval_fraction": 0.25},
+        method={"name": "lora", "r": 4, "target_modules": "all-linear"},
+        train={"max_steps": 4, "batch_size": 8, "learning_rate": 5e-3, "save_steps": 4},
+        bias_probe={"suite": None},
+        registry={"name": "gguf-reviews"},
+    )
+    assert main(["run", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pin = json.loads(MlflowClient().get_run(result["run_id"]).data.tags["adaptflow.base"])
+    assert pin["kind"] == "tracking" and pin["logged_from"] == str(tiny_gguf)  # the converted folder, stored once
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "predict", "models:/gguf-reviews@champion", "--text", "Great film.", "--json"],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (label,) = json.loads(done.stdout.strip().splitlines()[-1])["predictions"]
+    assert label in {"negative", "positive"}
