@@ -22,12 +22,18 @@ REAL = "builtin:smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def real_model() -> str:
-    """The real model, found in the cache or fetched and converted now (once per cache)."""
+@pytest.fixture
+def real_model(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The real model, found in the user's adaptflow cache or fetched and converted into it now.
+
+    That cache, not the session's: the model (640 MB once converted) is fetched once per machine rather than once
+    per test session, and later sessions find it offline, as users do.
+    """
     from tasks.builtin_models import ModelUnavailable
     from tasks.modeling import local_model_folder
 
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptflow"
+    monkeypatch.setenv("ADAPTFLOW_CACHE", os.environ.get("ADAPTFLOW_REAL_MODEL_CACHE", str(user_cache)))
     try:
         local_model_folder(REAL)
     except ModelUnavailable as exc:
