@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> Path
 def test_a_gguf_file_converts_once_into_a_local_base_with_its_tokenizer_and_template(
     tiny_gguf: Path, tiny_model: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    shutil.rmtree(converted_folder(file_sha256(tiny_gguf)), ignore_errors=True)  # another test may have converted it
     source = resolve_model(ModelSettings(name_or_path=str(tiny_gguf)))
     folder = Path(source.name_or_path)
     assert folder == converted_folder(file_sha256(tiny_gguf)) and source.display_name == str(tiny_gguf)
