@@ -80,11 +80,22 @@ def gguf_architecture(file: Path, key: str = "model.name_or_path") -> str:
 
 
 def readable_architectures() -> list[str]:
-    """The GGUF architectures this transformers reads, for messages (transformers itself decides, on load)."""
-    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    """The GGUF architectures this transformers reads, for messages only: transformers itself decides, on load.
+    Both lists are transformers internals (its older reader's and its newer one's), so either may be missing."""
+    names: set[str] = set()
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    return sorted((set(GGUF_SUPPORTED_ARCHITECTURES) | set(GGUF_CONFIG_ARCHS)) - {"general", "tokenizer"})
+        names |= set(GGUF_SUPPORTED_ARCHITECTURES)
+    except ImportError:
+        pass
+    try:
+        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+
+        names |= set(GGUF_CONFIG_ARCHS)
+    except ImportError:
+        pass
+    return sorted(names - {"general", "tokenizer"})
 
 
 def _load_gguf(file: Path, architecture: str, key: str) -> tuple[Any, Any]:
@@ -103,7 +114,7 @@ def _load_gguf(file: Path, architecture: str, key: str) -> tuple[Any, Any]:
         # The structure read fine (gguf_architecture): what transformers refuses is the architecture.
         raise UserInputError(
             f"{key}: {file}: transformers cannot read GGUF architecture {architecture!r} "
-            f"({str(exc).splitlines()[0][:200]}); it reads: {', '.join(readable_architectures())}"
+            f"({str(exc).splitlines()[0][:200]}); it reads: {', '.join(readable_architectures()) or 'see its docs'}"
         ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
