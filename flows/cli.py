@@ -1,4 +1,4 @@
-"""`adaptflow`: run, grid, plan, promote, predict, probe, watch, serve, demo, methods.
+"""`adaptflow`: run, grid, plan, promote, predict, probe, watch, serve, demo, methods, models.
 
 Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else, 130 / 143 interrupted (SIGINT / SIGTERM).
 """
@@ -358,6 +358,25 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
     return _emit({"command": "methods", "methods": listing, "tasks": objectives}, args, human)
 
 
+def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.modeling import builtin_model_path, builtin_models, builtin_names
+
+    fetched = {}
+    for name in args.fetch:
+        if name not in builtin_names():
+            raise UserInputError(f"--fetch: unknown builtin model {name!r}; available: {', '.join(builtin_names())}")
+        fetched[name] = str(builtin_model_path(name.removeprefix("builtin:")))
+    listing = [{**m, "path": fetched.get(m["name"])} for m in builtin_models()]
+
+    def human(result: dict[str, Any]) -> None:
+        for m in result["models"]:
+            print(f"{m['name']:32s} {m['status']:40s} {m['summary']}")
+            if m["path"]:
+                print(f"    {m['path']}")
+
+    return _emit({"command": "models", "status": "ok", "models": listing}, args, human)
+
+
 ALLOW_CHANGED_HELP = (
     "with --resume: continue although the data, the base's weights or a template file changed since the run "
     "started (refused otherwise; the version records both)"
@@ -419,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='a conversation for an instruction model, as JSON: \'[{"role": "user", "content": "..."}]\' (repeatable)',
     )
     probe = add("probe", cmd_probe, "the bias and robustness probe alone on a model")
-    probe.add_argument("model", help="local model folder, hub id, or models:/NAME@ALIAS")
+    probe.add_argument("model", help="local model folder, .gguf file, builtin:NAME, hub id, or models:/NAME@ALIAS")
     probe.add_argument(
         "--suite",
         default="default",
@@ -441,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "the offline demo on embedded defaults", runs_flows=True)
     demo.add_argument("--set", **overrides)  # type: ignore[arg-type]
     add("methods", cmd_methods, "list the methods and their settings")
+    models = add("models", cmd_models, "list the builtin models and whether each is cached")
+    models.add_argument(
+        "--fetch", action="append", default=[], metavar="NAME", help="obtain a builtin model now (repeatable)"
+    )
     return parser
 
 

@@ -25,7 +25,10 @@ class Section(ConfigSection):
 
 
 class ModelSettings(Section):
-    name_or_path: str = Field("builtin:tiny", description="hub id, local folder, or builtin:tiny")
+    name_or_path: str = Field(
+        "builtin:tiny",
+        description="hub id, local folder, .gguf file, builtin:tiny or builtin:smollm2-135m-instruct",
+    )
     revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = Field(

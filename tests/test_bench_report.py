@@ -85,6 +85,17 @@ RESULTS = {
         "plain_import_seconds": 8.3,
         "overhead_beyond_imports_seconds": 6.7,
     },
+    "real_model": {
+        "model": "builtin:smollm2-135m-instruct",
+        "first_use_seconds": 28.7,
+        "download_seconds": 1.5,
+        "convert_seconds": 21.9,
+        "converted_mb": 541.6,
+        "repeats": 2,
+        "load_seconds": {"plain": [1.1, 1.3], "builtin": [1.2, 1.4], "gguf_path": [1.3, 1.5]},
+        "load_median_seconds": {"plain": 1.2, "builtin": 1.3, "gguf_path": 1.4},
+        "extra_seconds": {"builtin": 0.1, "gguf_path": 0.2},
+    },
 }
 
 
@@ -108,6 +119,8 @@ def test_report_renders_present_sections_with_date_and_machine_and_leaves_out_ab
         and "eta 3: the full grid's winner in 0 of 1" in pruning
     )
     assert "19.6" in sections["Fixed overhead of `adaptflow run deployments/demo.yaml`"]
+    real = sections["Real model: first use and cached load"]
+    assert "28.7" in real and "+0.10 s" in real and "+0.20 s" in real
 
 
 def test_a_run_that_skips_a_section_keeps_the_earlier_one_with_its_date(tmp_path: Path) -> None:

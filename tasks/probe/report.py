@@ -131,7 +131,7 @@ def bias_probe(
 
 def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any, str, dict[str, Any]]:
     """(model, tokenizer, task, serving options: a registered instruction model's template) from a `models:/` URI,
-    a local folder or a hub id.
+    a local folder, a GGUF file, a builtin model or a hub id.
 
     Raises:
         UserInputError: MODEL cannot be loaded.
@@ -146,8 +146,10 @@ def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Modu
         return served.model, served.tokenizer, served.task, served.serving
     from transformers import AutoConfig, AutoTokenizer
 
-    from tasks.modeling import pickle_only
+    from tasks.modeling import local_model_folder, pickle_only
 
+    folder = local_model_folder(model, "MODEL")  # a builtin name or a GGUF file: its converted folder
+    model = str(folder) if folder is not None else model
     pickles = pickle_only(Path(model)) if Path(model).is_dir() else []
     if pickles:
         raise UserInputError(
