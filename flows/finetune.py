@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import Flow, flow
+from prefect import Flow, flow, tags
 
 from adapters_impl import METHODS, Method
 from flows.pipeline import RunResult, finetune
 from tasks.config import RunConfig
+from tasks.tracking import run_title
 
 
 def method_config_type(method: Method) -> type[RunConfig]:
@@ -45,7 +46,14 @@ def method_flow(method: Method) -> Flow[Any, RunResult]:
         "force": bool,
         "return": RunResult,
     }
-    return flow(name=method.flow_name, log_prints=True)(run)
+    return flow(name=method.flow_name, log_prints=True, flow_run_name=_run_name)(run)
+
+
+def _run_name() -> str:
+    """A flow run named after what it does (method and rank, objective, base, registry name), as its MLflow run."""
+    from prefect.runtime import flow_run
+
+    return run_title(RunConfig.model_validate(dict(flow_run.parameters)["config"]))
 
 
 # method name -> its flow; the flow's `config` parameter type is `FLOWS[name].fn.__annotations__["config"]`.
@@ -65,4 +73,10 @@ def run_method_flow(
     """Run the configured method's own flow with the config narrowed to its type."""
     method_name = config.method.name
     narrowed = config_type_of(method_name).model_validate(config.model_dump())
-    return FLOWS[method_name](narrowed, resume, allow_changed, force)
+    with tags(*run_tags(config)):
+        return FLOWS[method_name](narrowed, resume, allow_changed, force)
+
+
+def run_tags(config: RunConfig) -> tuple[str, ...]:
+    """The Prefect tags of a run's flow run: filterable by method, objective and registered model."""
+    return ("adaptflow", f"method:{config.method.name}", f"task:{config.task}", f"model:{config.registry.name}")

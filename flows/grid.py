@@ -40,7 +40,7 @@ from tasks.grid import (
 from tasks.identity import run_identity
 from tasks.modeling import ModelSource
 from tasks.tokenization import TokenizedRef
-from tasks.tracking import RunRef
+from tasks.tracking import RunRef, run_title
 
 # Progress goes to the terminal (stderr) whatever Prefect's log level; the Prefect UI shows each trial's state.
 progress = logging.getLogger("adaptflow.grid")
@@ -126,7 +126,8 @@ def fan_out(
     results: list[TrialResult] = []
     futures = {
         runner.submit(
-            stages.run_trial,
+            # Named by its settings in the Prefect UI (trial 3: lora r=8 alpha=16 targets=q,v), not trial-473.
+            stages.run_trial.with_options(task_run_name=f"trial {spec.index}: {spec.name}"),
             {"spec": spec, **context, "threads": threads, "stop_at": stop_at, "previous": previous},
         ): spec
         for spec, previous in work
@@ -231,7 +232,15 @@ def run_trials(
         return successive_halving(runner, threads, specs, context, grid, max_steps, recorded)
 
 
-@flow(name="lora_grid", log_prints=True)
+def _grid_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = RunConfig.model_validate(dict(flow_run.parameters)["config"])
+    grid = config.grid or GridSettings()
+    return f"grid x{grid.size} · {run_title(config)}"
+
+
+@flow(name="lora_grid", log_prints=True, flow_run_name=_grid_run_name)
 def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = False) -> GridResult:
     """Compare LoRA-family settings over rank x alpha x target modules; register the best, promote if it wins.
 
@@ -273,6 +282,8 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
         best_config = specs[best.index].config
         metrics = {**best.metrics, **base_metrics}
         done = finish(best_config, source, data, tokenized, best_run, best.trained, metrics, lineage)
+        title = f"grid x{grid.size}: best trial {best.index} ({best.name})"
+        stages.publish_summary(parent, title, done.registered, done.decision, done.metrics, table)
         stages.log_metrics(parent, {f"best_{k}": v for k, v in done.metrics.items()})
     return GridResult(
         parent_run_id=parent.run_id,

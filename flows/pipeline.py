@@ -24,7 +24,7 @@ from tasks.probe import ProbeReport
 from tasks.promotion import Decision, gate_tags, recorded_gate
 from tasks.registry import RegisteredRef
 from tasks.tokenization import TokenizedRef
-from tasks.tracking import ResumeChanged, RunRef, restore_status
+from tasks.tracking import ResumeChanged, RunRef, restore_status, run_title
 from tasks.training import TrainedRef
 
 
@@ -218,6 +218,7 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
         tuned_metrics = stages.evaluate_model(trained, tokenized, run, eval_batch)
         metrics = {**tuned_metrics, **base_metrics}
         done = finish(config, source, data, tokenized, run, trained, metrics, lineage, force)
+        stages.publish_summary(run, run_title(config), done.registered, done.decision, done.metrics)
     warnings = []
     if done.registered.existing:
         warnings.append(

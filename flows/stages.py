@@ -180,3 +180,35 @@ def identical_version(config: RunConfig, identity: dict[str, str]) -> ModelVersi
     """The registered version of this config trained on the same content, if any (before anything is trained)."""
     client = tracking.use_tracking(config.tracking)
     return registry.identical_version(client, config.registry.name, config, identity)
+
+
+@task(name="summary", cache_policy=NO_CACHE)
+def publish_summary(
+    run: tracking.RunRef,
+    title: str,
+    registered: registry.RegisteredRef,
+    decision: Decision,
+    metrics: dict[str, float | int],
+    table: str | None = None,
+) -> None:
+    """The run's result as a Prefect artifact on its flow run: where its MLflow run is, the version and its
+    promotion, the metrics (and a grid's table), so the Prefect UI says what the run did."""
+    import re
+
+    from prefect.artifacts import create_markdown_artifact
+
+    aliases = f"@{decision.alias}" if decision.alias else "no alias"
+    lines = [
+        f"# {title}",
+        "",
+        f"- MLflow run: {tracking.run_link(run)}",
+        f"- registered: `{registered.model_uri}` → {aliases} ({decision.reason})",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {key} | {value:.6g} |" for key, value in sorted(metrics.items())),
+    ]
+    if table:
+        lines += ["", "## Trials", "", table]
+    key = re.sub(r"[^a-z0-9-]+", "-", f"adaptflow-{registered.name}".lower()).strip("-")
+    create_markdown_artifact(markdown="\n".join(lines), key=key, description=title)

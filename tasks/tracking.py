@@ -317,6 +317,13 @@ def restore_status(run: RunRef) -> None:
         client_for(run).set_terminated(run.run_id, status=run.previous_status)
 
 
+def run_link(run: RunRef) -> str:
+    """Where to open the run: its page on a tracking server, else the command that shows the local store."""
+    if run.tracking_uri.startswith(("http://", "https://")):
+        return f"{redact(run.tracking_uri).rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    return f"run `{run.run_id}` (`mlflow ui --backend-store-uri {run.tracking_uri}`)"
+
+
 def client_for(run: RunRef) -> MlflowClient:
     return MlflowClient(run.tracking_uri, run.tracking_uri)
 

@@ -122,6 +122,17 @@ def test_run_registers_a_loadable_champion_and_a_worse_run_stays_challenger(
         client.get_model_version("e2e", r["model_version"]).tags["prefect_flow_run_id"] for r in (result, worse)
     ]
     assert task_run_states("tokenize", flow_runs) == ["Cached", "Completed"]
+    # Prefect, as its users expect it (issue 31 item 10): named, tagged, and a summary artifact on the flow run.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(uuid.UUID(flow_runs[0]))
+        artifacts = prefect.read_artifacts()
+    assert flow_run.name.startswith("lora r=4 alpha=") and flow_run.name.endswith("→ e2e")
+    assert {"adaptflow", "method:lora", "task:causal_lm", "model:e2e"} <= set(flow_run.tags)
+    (summary,) = [a for a in artifacts if a.flow_run_id == flow_run.id and a.key == "adaptflow-e2e"]
+    assert f"`models:/e2e/{result['model_version']}` → @champion" in str(summary.data)
+    assert "| eval_loss |" in str(summary.data) and result["run_id"] in str(summary.data)
 
     assert main(["predict", "models:/e2e@champion", "--text", "Once upon", "--json"]) == 0
     predicted = last_json(capsys.readouterr().out)

@@ -144,6 +144,15 @@ def test_grid_locally_and_on_dask_registers_the_true_best_and_promotes_only_a_wi
     )
     assert len(nested) == 4 and {r.info.status for r in nested} == {"FINISHED", "FAILED"}
     assert len({r.info.run_id for r in nested}) == 4
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as prefect:  # trial tasks named by their settings, not trial-473
+        names = {
+            t.name
+            for t in prefect.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="trial ")))
+        }
+    assert {f"trial {t['index']}: {t['name']}" for t in local["trials"]} <= names
     version = client.get_model_version("grid", local["model_version"])
     assert version.run_id == true_best["run_id"]
     assert version.tags["grid_parent_run_id"] == local["parent_run_id"]
