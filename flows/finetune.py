@@ -46,7 +46,7 @@ def method_flow(method: Method) -> Flow[Any, RunResult]:
         "force": bool,
         "return": RunResult,
     }
-    return flow(name=method.flow_name, log_prints=True, flow_run_name=_run_name)(run)
+    return flow(name=method.flow_name, log_prints=False, flow_run_name=_run_name)(run)
 
 
 def _run_name() -> str:

@@ -240,7 +240,7 @@ def _grid_run_name() -> str:
     return f"grid x{grid.size} · {run_title(config)}"
 
 
-@flow(name="lora_grid", log_prints=True, flow_run_name=_grid_run_name)
+@flow(name="lora_grid", log_prints=False, flow_run_name=_grid_run_name)
 def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = False) -> GridResult:
     """Compare LoRA-family settings over rank x alpha x target modules; register the best, promote if it wins.
 

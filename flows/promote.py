@@ -18,7 +18,7 @@ from tasks.registry import PENDING
 from tasks.tracking import config_hash, use_tracking
 
 
-@flow(name="promote", log_prints=True)
+@flow(name="promote", log_prints=False)
 def promote_newest(name: str) -> Decision:
     """Finish the pending decisions (oldest first), then decide for the newest version, each with the promotion
     settings it was trained with and the bias gate verdict recorded with it.

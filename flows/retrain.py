@@ -14,7 +14,7 @@ from tasks.config import GridSettings, load_config
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=False)
 def retrain(config: str = "deployments/retrain.yaml", data: str | None = None, grid: bool = False) -> dict[str, Any]:
     """Fine-tune the preset `config` on `data` (a file or folder; default: the preset's), then promote.
 

@@ -212,3 +212,49 @@ def publish_summary(
         lines += ["", "## Trials", "", table]
     key = re.sub(r"[^a-z0-9-]+", "-", f"adaptflow-{registered.name}".lower()).strip("-")
     create_markdown_artifact(markdown="\n".join(lines), key=key, description=title)
+
+
+def summary(result: Any) -> str | None:
+    """One line for what a stage returned: the numbers a user checks at that point (None: nothing worth a line)."""
+    if isinstance(result, load.DataRef):
+        return f"{result.train_rows} train / {result.eval_rows} eval rows from {result.source}"
+    if isinstance(result, tokenization.TokenizedRef):
+        return f"{result.train_tokens:,} train / {result.eval_tokens:,} eval tokens"
+    if isinstance(result, adapting.AdaptedRef):
+        share = result.trainable_params / max(result.total_params, 1)
+        return f"{result.trainable_params:,} of {result.total_params:,} parameters trainable ({share:.2%})"
+    if isinstance(result, training.TrainedRef):
+        return (
+            f"{result.steps} steps, train loss {result.train_loss:.4g}, "
+            f"{result.train_tokens_per_second:,.0f} tokens/s, {result.train_seconds:.1f} s"
+        )
+    if isinstance(result, merging.MergedRef) and result.merge_max_abs_diff is not None:
+        return f"merged; logits within {result.merge_max_abs_diff:.2g} of the unmerged model"
+    if isinstance(result, probe.ProbeReport):
+        verdict = "passed" if result.gate.get("passed") else f"FAILED ({result.gate.get('reason')})"
+        return f"bias gate {verdict}"
+    if isinstance(result, registry.RegisteredRef):
+        return f"{result.model_uri}" + (" (an identical version, reported)" if result.existing else "")
+    if isinstance(result, Decision):
+        return f"@{result.alias or 'no alias'}: {result.reason}"
+    if isinstance(result, dict) and any(str(k).startswith(("eval_", "base_eval_")) for k in result):
+        shown = [f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, int | float) and "eval_" in str(k)]
+        return ", ".join(shown[:6])
+    return None
+
+
+def say_what_it_did(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> None:
+    """A stage's one line on the console: its name and key result, instead of Prefect's "Completed()"."""
+    import logging
+
+    try:
+        line = summary(state.result())
+    except Exception:  # a result that cannot be read back says nothing, and must not fail the run
+        return
+    if line:
+        cached = " (cached)" if state.name == "Cached" else ""
+        logging.getLogger("adaptflow.stages").info("%s%s: %s", task.name, cached, line)
+
+
+for _stage in [value for value in list(globals().values()) if isinstance(value, Task)]:
+    _stage.on_completion(say_what_it_did)

@@ -14,13 +14,16 @@ Prefect's runner subprocesses and Dask workers inherit the process settings thro
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -122,6 +125,22 @@ def _handle_signals(stack: contextlib.ExitStack) -> None:
         stack.callback(signal.signal, signum, signal.signal(signum, Interrupted.raise_on))
 
 
+class QuietCompletions(logging.Filter):
+    """Prefect's "Finished in state Completed()" per task says nothing a user can act on; each stage says what it
+    did on its own line instead (`flows.stages.say_what_it_did`). Other states (failed, crashed, cached) stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not text.startswith(
+            ("Finished in state Completed", "Finished in state Cached", "Running hook '")
+        ) and not (text.startswith("Hook '") and text.endswith("finished running successfully"))
+
+
+# Warnings users cannot act on, by the module they are attributed to: a transformers deprecation that peft
+# triggers. Also through PYTHONWARNINGS, for the processes a run starts (grid workers, torchrun ranks).
+HARMLESS_WARNINGS = (("FutureWarning", "transformers.modeling_utils"),)
+
+
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("adaptflow").setLevel(logging.INFO)
@@ -129,3 +148,10 @@ def _configure_logging() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, QuietExplainedErrors) for f in logger.filters):  # once per process
             logger.addFilter(QuietExplainedErrors(logger))
+            logger.addFilter(QuietCompletions())
+    for category, module in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", category=getattr(builtins, category), module=module)
+    inherited = [f"ignore::{category}:{module}" for category, module in HARMLESS_WARNINGS]
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", ""), *inherited]))
+    # MLflow's artifact download bars: one per registration and re-evaluation, noise in a run's log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -222,8 +222,8 @@ def _clean(table: Dataset, text_column: str, label_column: str | None) -> Datase
     table = table.select_columns(keep)
     texts = table[text_column]
     labels = table[label_column] if label_column else [""] * len(texts)
-    # Rows picked here, not with Dataset.filter: that would hash a Python function with dill, which prints a
-    # disassembly that Prefect's log_prints turns into log lines.
+    # Rows picked here, not with Dataset.filter: that would hash a Python function with dill (a disassembly of it)
+    # for its cache fingerprint, for a one-pass selection.
     usable = [
         i
         for i, (t, y) in enumerate(zip(texts, labels, strict=True))

@@ -91,6 +91,10 @@ class AdaptflowModel(PythonModel):
     """Generation for causal LMs and chat answers for instruction models (greedy, deterministic), label names for
     classifiers."""
 
+    # `predict` takes strings, DataFrames, conversations and chat requests: no type hint describes that, and MLflow
+    # would warn at every registration that it has none. This is MLflow's own switch for such models.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         from adapters_impl.packaged import load_packaged
 

@@ -264,3 +264,39 @@ def test_a_missing_or_unreadable_config_is_named_before_anything_heavy_starts(tm
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.stdout.strip().endswith("[2, 2] False False"), done.stdout + done.stderr
     assert "nonexist.yaml: config file not found" in done.stderr and "bad.yaml: not valid YAML" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_run_says_what_each_stage_did_and_nothing_users_cannot_act_on(tmp_path: Path, tiny_model: str) -> None:
+    """Instead of 18 lines of "Finished in state Completed()", a bytecode disassembly (datasets hashing a function,
+    echoed by log_prints) and deprecation and type-hint warnings: one line per stage with its key result."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) + "\n" for i in range(16)))
+    config = write_config(
+        tmp_path / "c.yaml",
+        model={"name_or_path": tiny_model},
+        task="instruction",
+        data={"train": str(data), "max_length": 48, "eval_fraction": 0.25},
+        instruction={"eval_generations": 2, "max_new_tokens": 4},
+        train={"max_steps": 2, "batch_size": 4, "save_steps": 2, "logging_steps": 1},
+        registry={"name": "said"},
+        bias_probe={"suite": None},
+    )
+    command = [str(Path(sys.executable).with_name("adaptflow")), "run", str(config), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stderr
+    for stage in ("load: 12 train / 4 eval rows", "tokenize: ", "apply-method: ", "train: 2 steps", "evaluate: "):
+        assert f"adaptflow.stages: {stage}" in log, stage
+    assert "adaptflow.stages: register: models:/said/1" in log and "promote: @champion" in log
+    for noise in (
+        "Finished in state Completed",
+        "LOAD_GLOBAL",
+        "is_gradient_checkpointing",
+        "Add type hints",
+        "Hook '",
+    ):
+        assert noise not in log, noise
