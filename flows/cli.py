@@ -352,8 +352,9 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
         for m in result["methods"]:
             print(f"{m['name']:8s} {m['summary']}")
             print(f"    flow {m['flow']}; tasks: {', '.join(m['tasks'])}; mergeable: {m['mergeable']}")
-            for s in m["settings"]:
-                print(f"    {s['key']:24s} default {json.dumps(s['default'])}  {s['help']}")
+            width = max((len(json.dumps(s["default"])) for s in m["settings"]), default=0)
+            for s in m["settings"]:  # key, default and help each in their own column
+                print(f"    {s['key']:26s} {json.dumps(s['default']):{width}s}  {s['help']}")
         print("\ntasks (config task:)")
         for o in result["tasks"]:
             print(f"{o['name']:14s} {o['summary']}")
