@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,6 +189,13 @@ def train_distributed(
         (WorkerError.model_validate_json(p.read_text()) for p in folder.glob("error-rank*.json")),
         key=lambda e: e.time,
     )
+    killed = [(rank, name) for rank, name in killed_ranks(tail) if rank not in {e.rank for e in errors}]
+    if killed:  # a rank killed by a signal wrote no error: the others' errors are their lost peer, not the cause
+        shown = ", ".join(f"rank {rank} by {name}" for rank, name in killed)
+        raise RunFailed(
+            f"distributed training failed: {shown} (of {distributed.world_size}; torchrun's report), the other "
+            "ranks lost their peer; --resume continues from the last checkpoint"
+        )
     if errors:  # the first to fail is the cause; the others mostly lost their peer
         first = errors[0]
         where = f"rank {first.rank} of {distributed.world_size}"
@@ -201,6 +209,27 @@ def train_distributed(
         shown = "\n".join(f"  {line}" for line in tail)
         raise RunFailed(f"distributed training failed: torchrun exited with code {code}; its last lines:\n{shown}")
     return TrainedRef.model_validate_json(result.read_text()) if distributed.node_rank == 0 else None
+
+
+# torchrun's failure report (torch.distributed.elastic's ChildFailedError): each failed rank's block has
+# "rank      : 1 (local_rank: 1)" and "exitcode  : -9 (pid: 4242)  (SIGKILL)" for a rank a signal ended.
+_REPORTED_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_REPORTED_SIGNAL = re.compile(r"^\s*exitcode\s*:\s*-\d+ \(pid: \d+\)\s*\((SIG[A-Z]+)\)")
+
+
+def killed_ranks(lines: list[str]) -> list[tuple[int, str]]:
+    """The (global rank, signal name) of the rank torchrun reports as the root cause (its first observed failure)
+    when a signal ended it: the ranks torchrun then stops itself (SIGTERM) are its consequence, not its cause."""
+    roots = [i for i, line in enumerate(lines) if line.startswith("Root Cause")]
+    if roots:
+        lines = lines[roots[-1] :]
+    killed, rank = [], None
+    for line in lines:
+        if match := _REPORTED_RANK.match(line):
+            rank = int(match.group(1))
+        elif (match := _REPORTED_SIGNAL.match(line)) and rank is not None:
+            killed.append((rank, match.group(1)))
+    return list(dict.fromkeys(killed))
 
 
 def run_launcher(command: list[str]) -> tuple[int, list[str]]:

@@ -372,6 +372,29 @@ def test_a_failing_rank_fails_the_stage_with_its_rank_and_message(
 
 
 @pytest.mark.slow
+def test_a_rank_killed_by_sigkill_is_named_as_torchrun_names_it(
+    tmp_path: Path, tiny_model: str, stories_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 SIGKILLed (the out-of-memory killer, an operator): the error named rank 0's lost connection."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from tasks import training\n"
+        "    def killed(*args, **kwargs):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    training.train_loaded = killed\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    stage = Stage(tmp_path, tiny_model, stories_file, "killed")
+    with pytest.raises(RunFailed) as failure:
+        train_model(stage.adapted, stage.tokenized, stage.settings(2), stage.run)
+    assert "distributed training failed: rank 1 by SIGKILL (of 2; torchrun's report)" in str(failure.value)
+    assert not workers_of(stage.run_dir)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the launcher's death signal is Linux's")
 def test_killing_the_cli_leaves_no_worker(tmp_path: Path, tiny_model: str, stories_file: Path) -> None:
     config = write_config(
@@ -405,3 +428,19 @@ def test_killing_the_cli_leaves_no_worker(tmp_path: Path, tiny_model: str, stori
     assert not workers_of(runs), [p.cmdline() for p in workers_of(runs)]
     (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("adaptflow").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_a_rank_killed_by_a_signal_is_read_from_torchruns_own_report() -> None:
+    """Rank 1 SIGKILLed: the error named rank 0's lost connection; torchrun's report (its own formatter here)
+    names the rank and the signal."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from tasks.distributed import killed_ranks
+
+    failures = {
+        1: ProcessFailure(local_rank=1, pid=4242, exitcode=-9, error_file="/nonexistent"),
+        0: ProcessFailure(local_rank=0, pid=4241, exitcode=1, error_file="/nonexistent"),
+    }
+    report = ChildFailedError("tasks.train_worker", failures).format_msg().splitlines()
+    assert killed_ranks(report) == [(1, "SIGKILL")]
+    assert killed_ranks(["  rank      : 0 (local_rank: 0)", "  exitcode  : 1 (pid: 7)"]) == []
