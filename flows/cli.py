@@ -96,9 +96,6 @@ def _print_run(result: dict[str, Any]) -> None:
 
 
 def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
-    from prefect import tags
-
-    from flows.finetune import run_tags
     from flows.grid import lora_grid
     from flows.pipeline import preflight
     from tasks.config import GridSettings, load_config
@@ -108,8 +105,7 @@ def cmd_grid(args: argparse.Namespace) -> dict[str, Any]:
         config = config.model_copy(update={"grid": GridSettings()})
     preflight(config)
     connect(config.tracking, while_waiting=[_import_plotting])
-    with tags(*run_tags(config), "grid"):
-        result = lora_grid(config, args.resume, _allow_changed(args)).model_dump()
+    result = lora_grid(config, args.resume, _allow_changed(args)).model_dump()
 
     def human(r: dict[str, Any]) -> None:
         print(

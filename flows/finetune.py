@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import Flow, flow, tags
+from prefect import Flow, flow
 
 from adapters_impl import METHODS, Method
 from flows.pipeline import RunResult, finetune
+from flows.stages import tag_flow_run
 from tasks.config import RunConfig
 from tasks.tracking import run_title
 
@@ -34,6 +35,7 @@ def method_flow(method: Method) -> Flow[Any, RunResult]:
     config_type = method_config_type(method)
 
     def run(config: RunConfig, resume: bool = False, allow_changed: bool = False, force: bool = False) -> RunResult:
+        tag_flow_run(run_tags(config))
         return finetune(config, resume, allow_changed, force)
 
     run.__name__ = run.__qualname__ = method.flow_name
@@ -73,8 +75,7 @@ def run_method_flow(
     """Run the configured method's own flow with the config narrowed to its type."""
     method_name = config.method.name
     narrowed = config_type_of(method_name).model_validate(config.model_dump())
-    with tags(*run_tags(config)):
-        return FLOWS[method_name](narrowed, resume, allow_changed, force)
+    return FLOWS[method_name](narrowed, resume, allow_changed, force)
 
 
 def run_tags(config: RunConfig) -> tuple[str, ...]:

@@ -249,6 +249,7 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
     """
     grid = config.grid or GridSettings()
     config = config.model_copy(update={"grid": grid})
+    stages.tag_flow_run(["grid", "adaptflow", f"method:{config.method.name}", f"model:{config.registry.name}"])
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
     source = stages.resolve_model(config.model)
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:

@@ -211,7 +211,12 @@ def publish_summary(
     if table:
         lines += ["", "## Trials", "", table]
     key = re.sub(r"[^a-z0-9-]+", "-", f"adaptflow-{registered.name}".lower()).strip("-")
-    create_markdown_artifact(markdown="\n".join(lines), key=key, description=title)
+    try:
+        create_markdown_artifact(markdown="\n".join(lines), key=key, description=title)
+    except Exception as exc:  # the run is registered and decided: a lost orchestrator only loses this page
+        import logging
+
+        logging.getLogger("adaptflow").warning("the Prefect summary artifact was not written (%s)", type(exc).__name__)
 
 
 def summary(result: Any) -> str | None:
@@ -258,3 +263,20 @@ def say_what_it_did(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
 
 for _stage in [value for value in list(globals().values()) if isinstance(value, Task)]:
     _stage.on_completion(say_what_it_did)
+
+
+def tag_flow_run(tags: list[str] | tuple[str, ...]) -> None:
+    """Tag this flow run (not its task runs: tags on tasks make Prefect check tag concurrency limits with the
+    API at every task start, which fails a run whose orchestrator was lost). Best effort: a label for the UI."""
+    import logging
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(uuid.UUID(str(flow_run.id)))
+            client.update_flow_run(current.id, tags=sorted({*current.tags, *tags}))
+    except Exception as exc:
+        logging.getLogger("adaptflow").warning("the flow run was not tagged (%s)", type(exc).__name__)

@@ -162,7 +162,8 @@ def become_trial_worker(grid_pid: int) -> None:
         return
     # A terminal's Ctrl-C reaches the whole process group: the grid ends its workers itself, and a worker
     # interrupted on its own would leave the pool waiting on its pipe.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():  # a Dask worker runs tasks in threads: its nanny
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # and the cluster's shutdown handle its signals
     sys.stdout = sys.stderr  # the Trainer prints its log dicts
     name = f"adaptflow-follow-{grid_pid}"
     if any(thread.name == name for thread in threading.enumerate()):

@@ -119,7 +119,7 @@ def test_a_run_that_cannot_fit_exits_2_before_anything_is_written(
         tmp_path / "huge.yaml",
         model={"name_or_path": tiny_model},
         method={"name": "lora"},
-        data={"train": str(stories_file), "max_length": 2048},
+        data={"train": str(stories_file), "max_length": 512},  # the model's whole context
         train={"batch_size": 200000, "max_steps": 1, "output_dir": str(tmp_path / "runs")},
     )
     adaptflow = str(Path(sys.executable).with_name("adaptflow"))
