@@ -575,6 +575,21 @@ def main() -> None:
 
             log("real_model: first use and cached load of builtin:smollm2-135m-instruct")
             results["real_model"] = real_model.run(work, args.repeats)
+        real = [key for key in ("real_instruction", "real_classification", "real_throughput") if key not in skip]
+        if real and not args.quick:
+            from benchmarks import real_quality
+
+            if not real_quality.available():
+                log(f"{', '.join(real)}: skipped, no {real_quality.SHARED}/data (alpaca_seed, sms_spam)")
+            else:
+                parts = {
+                    "real_instruction": real_quality.instruction,
+                    "real_classification": real_quality.classification,
+                    "real_throughput": real_quality.speed,
+                }
+                for key in real:
+                    log(f"{key}: on {real_quality.NAME}")
+                    results[key] = parts[key](work)
         if "memory" not in skip and not args.quick:
             from benchmarks import memory
 
@@ -599,6 +614,9 @@ SECTIONS = (
     "grid_pruning",
     "instruction",
     "real_model",
+    "real_instruction",
+    "real_classification",
+    "real_throughput",
     "memory",
     "memory_plan",
 )
