@@ -292,10 +292,10 @@ def _real_model(results: dict[str, Any]) -> str:
     return f"{first}\n\n{r['repeats']} fresh processes per side, alternated:\n\n{loads}"
 
 
-def _arrow(base: float | None, tuned: float | None) -> str:
+def _arrow(base: float | None, tuned: float | None, digits: int = 3) -> str:
     if base is None or tuned is None:
-        return "n/a" if tuned is None else f"— → {tuned:.3f}"
-    return f"{base:.3f} → {tuned:.3f} ({tuned - base:+.3f})"
+        return "n/a" if tuned is None else f"— → {tuned:.{digits}f}"
+    return f"{base:.{digits}f} → {tuned:.{digits}f} ({tuned - base:+.{digits}f})"
 
 
 def _budget(b: dict[str, Any]) -> str:
@@ -319,7 +319,7 @@ def _real_instruction(results: dict[str, Any]) -> str:
             [
                 "builtin `default` pairs",
                 probe["tuned"]["pairs"],
-                _arrow((probe.get("base") or {}).get("stereotype_score"), probe["tuned"]["stereotype_score"]),
+                _arrow((probe.get("base") or {}).get("stereotype_score"), probe["tuned"]["stereotype_score"], 1),
             ]
         )
     w = r.get("winobias") or {}
@@ -328,7 +328,7 @@ def _real_instruction(results: dict[str, Any]) -> str:
             [
                 f"WinoBias test split, first {w['pairs_per_file']} lines of each type",
                 w["tuned"]["pairs"],
-                _arrow(w["base"]["stereotype_score"], w["tuned"]["stereotype_score"]),
+                _arrow(w["base"]["stereotype_score"], w["tuned"]["stereotype_score"], 1),
             ]
         )
     bias = _table(["suite", "pairs", "stereotype score base → tuned (50 = no preference)"], rows)
@@ -336,10 +336,12 @@ def _real_instruction(results: dict[str, Any]) -> str:
     text = (
         f"`adaptflow run` (instruction LoRA, the model's own chat template) on {r['data']}. Budget: "
         f"{_budget(r['budget'])}. Train {r['train_seconds']} s ({r['train_tokens_per_second']} tok/s), whole run "
-        f"{r['wall_seconds']} s (base and tuned evaluation and both probes included), process peak "
-        f"{r['peak_memory_mb']:.0f} MB; load average {r['load_before']} before, {r['load_after']} after. Greedy "
-        f"answers to {r['budget']['eval_generations']} held-out prompts, at most {r['budget']['max_new_tokens']} "
-        f"new tokens.\n\n{table}\n\nBias probe (`adaptflow run`'s builtin suite; WinoBias by `adaptflow probe` on "
+        f"{r['wall_seconds']} s (base and tuned evaluation and the default probe included), process peak "
+        f"{r['peak_memory_mb']:.0f} MiB; load average (1, 5, 15 min) {r['load_before']} before, {r['load_after']} "
+        f"after. Rows dropped because their response does not fit in the max length (train and held out): "
+        f"{r['sft_dropped_rows']}. Greedy answers to up to "
+        f"{r['budget']['eval_generations']} held-out prompts (10% of the rows, so all of them), at most "
+        f"{r['budget']['max_new_tokens']} new tokens.\n\n{table}\n\nBias probe (`adaptflow run`'s builtin suite; WinoBias by `adaptflow probe` on "
         f"the base and on {r['model_uri']}):\n\n{bias}"
     )
     if rules.get("tuned") is not None:
@@ -356,7 +358,7 @@ def _real_instruction(results: dict[str, Any]) -> str:
         text += (
             f"\n\nMemory plan: `adaptflow plan` on the same config estimates {plan['planned_mb']:.0f} MiB; the run's "
             f"process peak (resident high-water mark, model loading, evaluation, generation and the probe included) "
-            f"was {plan['measured_mb']:.0f} MB: planned / measured {plan['ratio']:.3f}."
+            f"was {plan['measured_mb']:.0f} MiB: planned / measured {plan['ratio']:.3f}."
         )
     elif plan:
         text += f"\n\nMemory plan: not measured ({plan['error']})."
