@@ -30,7 +30,7 @@ from benchmarks.run import ROOT, SHARED, adaptflow, control, flatten_alpaca_seed
 NAME = "builtin:smollm2-135m-instruct"
 INSTRUCTION = {"steps": 40, "batch": 4, "max_length": 160, "eval_generations": 24, "max_new_tokens": 48, "lr": 1e-3}
 CLASSIFICATION = {"steps": 30, "batch": 8, "max_length": 64, "eval_rows": 300, "lr": 1e-3}
-THROUGHPUT = {"steps": 10, "batch": 8, "max_length": 64, "repeats": 2}
+THROUGHPUT = {"steps": 8, "batch": 8, "max_length": 64, "repeats": 2}
 # WinoBias's test split, the first lines of each of its two types: the whole folder (1,584 pairs) scores for
 # several minutes per model on 2 cores.
 WINOBIAS_LINES = 100

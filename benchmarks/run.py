@@ -139,6 +139,9 @@ def throughput(
             log(f"throughput: {method} {attempt + 1}/{repeats} (plain script, then the pipeline)")
             plain.append(plain_script(model, SAMPLES, method, steps, batch, max_length, work / f"plain-{method}")[0])
             ours.append(adaptflow(["run", str(config)], work / method)[0]["metrics"])
+            log(
+                f"  plain {plain[-1]['train_tokens_per_second']:.1f} tok/s, pipeline {ours[-1]['train_tokens_per_second']:.1f}"
+            )
         ours_tps = [m["train_tokens_per_second"] for m in ours]
         plain_tps = [r["train_tokens_per_second"] for r in plain]
         ours_mb = statistics.median(m["peak_memory_mb"] for m in ours)
@@ -174,6 +177,7 @@ def control(model: Path, method: str, steps: int, batch: int, max_length: int, r
         for runs in (first, second):
             result = plain_script(model, SAMPLES, method, steps, batch, max_length, work / f"control-{method}")[0]
             runs.append(result["train_tokens_per_second"])
+            log(f"  plain {runs[-1]:.1f} tok/s")
     ratio, spread = ratios(second, first)
     return {
         "method": method,
