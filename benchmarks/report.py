@@ -365,6 +365,10 @@ def _real_instruction(results: dict[str, Any]) -> str:
     return text
 
 
+def _one(value: object) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def _real_classification(results: dict[str, Any]) -> str:
     r = results["real_classification"]
     ours, plain = r["pipeline"], r["plain"]
@@ -376,21 +380,21 @@ def _real_classification(results: dict[str, Any]) -> str:
             "load_after": f"failed: {plain['error'][-200:]}",
         }
     table = _table(
-        ["side", "accuracy", "macro-F1", "train s", "train tok/s", "peak MB", "wall s", "load before → after"],
+        ["side", "accuracy", "macro-F1", "train s", "train tok/s", "peak MiB", "wall s", "load before → after"],
         [["base: majority class", f"{ours['base_eval_accuracy']:.3f}", f"{r['majority_f1_macro']:.3f}", "", "", "",
           "", ""],
-         ["`adaptflow run`", f"{ours['eval_accuracy']:.3f}", f"{ours['eval_f1_macro']:.3f}", ours["train_seconds"],
-          ours["train_tokens_per_second"], f"{ours['peak_memory_mb']:.0f}", ours["wall_seconds"],
+         ["`adaptflow run`", f"{ours['eval_accuracy']:.3f}", f"{ours['eval_f1_macro']:.3f}", _one(ours["train_seconds"]),
+          _one(ours["train_tokens_per_second"]), f"{ours['peak_memory_mb']:.0f}", ours["wall_seconds"],
           f"{ours['load_before']} → {ours['load_after']}"],
          ["plain HF Trainer + PEFT", f"{plain['eval_accuracy']:.3f}", f"{plain['eval_f1_macro']:.3f}",
-          plain["train_seconds"], plain["train_tokens_per_second"], f"{plain['peak_memory_mb']:.0f}",
+          _one(plain["train_seconds"]), _one(plain["train_tokens_per_second"]), f"{plain['peak_memory_mb']:.0f}",
           plain["wall_seconds"], f"{plain['load_before']} → {plain['load_after']}"]],
     )  # fmt: skip
     return (
         f"Classification LoRA on {r['data']}; the same files for both sides (`benchmarks/plain_classifier.py` is "
         f"the plain script). Budget: {_budget(r['budget'])}. The base's macro-F1 is the majority class's, computed "
         f"from the held-out labels.\n\n{table}"
-    )
+    ) + (f"\n\nNote: {r['note']}" if r.get("note") else "")
 
 
 def _real_throughput(results: dict[str, Any]) -> str:
