@@ -147,7 +147,10 @@ def instruction(work: Path) -> dict[str, Any]:
 def sms_split(work: Path, eval_rows: int) -> tuple[Path, Path]:
     """SMS spam as JSONL text/label: a stratified held-out set of `eval_rows` (seed 0), the rest for training."""
     rows = []
-    for line in (SHARED / "data" / "sms_spam" / "SMSSpamCollection.tsv").read_text(encoding="utf-8").splitlines():
+    lines = (SHARED / "data" / "sms_spam" / "SMSSpamCollection.tsv").read_text(encoding="utf-8").splitlines()
+    if lines and lines[0].partition("\t")[0].strip().lower() == "label":  # the team's copy opens with `Label\tSMS`
+        lines = lines[1:]
+    for line in lines:
         label, _, text = line.partition("\t")
         if text.strip():
             rows.append({"text": text, "label": label})
