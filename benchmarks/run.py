@@ -138,7 +138,7 @@ def throughput(
         for attempt in range(repeats):
             log(f"throughput: {method} {attempt + 1}/{repeats} (plain script, then the pipeline)")
             plain.append(plain_script(model, SAMPLES, method, steps, batch, max_length, work / f"plain-{method}")[0])
-            ours.append(adaptflow(["run", str(config)], work / method)[0]["metrics"])
+            ours.append(adaptflow(["run", str(config), "--force"], work / method)[0]["metrics"])
             log(
                 f"  plain {plain[-1]['train_tokens_per_second']:.1f} tok/s, pipeline {ours[-1]['train_tokens_per_second']:.1f}"
             )
@@ -220,7 +220,7 @@ def whole_run(bench_model: Path, repeats: int, work: Path) -> dict[str, Any]:
     for attempt in range(repeats):
         log(f"whole run: {attempt + 1}/{repeats} (plain script, then adaptflow run)")
         plain.append(plain_script(model, data, "lora", USER_STEPS, USER_BATCH, USER_MAX_LENGTH, work / "plain-user")[0])
-        ours.append(adaptflow(["run", str(config)], work / "user")[0]["metrics"])
+        ours.append(adaptflow(["run", str(config), "--force"], work / "user")[0]["metrics"])
     seconds_ratio, seconds_range = ratios([r["train_seconds"] for r in plain], [m["train_seconds"] for m in ours])
     tps_ratio, tps_range = ratios(
         [m["train_tokens_per_second"] for m in ours], [r["train_tokens_per_second"] for r in plain]
@@ -472,7 +472,7 @@ def instruction(work: Path, repeats: int) -> dict[str, Any]:
                     }
                 )
             )
-            metrics = adaptflow(["run", str(config)], work / "packing")[0]["metrics"]
+            metrics = adaptflow(["run", str(config), "--force"], work / "packing")[0]["metrics"]
             packed[packing].append(metrics["train_tokens_per_second"])
     ratio, spread = ratios(packed[True], packed[False])
     return {
