@@ -401,7 +401,7 @@ def _real_throughput(results: dict[str, Any]) -> str:
     r = results["real_throughput"]
     rows = r["rows"]
     table = _table(
-        ["method", "pipeline tok/s (runs)", "plain tok/s (runs)", "ratio (range)", "best", "pipeline MB", "plain MB",
+        ["method", "pipeline tok/s (runs)", "plain tok/s (runs)", "ratio (range)", "best", "pipeline MiB", "plain MiB",
          "memory ratio"],
         [[x["method"], _seconds(x["pipeline_runs_tokens_per_second"]), _seconds(x["plain_runs_tokens_per_second"]),
           _ratio(x["throughput_ratio"], x["throughput_ratio_range"]), f"{x['throughput_ratio_best']:.3f}",
