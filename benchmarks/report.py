@@ -393,7 +393,9 @@ def _real_classification(results: dict[str, Any]) -> str:
     return (
         f"Classification LoRA on {r['data']}; the same files for both sides (`benchmarks/plain_classifier.py` is "
         f"the plain script). Budget: {_budget(r['budget'])}. The base's macro-F1 is the majority class's, computed "
-        f"from the held-out labels.\n\n{table}"
+        f"from the held-out labels. One run per side, one after the other (not alternated): train seconds and "
+        f"tokens/s are single runs under the load shown, for the alternated comparison see the throughput section "
+        f"below.\n\n{table}"
     ) + (f"\n\nNote: {r['note']}" if r.get("note") else "")
 
 
