@@ -23,8 +23,8 @@ METHOD = """\
 `make bench` (`python -m benchmarks.run`) runs every section below, prints its tables, writes the numbers to
 `benchmarks/results.json` and regenerates this page from them (`python -m benchmarks.report` does only the
 last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid,
-grid-pruning, instruction, real-model and memory sections; `--skip`, `--repeats`, `--methods` and `--prune-seeds`,
-`--prune-dask-seeds`, `--prune-etas` narrow a full run. Sections on the team's models and data read `../shared`
+grid-pruning, instruction, real-model (all four) and memory sections; `--skip`, `--repeats`, `--methods` and
+`--prune-seeds`, `--prune-dask-seeds`, `--prune-etas` narrow a full run. Sections on the team's models and data read `../shared`
 beside the checkout, or `ADAPTFLOW_BENCH_SHARED`. Benchmarks measure; no test asserts on their numbers.
 
 - **The pipeline against a plain script.** `benchmarks/plain_trainer.py` is what a user would write by hand: a
@@ -66,6 +66,15 @@ What each section measures:
   imports outside the clock: adaptflow's (`resolve_model` + tokenizer + `load_base_model`, by the builtin name
   and by the `.gguf` path) against a plain `from_pretrained` of the converted folder. A `.gguf` path is hashed
   (sha256) on its first load and remembered per file size and modification time, so only its first run pays it.
+- **Real model, quality and speed** (`benchmarks/real_quality.py`; sections `real_instruction`,
+  `real_classification`, `real_throughput`, skipped without `../shared/data`): on
+  `builtin:smollm2-135m-instruct`, through `adaptflow run`, with small budgets that fit 2 CPU cores (given with
+  each table): instruction LoRA on the flattened Alpaca seed tasks with the model's chat template (held-out
+  response loss, ROUGE-L, exact match, base → tuned; the default bias probe; WinoBias by `adaptflow probe` on the
+  base and the registered version; `adaptflow plan` against the run's peak), classification LoRA on SMS spam
+  against the plain HF Trainer + PEFT script (`benchmarks/plain_classifier.py`) on the same split, and training
+  tokens/s and peak memory against `benchmarks/plain_trainer.py`, alternated, with the A/A control. The load
+  average is recorded with each measurement.
 - **Memory**: `python -m benchmarks.memory`: full fine-tuning vs LoRA vs QLoRA on a ~70M-parameter Llama built
   from a config (hidden 640, 10 layers, vocab 32000), AdamW, all linear layers adapted, each method in its own
   process. Tensors = weights + gradients + optimizer state + saved activations (exact); the process peak is
@@ -283,6 +292,137 @@ def _real_model(results: dict[str, Any]) -> str:
     return f"{first}\n\n{r['repeats']} fresh processes per side, alternated:\n\n{loads}"
 
 
+def _arrow(base: float | None, tuned: float | None, digits: int = 3) -> str:
+    if base is None or tuned is None:
+        return "n/a" if tuned is None else f"— → {tuned:.{digits}f}"
+    return f"{base:.{digits}f} → {tuned:.{digits}f} ({tuned - base:+.{digits}f})"
+
+
+def _budget(b: dict[str, Any]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in b.items())
+
+
+def _real_instruction(results: dict[str, Any]) -> str:
+    r = results["real_instruction"]
+    base, tuned = r["base"], r["tuned"]
+    table = _table(
+        ["metric (held out)", "base → tuned (change)"],
+        [["response loss", _arrow(base.get("eval_loss"), tuned.get("eval_loss"))],
+         ["ROUGE-L", _arrow(base.get("eval_rouge_l"), tuned.get("eval_rouge_l"))],
+         ["exact match", _arrow(base.get("eval_exact_match"), tuned.get("eval_exact_match"))],
+         ["token accuracy", _arrow(base.get("eval_token_accuracy"), tuned.get("eval_token_accuracy"))]],
+    )  # fmt: skip
+    probe = r["bias_probe"]
+    rows = []
+    if probe.get("tuned"):
+        rows.append(
+            [
+                "builtin `default` pairs",
+                probe["tuned"]["pairs"],
+                _arrow((probe.get("base") or {}).get("stereotype_score"), probe["tuned"]["stereotype_score"], 1),
+            ]
+        )
+    w = r.get("winobias") or {}
+    if "tuned" in w:
+        rows.append(
+            [
+                f"WinoBias test split, first {w['pairs_per_file']} lines of each type",
+                w["tuned"]["pairs"],
+                _arrow(w["base"]["stereotype_score"], w["tuned"]["stereotype_score"], 1),
+            ]
+        )
+    bias = _table(["suite", "pairs", "stereotype score base → tuned (50 = no preference)"], rows)
+    rules = probe.get("rules_pass_rate") or {}
+    text = (
+        f"`adaptflow run` (instruction LoRA, the model's own chat template) on {r['data']}. Budget: "
+        f"{_budget(r['budget'])}. Train {r['train_seconds']} s ({r['train_tokens_per_second']} tok/s), whole run "
+        f"{r['wall_seconds']} s (base and tuned evaluation and the default probe included), process peak "
+        f"{r['peak_memory_mb']:.0f} MiB; load average (1, 5, 15 min) {r['load_before']} before, {r['load_after']} "
+        f"after. Rows dropped because their response does not fit in the max length (train and held out): "
+        f"{r['sft_dropped_rows']}. Greedy answers to up to "
+        f"{r['budget']['eval_generations']} held-out prompts (10% of the rows, so all of them), at most "
+        f"{r['budget']['max_new_tokens']} new tokens.\n\n{table}\n\nBias probe (`adaptflow run`'s builtin suite; WinoBias by `adaptflow probe` on "
+        f"the base and on {r['model_uri']}):\n\n{bias}"
+    )
+    if rules.get("tuned") is not None:
+        text += f"\n\nRule prompts of the default suite, pass rate: {_arrow(rules.get('base'), rules['tuned'])}."
+    if "error" in w:
+        text += f"\n\nWinoBias: not measured ({w['error']})."
+    elif w:
+        text += (
+            f" WinoBias scoring took {w['base']['seconds']} s (base) and {w['tuned']['seconds']} s (tuned) "
+            f"per process; load {w['load_before']} → {w['load_after']}."
+        )
+    plan = r.get("plan") or {}
+    if "planned_mb" in plan:
+        text += (
+            f"\n\nMemory plan: `adaptflow plan` on the same config estimates {plan['planned_mb']:.0f} MiB; the run's "
+            f"process peak (resident high-water mark, model loading, evaluation, generation and the probe included) "
+            f"was {plan['measured_mb']:.0f} MiB: planned / measured {plan['ratio']:.3f}."
+        )
+    elif plan:
+        text += f"\n\nMemory plan: not measured ({plan['error']})."
+    return text
+
+
+def _one(value: object) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _real_classification(results: dict[str, Any]) -> str:
+    r = results["real_classification"]
+    ours, plain = r["pipeline"], r["plain"]
+    if "error" in plain:
+        plain = {k: "n/a" for k in ("train_seconds", "train_tokens_per_second", "wall_seconds", "load_before")} | {
+            "eval_accuracy": float("nan"),
+            "eval_f1_macro": float("nan"),
+            "peak_memory_mb": float("nan"),
+            "load_after": f"failed: {plain['error'][-200:]}",
+        }
+    table = _table(
+        ["side", "accuracy", "macro-F1", "train s", "train tok/s", "peak MiB", "wall s", "load before → after"],
+        [["base: majority class", f"{ours['base_eval_accuracy']:.3f}", f"{r['majority_f1_macro']:.3f}", "", "", "",
+          "", ""],
+         ["`adaptflow run`", f"{ours['eval_accuracy']:.3f}", f"{ours['eval_f1_macro']:.3f}", _one(ours["train_seconds"]),
+          _one(ours["train_tokens_per_second"]), f"{ours['peak_memory_mb']:.0f}", ours["wall_seconds"],
+          f"{ours['load_before']} → {ours['load_after']}"],
+         ["plain HF Trainer + PEFT", f"{plain['eval_accuracy']:.3f}", f"{plain['eval_f1_macro']:.3f}",
+          _one(plain["train_seconds"]), _one(plain["train_tokens_per_second"]), f"{plain['peak_memory_mb']:.0f}",
+          plain["wall_seconds"], f"{plain['load_before']} → {plain['load_after']}"]],
+    )  # fmt: skip
+    return (
+        f"Classification LoRA on {r['data']}; the same files for both sides (`benchmarks/plain_classifier.py` is "
+        f"the plain script). Budget: {_budget(r['budget'])}. The base's macro-F1 is the majority class's, computed "
+        f"from the held-out labels. One run per side, one after the other (not alternated): train seconds and "
+        f"tokens/s are single runs under the load shown, for the alternated comparison see the throughput section "
+        f"below.\n\n{table}"
+    ) + (f"\n\nNote: {r['note']}" if r.get("note") else "")
+
+
+def _real_throughput(results: dict[str, Any]) -> str:
+    r = results["real_throughput"]
+    rows = r["rows"]
+    table = _table(
+        ["method", "pipeline tok/s (runs)", "plain tok/s (runs)", "ratio (range)", "best", "pipeline MiB", "plain MiB",
+         "memory ratio"],
+        [[x["method"], _seconds(x["pipeline_runs_tokens_per_second"]), _seconds(x["plain_runs_tokens_per_second"]),
+          _ratio(x["throughput_ratio"], x["throughput_ratio_range"]), f"{x['throughput_ratio_best']:.3f}",
+          f"{x['pipeline_peak_memory_mb']:.0f}", f"{x['plain_peak_memory_mb']:.0f}", f"{x['memory_ratio']:.3f}"]
+         for x in rows],
+    )  # fmt: skip
+    c = r["control"]
+    load = r["load"]
+    return (
+        f"`adaptflow run` against the plain script (`benchmarks/plain_trainer.py`) on {r['model']} "
+        f"({rows[0]['total_params'] / 1e6:.0f}M parameters), alternated, same seeds and batches. Budget: "
+        f"{_budget(r['budget'])}. Load average {load['before']} before, {load['after_throughput']} after the "
+        f"throughput runs, {load['after_control']} after the control.\n\n{table}\n\n"
+        f"A/A control (the plain script against itself, {c['repeats']} runs each): second / first "
+        f"{_ratio(c['ratio'], c['ratio_range'])}; first runs {_seconds(c['first_runs_tokens_per_second'])} tok/s, "
+        f"second runs {_seconds(c['second_runs_tokens_per_second'])} tok/s."
+    )
+
+
 # (results key, heading, renderer), in page order.
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("throughput", "Training throughput and MFU", _throughput),
@@ -293,6 +433,13 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("grid_pruning", "Grid pruning: successive halving vs the full grid", _grid_pruning),
     ("instruction", "Instruction tuning: response loss, ROUGE-L, packing", _instruction),
     ("real_model", "Real model: first use and cached load", _real_model),
+    (
+        "real_instruction",
+        "Real model: instruction LoRA on the Alpaca seed tasks, bias probes, memory plan",
+        _real_instruction,
+    ),
+    ("real_classification", "Real model: classification LoRA on SMS spam vs the plain script", _real_classification),
+    ("real_throughput", "Real model: training throughput and peak memory vs the plain script", _real_throughput),
     ("memory", "Memory: full vs LoRA vs QLoRA", _memory),
     ("memory_plan", "Memory plan vs measured peak", _memory_plan),
 ]

@@ -138,7 +138,10 @@ def throughput(
         for attempt in range(repeats):
             log(f"throughput: {method} {attempt + 1}/{repeats} (plain script, then the pipeline)")
             plain.append(plain_script(model, SAMPLES, method, steps, batch, max_length, work / f"plain-{method}")[0])
-            ours.append(adaptflow(["run", str(config)], work / method)[0]["metrics"])
+            ours.append(adaptflow(["run", str(config), "--force"], work / method)[0]["metrics"])
+            log(
+                f"  plain {plain[-1]['train_tokens_per_second']:.1f} tok/s, pipeline {ours[-1]['train_tokens_per_second']:.1f}"
+            )
         ours_tps = [m["train_tokens_per_second"] for m in ours]
         plain_tps = [r["train_tokens_per_second"] for r in plain]
         ours_mb = statistics.median(m["peak_memory_mb"] for m in ours)
@@ -174,6 +177,7 @@ def control(model: Path, method: str, steps: int, batch: int, max_length: int, r
         for runs in (first, second):
             result = plain_script(model, SAMPLES, method, steps, batch, max_length, work / f"control-{method}")[0]
             runs.append(result["train_tokens_per_second"])
+            log(f"  plain {runs[-1]:.1f} tok/s")
     ratio, spread = ratios(second, first)
     return {
         "method": method,
@@ -216,7 +220,7 @@ def whole_run(bench_model: Path, repeats: int, work: Path) -> dict[str, Any]:
     for attempt in range(repeats):
         log(f"whole run: {attempt + 1}/{repeats} (plain script, then adaptflow run)")
         plain.append(plain_script(model, data, "lora", USER_STEPS, USER_BATCH, USER_MAX_LENGTH, work / "plain-user")[0])
-        ours.append(adaptflow(["run", str(config)], work / "user")[0]["metrics"])
+        ours.append(adaptflow(["run", str(config), "--force"], work / "user")[0]["metrics"])
     seconds_ratio, seconds_range = ratios([r["train_seconds"] for r in plain], [m["train_seconds"] for m in ours])
     tps_ratio, tps_range = ratios(
         [m["train_tokens_per_second"] for m in ours], [r["train_tokens_per_second"] for r in plain]
@@ -468,7 +472,7 @@ def instruction(work: Path, repeats: int) -> dict[str, Any]:
                     }
                 )
             )
-            metrics = adaptflow(["run", str(config)], work / "packing")[0]["metrics"]
+            metrics = adaptflow(["run", str(config), "--force"], work / "packing")[0]["metrics"]
             packed[packing].append(metrics["train_tokens_per_second"])
     ratio, spread = ratios(packed[True], packed[False])
     return {
@@ -575,6 +579,21 @@ def main() -> None:
 
             log("real_model: first use and cached load of builtin:smollm2-135m-instruct")
             results["real_model"] = real_model.run(work, args.repeats)
+        real = [key for key in ("real_instruction", "real_classification", "real_throughput") if key not in skip]
+        if real and not args.quick:
+            from benchmarks import real_quality
+
+            if not real_quality.available():
+                log(f"{', '.join(real)}: skipped, no {real_quality.SHARED}/data (alpaca_seed, sms_spam)")
+            else:
+                parts = {
+                    "real_instruction": real_quality.instruction,
+                    "real_classification": real_quality.classification,
+                    "real_throughput": real_quality.speed,
+                }
+                for key in real:
+                    log(f"{key}: on {real_quality.NAME}")
+                    results[key] = parts[key](work)
         if "memory" not in skip and not args.quick:
             from benchmarks import memory
 
@@ -599,6 +618,9 @@ SECTIONS = (
     "grid_pruning",
     "instruction",
     "real_model",
+    "real_instruction",
+    "real_classification",
+    "real_throughput",
     "memory",
     "memory_plan",
 )
