@@ -88,7 +88,9 @@ def merge_model(
     after = _logits(merged, batches)
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
     computed_in = next(p.dtype for p in merged.parameters() if p.is_floating_point())
-    tolerance = merge_tolerance(computed_in, str(model_device(merged)))
+    # Rounding error is relative: logits of magnitude 30 (a real 30-layer model) differ by more than a toy's.
+    scale = max(1.0, max(float(b.abs().max()) for b in before))
+    tolerance = merge_tolerance(computed_in, str(model_device(merged))) * scale
     if diff > tolerance and not method.lossy_merge:
         log.warning("merged logits differ by %.3g, more than the %.3g expected in %s", diff, tolerance, computed_in)
     metrics = {"merge_max_abs_diff": diff, "merge_tolerance": tolerance}

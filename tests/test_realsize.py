@@ -170,7 +170,8 @@ def test_versions_store_the_adapter_and_a_base_logged_once(
         assert main(["run", str(config), *overrides, "--json"]) == 0
         versions.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     first, second = versions
-    assert first["metrics"]["merge_tolerance"] == 1e-4 and first["metrics"]["merge_max_abs_diff"] < 1e-4
+    # fp32's 1e-4, scaled by the logits' magnitude when it is above 1 (rounding error is relative)
+    assert first["metrics"]["merge_tolerance"] >= 1e-4 and first["metrics"]["merge_max_abs_diff"] < 1e-4
 
     # One base run for both versions; the versions hold the adapter, not the base.
     client = MlflowClient()
