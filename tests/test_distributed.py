@@ -344,22 +344,27 @@ def test_a_full_fine_tune_on_two_processes_merges_registers_and_predicts(
     assert len(predictions) == 1 and isinstance(predictions[0], str)
 
 
+def when_rank_one_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, statement: str) -> None:
+    """Make rank 1 of the next torchrun run `statement` instead of training: a sitecustomize on its path."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from tasks import training\n"
+        "    def instead(*args, **kwargs):\n"
+        f"        {statement}\n"
+        "    training.train_loaded = instead\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+
+
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_stage_with_its_rank_and_message(
     tmp_path: Path, tiny_model: str, stories_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Rank 1 raises when it starts training: a real worker process, failed through a sitecustomize on its path.
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    from tasks import training\n"
-        "    def broken(*args, **kwargs):\n"
-        "        raise ValueError('rank one cannot go on')\n"
-        "    training.train_loaded = broken\n"
-    )
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    when_rank_one_trains(tmp_path, monkeypatch, "raise ValueError('rank one cannot go on')")
     stage = Stage(tmp_path, tiny_model, stories_file, "failing")
     started = time.monotonic()
     with pytest.raises(RunFailed) as failure:
@@ -376,17 +381,7 @@ def test_a_rank_killed_by_sigkill_is_named_as_torchrun_names_it(
     tmp_path: Path, tiny_model: str, stories_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rank 1 SIGKILLed (the out-of-memory killer, an operator): the error named rank 0's lost connection."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, signal\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    from tasks import training\n"
-        "    def killed(*args, **kwargs):\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    training.train_loaded = killed\n"
-    )
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    when_rank_one_trains(tmp_path, monkeypatch, "os.kill(os.getpid(), signal.SIGKILL)")
     stage = Stage(tmp_path, tiny_model, stories_file, "killed")
     with pytest.raises(RunFailed) as failure:
         train_model(stage.adapted, stage.tokenized, stage.settings(2), stage.run)
