@@ -357,10 +357,21 @@ def clear_error(client: MlflowClient, run_id: str) -> None:
 
 
 def end_run(run: RunRef, status: str, error: str | None = None) -> None:
-    """Mark the MLflow run FINISHED, FAILED or KILLED (with the error, when there is one)."""
+    """Mark the MLflow run FINISHED, FAILED or KILLED (with the error, when there is one).
+
+    A SQLite store still locked by a write that a signal interrupted is waited for a few seconds: this is the one
+    write that must happen when a run stops.
+    """
     client = client_for(run)
-    if error:
-        client.set_tag(run.run_id, ERROR_TAG, error)
-    elif status == "FINISHED":
-        clear_error(client, run.run_id)
-    client.set_terminated(run.run_id, status=status)
+    for attempt in range(4):
+        try:
+            if error:
+                client.set_tag(run.run_id, ERROR_TAG, error)
+            elif status == "FINISHED":
+                clear_error(client, run.run_id)
+            client.set_terminated(run.run_id, status=status)
+            return
+        except Exception as exc:
+            if "database is locked" not in str(exc) or attempt == 3:
+                raise
+            time.sleep(1.0 + attempt)
