@@ -91,13 +91,20 @@ class Method:
     """An adaptation method: its settings model and what it does to a base model.
 
     `merge` is None for methods whose weights cannot be folded into the base (they register adapter-only).
-    `unsupported` maps an objective's name (config `task:`) to the reason the method cannot do it (shown to the user, exit 2).
+    `unsupported` maps a model head's kind (`adapters_impl.model_heads`: the kind of model an objective trains) to the
+    reason the method cannot train it (shown to the user, exit 2).
     `base_loading` gives extra `from_pretrained` arguments for the base (QLoRA's 4-bit quantization).
     `lossy_merge` marks merges that are not exact, whose quality gap the run measures on the eval set.
     `whole_model`: the saved weights are the whole model (the base itself trains): a version stores them and needs
     no base; every other method's version stores its own weights and a pinned reference to the base.
     `trains_new_tokens`: the method trains the embedding rows of tokens a chat template added
     (`ApplyContext.new_token_rows`) itself; the registry gives the others adaptflow's (`_token_rows`).
+    What the method's structure rules out or offers, for the config checks and the memory plan:
+    `virtual_tokens`: it prepends trained tokens to every sequence (so packed rows after the first would see them at
+    the wrong positions); `fsdp`: it can train with its weights sharded (`train.distributed.strategy: fsdp`), and
+    `fsdp_problem` says why not where that is known; `checkpointing_problem`: why activation checkpointing cannot
+    work with it (None: it can); `lighter`: settings changes that need less memory, most useful first (the memory
+    plan's suggestions beyond batch size and checkpointing).
     """
 
     name: str
@@ -107,11 +114,16 @@ class Method:
     save: SaveFn
     load: LoadFn
     merge: MergeFn | None
-    unsupported: Mapping[TaskName, str] = field(default_factory=dict)
+    unsupported: Mapping[str, str] = field(default_factory=dict)
     base_loading: Callable[[Any], dict[str, Any]] = no_extra_loading
     lossy_merge: bool = False
     whole_model: bool = False
     trains_new_tokens: bool = False
+    virtual_tokens: bool = False
+    fsdp: bool = False
+    fsdp_problem: str | None = None
+    checkpointing_problem: str | None = None
+    lighter: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def mergeable(self) -> bool:

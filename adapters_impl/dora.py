@@ -30,4 +30,5 @@ METHOD = Method(
     load=load_peft,
     merge=merge_peft,
     trains_new_tokens=True,
+    lighter=({"method.name": "qlora"},),
 )

@@ -48,4 +48,6 @@ METHOD = Method(
     merge=merge,
     whole_model=True,
     trains_new_tokens=True,
+    fsdp=True,
+    lighter=({"train.optim": "paged_adamw_8bit"}, {"method.name": "lora"}, {"method.name": "qlora"}),
 )

@@ -45,7 +45,6 @@ METHOD = Method(
     load=load,
     merge=merge,
     unsupported={
-        "causal_lm": "a frozen base with a new head only classifies; for text generation use lora, full or another method",
-        "instruction": "a frozen base with a new head only classifies; for instruction tuning use lora, full or another method",
+        "causal_lm": "a frozen base with a new head only classifies; to generate text use lora, full or another method",
     },
 )

@@ -59,6 +59,8 @@ METHOD = Method(
     load=load_peft,
     merge=merge_peft,
     trains_new_tokens=True,
+    fsdp=True,
+    lighter=({"method.name": "qlora"},),
 )
 
 __all__ = ["ALL_LINEAR", "METHOD", "LoraSettings", "LowRankSettings", "apply", "lora_config"]

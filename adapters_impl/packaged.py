@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapters_impl.model_heads import ModelHead, head_of_package
+
 INFO_FILE = "adaptflow.json"
 # Weight files that are pickles: loading one can run code (torch's restricted loader is the only guard).
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -205,6 +207,10 @@ class PackagedModel:
         return str(self.info["task"])
 
     @property
+    def head(self) -> ModelHead:
+        return head_of_package(self.info)
+
+    @property
     def label_names(self) -> list[str] | None:
         return self.info.get("label_names")
 
@@ -226,16 +232,15 @@ def load_packaged(folder: str | Path) -> PackagedModel:
     Raises:
         BaseUnavailable: the pinned base cannot be resolved (the message names it and how it was pinned).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from adapters_impl import get_method
 
     folder = Path(folder)
     info = json.loads((folder / INFO_FILE).read_text())
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(folder / info["tokenizer"]))
-    # The one objective branch left here: this runs where only adapters_impl is installed, so it cannot ask the
-    # objective registry (tasks/objectives); every objective but classification trains a causal LM.
-    auto = AutoModelForSequenceClassification if info["task"] == "classification" else AutoModelForCausalLM
+    head = head_of_package(info)  # recorded by the registry: this runs where only adapters_impl is installed
+    auto = head.auto_class()
     safetensors_only = None if info.get("allow_pickle") else True  # model.allow_pickle of the registering run
     weights = info.get("merged") or info.get("weights")
     if weights:  # one folder holds the whole model
@@ -243,16 +248,11 @@ def load_packaged(folder: str | Path) -> PackagedModel:
         return PackagedModel(folder=folder, info=info, model=model.eval(), tokenizer=tokenizer)
     pin = info["base"]
     where, revision = resolve_base(pin)
-    names = info.get("label_names") or []
     # A classifier's base gets the head shape training gave it (one output per label, named).
-    head = (
-        {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-        if info["task"] == "classification"
-        else {}
-    )
+    options = head.options(info.get("label_names")) if head.labelled else {}
     try:
         model = auto.from_pretrained(
-            where, revision=revision, dtype=torch.float32, use_safetensors=safetensors_only, **head
+            where, revision=revision, dtype=torch.float32, use_safetensors=safetensors_only, **options
         )
     except (OSError, ValueError) as exc:
         raise BaseUnavailable(f"{describe_base(pin)} cannot be loaded: {str(exc).splitlines()[0][:300]}") from None

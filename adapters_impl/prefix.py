@@ -39,4 +39,9 @@ METHOD = Method(
     save=save_peft,
     load=load_peft,
     merge=None,
+    virtual_tokens=True,
+    checkpointing_problem=(
+        "its virtual keys and values enter every layer as a cache, which checkpointed layers drop; set it to false "
+        "or use prompt or lora"
+    ),
 )

@@ -43,4 +43,5 @@ METHOD = Method(
     save=save_peft,
     load=load_peft,
     merge=None,
+    virtual_tokens=True,
 )

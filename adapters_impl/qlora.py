@@ -97,4 +97,8 @@ METHOD = Method(
     base_loading=quantized_loading,
     lossy_merge=True,
     trains_new_tokens=True,
+    fsdp_problem=(
+        "its 4-bit base would need bitsandbytes' quant storage in the training dtype on CUDA, which adaptflow does "
+        "not set up"
+    ),
 )

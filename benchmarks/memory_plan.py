@@ -17,6 +17,7 @@ import torch
 from adapters_impl import ApplyContext, get_method
 from tasks.config import RunConfig
 from tasks.modeling import load_base_model, load_tokenizer, resolve_model
+from tasks.objectives import OBJECTIVES
 from tasks.training import enable_activation_checkpointing
 
 
@@ -28,7 +29,9 @@ def measured_peak(config: RunConfig) -> int:
     source = resolve_model(config.model)
     method = get_method(config.method.name)
     labels = ["a", "b"] if config.task == "classification" else None
-    base = load_base_model(source, config.task, load_tokenizer(source), labels, **method.base_loading(config.method))
+    base = load_base_model(
+        source, OBJECTIVES[config.task].head, load_tokenizer(source), labels, **method.base_loading(config.method)
+    )
     model = method.apply(base, config.method, ApplyContext(task=config.task, model_path=source.name_or_path))
     if config.train.gradient_checkpointing:
         enable_activation_checkpointing(model)

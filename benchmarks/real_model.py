@@ -30,7 +30,8 @@ NAME = "builtin:smollm2-135m-instruct"
 IMPORTS = """
 import json, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tasks.config import ModelSettings
+from tasks.settings import ModelSettings
+from adapters_impl.model_heads import CAUSAL_LM
 from tasks.modeling import load_base_model, load_tokenizer, resolve_model
 """
 
@@ -49,7 +50,7 @@ OURS = (
     + """
 start = time.perf_counter()
 source = resolve_model(ModelSettings(name_or_path={name!r}))
-load_base_model(source, "instruction", load_tokenizer(source))
+load_base_model(source, CAUSAL_LM, load_tokenizer(source))
 print(json.dumps({{"seconds": time.perf_counter() - start}}))
 """
 )

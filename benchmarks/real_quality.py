@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import ROOT, SHARED, adaptflow, control, flatten_alpaca_seed, log, throughput
+from benchmarks.harness import ROOT, SHARED, adaptflow, control, flatten_alpaca_seed, log, throughput
 
 NAME = "builtin:smollm2-135m-instruct"
 INSTRUCTION = {"steps": 40, "batch": 4, "max_length": 160, "eval_generations": 24, "max_new_tokens": 48, "lr": 1e-3}

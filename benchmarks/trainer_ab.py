@@ -18,8 +18,8 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
 from adapters_impl import get_method
+from benchmarks.harness import SAMPLES, build_bench_model
 from benchmarks.plain_trainer import encode, peft_config, plain_arguments
-from benchmarks.run import SAMPLES, build_bench_model
 from tasks.config import TrainSettings
 from tasks.training import MethodTrainer, training_arguments
 

@@ -235,8 +235,9 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
-    from tasks.config import ProbeSettings, TrackingSettings
+    from tasks.config import TrackingSettings
     from tasks.probe.report import probe_standalone
+    from tasks.settings import ProbeSettings
 
     connect(TrackingSettings() if args.model.startswith(("models:/", "runs:/")) else None)
     settings = ProbeSettings(suite=args.suite, samples=args.samples, max_new_tokens=args.max_new_tokens)

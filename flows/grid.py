@@ -253,7 +253,7 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
     source = stages.resolve_model(config.model)
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:
-        data = stages.load_data(config.data, config.task, cache_dir / "data")
+        data = stages.load_data(config.data, config.objective, cache_dir / "data")
         changed = stages.record_identity(parent, run_identity(config, data, source), allow_changed)
         stages.log_datasets(parent, data)
         tokenized = stages.tokenize_dataset(

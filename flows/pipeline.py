@@ -20,7 +20,7 @@ from tasks.errors import UserInputError, disk_error, disk_failure
 from tasks.identity import run_identity
 from tasks.load import DataRef
 from tasks.modeling import ModelSource
-from tasks.probe import ProbeReport
+from tasks.probe.report import ProbeReport
 from tasks.promotion import Decision, gate_tags, recorded_gate
 from tasks.registry import RegisteredRef
 from tasks.tokenization import TokenizedRef
@@ -200,7 +200,7 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
     eval_batch = config.train.eval_batch_size
     source = stages.resolve_model(config.model)
     with named_disk_errors(config):  # read before any run opens: bad data is named with nothing left behind
-        data = stages.load_data(config.data, config.task, cache_dir / "data")
+        data = stages.load_data(config.data, config.objective, cache_dir / "data")
     identity = run_identity(config, data, source)
     if not resume and not force and (same := stages.identical_version(config, identity)) is not None:
         return _finish(_identical_result(config, same))
@@ -265,7 +265,7 @@ def worker_node(config: RunConfig, resume: bool) -> RunResult:
     output = Path(config.train.output_dir).resolve()
     folder = output / f"node{distributed.node_rank}-{config_hash(config)}"
     source = stages.resolve_model(config.model)
-    data = stages.load_data(config.data, config.task, output / ".cache" / "data")
+    data = stages.load_data(config.data, config.objective, output / ".cache" / "data")
     tokenized = stages.tokenize_dataset(  # as node 0 tokenizes: the objective's options too (instruction: ...)
         data, source, config.task, config.data.max_length, output / ".cache" / "tokenized", config.task_options()
     )

@@ -71,7 +71,7 @@ def _reevaluator_if_data_unchanged(config: RunConfig, newest: ModelVersion) -> R
     """Re-evaluating the champion needs the newest version's eval data as it was when it was trained."""
     cache = Path(config.train.output_dir).resolve() / ".cache" / "data"
     try:
-        data = load_data(config.data, config.task, cache)
+        data = load_data(config.data, config.objective, cache)
     except UserInputError:
         return None
     if data.fingerprint != newest.tags.get("data_fingerprint"):

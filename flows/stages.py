@@ -17,12 +17,12 @@ from prefect.states import State
 from tasks import (
     adapting,
     evaluation,
+    generation,
     grid,
     grid_report,
     load,
     merging,
     modeling,
-    probe,
     registry,
     reports,
     tokenization,
@@ -31,6 +31,7 @@ from tasks import (
 )
 from tasks.config import RunConfig
 from tasks.errors import UserInputError, disk_error
+from tasks.probe import report as probe
 from tasks.promotion import Decision, champion_reevaluator, promote_version
 
 
@@ -122,7 +123,7 @@ report_evaluation = task(name="evaluation-report", cache_policy=NO_CACHE)(report
 def _base_generations_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     data: load.DataRef = parameters["data"]
     tokenized: tokenization.TokenizedRef = parameters["tokenized"]
-    settings = f"{reports.PROMPTS}-{reports.PROMPT_WORDS}-{reports.GREEDY.model_dump_json()}"
+    settings = f"{generation.PROMPTS}-{generation.PROMPT_WORDS}-{generation.GREEDY.model_dump_json()}"
     options = json.dumps(tokenized.options, sort_keys=True, default=str)
     text = f"{_model_fingerprint(parameters['source'])}|{data.fingerprint}|{tokenized.task}|{settings}|{options}"
     return "base-generations-" + hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -13,7 +13,14 @@ from transformers import PreTrainedModel, set_seed
 
 from adapters_impl import ApplyContext, MethodSettings, MethodSettingsError, count_parameters, get_method
 from tasks.errors import UserInputError
-from tasks.modeling import ModelSource, base_load_dtype, load_base_model, load_tokenizer, upcast_trainable
+from tasks.modeling import (
+    ModelSource,
+    base_load_dtype,
+    load_base_model,
+    load_tokenizer,
+    resize_for_tokens,
+    upcast_trainable,
+)
 from tasks.objectives import get_objective
 from tasks.tokenization import TokenizedRef
 
@@ -117,15 +124,13 @@ def apply_method(
     Raises:
         UserInputError: the settings do not fit this model (e.g. an unknown target module).
     """
-    from tasks.instruction import resize_for_tokens
-
-    method = get_method(settings.name)
+    method, objective = get_method(settings.name), get_objective(task)
     source = tokenized.model_source(source)
     set_seed(seed)
     tokenizer = load_tokenizer(source)
     loading = method.base_loading(settings)
     dtype = training_base_dtype(settings.name, precision, "quantization_config" in loading)
-    base = load_base_model(source, task, tokenizer, tokenized.label_names, **{"dtype": dtype, **loading})
+    base = load_base_model(source, objective.head, tokenizer, tokenized.label_names, **{"dtype": dtype, **loading})
     assert isinstance(base, PreTrainedModel)
     rows = resize_for_tokens(base, tokenizer, source.added_tokens).by_module()  # grown on load: rows only
     context = ApplyContext(task=task, model_path=source.name_or_path, new_token_rows=rows)
@@ -136,7 +141,7 @@ def apply_method(
     upcast_trainable(model)
     trainable, total = count_parameters(model)
     folder = Path(run_dir) / "adapter-init"
-    if method.whole_model and not source.added_tokens and not get_objective(task).head_options(tokenized.label_names):
+    if method.whole_model and not source.added_tokens and not objective.head.options(tokenized.label_names):
         # Nothing was initialised (no new head, no new rows): the untrained model is the base as loaded, and a
         # second copy of the whole base (28 GB at 7B in fp32) would be written for nothing.
         folder.mkdir(parents=True, exist_ok=True)
@@ -166,7 +171,7 @@ def load_adapted(adapted: AdaptedRef, folder: str | Path, trainable: bool = Fals
     settings = method.settings.model_validate(adapted.method)
     tokenizer = load_tokenizer(adapted.source)
     loading = {"dtype": getattr(torch, adapted.base_dtype), **method.base_loading(settings)}
-    base = load_base_model(adapted.source, adapted.task, tokenizer, adapted.label_names, **loading)
+    base = load_base_model(adapted.source, get_objective(adapted.task).head, tokenizer, adapted.label_names, **loading)
     if (Path(folder) / INIT_IS_BASE).is_file():  # a whole-model method's untrained model: the base itself
         return upcast_trainable(base.requires_grad_(trainable))
     return upcast_trainable(method.load(base, Path(folder), trainable))
@@ -175,4 +180,4 @@ def load_adapted(adapted: AdaptedRef, folder: str | Path, trainable: bool = Fals
 def load_full_precision_base(adapted: AdaptedRef) -> nn.Module:
     """A fresh, unquantized base for this run's task (what QLoRA merges into)."""
     tokenizer = load_tokenizer(adapted.source)
-    return load_base_model(adapted.source, adapted.task, tokenizer, adapted.label_names)
+    return load_base_model(adapted.source, get_objective(adapted.task).head, tokenizer, adapted.label_names)

@@ -5,144 +5,17 @@ from __future__ import annotations
 import os
 import posixpath
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from adapters_impl import METHODS
-from adapters_impl.base import ConfigSection
 from adapters_impl.lora import LowRankSettings
 from tasks.errors import UserInputError
-from tasks.objectives import OBJECTIVES
+from tasks.objectives import OBJECTIVES, Objective
+from tasks.settings import BUILTIN_PREFIX, DataSettings, ModelSettings, ProbeSettings, RowLayout, Section
 from tasks.yaml_files import config_file_problem, parse_yaml, read_yaml
-
-BUILTIN_PREFIX = "builtin:"
-
-
-class Section(ConfigSection):
-    pass
-
-
-class ModelSettings(Section):
-    name_or_path: str = Field(
-        "builtin:tiny",
-        description="hub id, local folder, .gguf file, builtin:tiny or builtin:smollm2-135m-instruct",
-    )
-    revision: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = Field(
-        False, description="also load pickle weights (pytorch_model.bin); unpickling a file can run code"
-    )
-
-
-# Methods that prepend virtual tokens to the sequence: in a packed sequence every row after the first would see them
-# at the wrong position, and the rows would share one prefix.
-VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
-
-
-def packing_problem(method_name: str) -> str | None:
-    """Why `train.packing` cannot be used with this method, or None."""
-    if method_name not in VIRTUAL_TOKEN_METHODS:
-        return None
-    return (
-        f"train.packing: not supported with method {method_name}: its virtual tokens are prepended once to the "
-        "whole packed sequence, so only the first row would see them at the right positions; "
-        "set train.packing: false or choose another method"
-    )
-
-
-# task: instruction — the roles of a conversation and the columns of each data format.
-ROLES = ("system", "user", "assistant")
-
-# The columns each format needs (required) and may have (optional), in their canonical names.
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-}
-OPTIONAL: dict[str, tuple[str, ...]] = {"alpaca": ("input", "system")}
-CANONICAL = sorted({c for cols in (*REQUIRED.values(), *OPTIONAL.values()) for c in cols})
-DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-LossOn = Literal["assistant", "last", "all"]
-
-
-class InstructionSettings(Section):
-    """The `instruction:` section (task instruction)."""
-
-    template: str = Field(
-        "tokenizer",
-        description="tokenizer (its chat template, else plain) | plain | chatml | a path to a .jinja file",
-    )
-    loss_on: LossOn = Field("assistant", description="assistant: every assistant turn; last: the last one; all")
-    eval_generations: int = Field(64, ge=0, description="held-out prompts answered greedily for ROUGE-L/exact match")
-    max_new_tokens: int = Field(128, gt=0, description="longest answer generated in evaluation and by predict")
-
-    @field_validator("template")
-    @classmethod
-    def _template(cls, value: str) -> str:
-        if value in ("tokenizer", "plain", "chatml") or value.endswith(".jinja"):
-            return value
-        raise ValueError(f"expected tokenizer, plain, chatml or a path ending in .jinja, got {value!r}")
-
-
-class InstructionDataSettings(Section):
-    """The `data:` keys only task instruction reads (its row formats); part of every `data:` section."""
-
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="the format's column name -> the file's column name, e.g. {output: answer}"
-    )
-    role_map: dict[str, str] = Field(
-        default_factory=dict, description="sharegpt `from` value -> role, added to human/gpt/system"
-    )
-
-    @field_validator("columns")
-    @classmethod
-    def _columns(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(CANONICAL))
-        if unknown:
-            raise ValueError(f"unknown column(s) {unknown}; the formats' columns are {CANONICAL}")
-        for fmt in REQUIRED:  # two of a format's columns read from one file column: every target = its prompt
-            readers: dict[str, list[str]] = {}
-            for canonical in (*REQUIRED[fmt], *OPTIONAL.get(fmt, ())):
-                readers.setdefault(value.get(canonical, canonical), []).append(canonical)
-            shared = {column: names for column, names in readers.items() if len(names) > 1}
-            if shared:
-                column, names = next(iter(shared.items()))
-                raise ValueError(
-                    f"data.columns: {' and '.join(names)} would both read the file's column {column!r} (format {fmt}); "
-                    "map each to a column of its own"
-                )
-        return value
-
-    @field_validator("role_map")
-    @classmethod
-    def _role_map(cls, value: dict[str, str]) -> dict[str, str]:
-        bad = {k: v for k, v in value.items() if v not in ROLES}
-        if bad:
-            raise ValueError(f"roles must be one of {list(ROLES)}, got {bad}")
-        return value
-
-    def column(self, canonical: str) -> str:
-        """The file's name for a canonical column."""
-        return self.columns.get(canonical, canonical)
-
-    def roles(self) -> dict[str, str]:
-        """The sharegpt `from` -> role map: the defaults with `role_map` on top."""
-        return {**DEFAULT_ROLE_MAP, **self.role_map}
-
-
-class DataSettings(InstructionDataSettings):
-    train: str = Field(..., description="a file (.jsonl .json .csv .tsv .parquet .txt), a folder of them, or a hub id")
-    eval: str | None = None
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    split_seed: int = Field(0, description="seed of the train/eval split, fixed so that runs compare")
-    text_column: str = "text"
-    label_column: str = "label"
-    max_length: int = Field(256, gt=1)
 
 
 class FsdpSettings(Section):
@@ -157,10 +30,6 @@ class FsdpSettings(Section):
     min_num_params: int = Field(100_000_000, gt=0, description="block size of auto_wrap: size")
     cpu_offload: bool = Field(False, description="keep sharded parameters on the CPU between uses")
     activation_checkpointing: bool = False
-
-
-# The methods each strategy trains (FSDP shards the base the method's modules live in; tested: these).
-FSDP_METHODS = ("full", "lora")
 
 
 class DistributedSettings(Section):
@@ -309,29 +178,6 @@ class RegistrySettings(Section):
         return name
 
 
-class GateSettings(Section):
-    """Thresholds that keep a tuned model out of @champion; null skips a check."""
-
-    max_stereotype_rise: float | None = Field(
-        10.0, description="largest allowed rise of the pairs' stereotype score over the base model, in points"
-    )
-    min_rule_pass_rate: float | None = Field(None, ge=0, le=1, description="lowest pass rate of any rule category")
-    min_consistency: float | None = Field(
-        None, ge=0, le=1, description="lowest prediction consistency under perturbation (classification)"
-    )
-
-
-class ProbeSettings(Section):
-    """The bias and robustness probe: a builtin suite name or a path (YAML suite, pairs CSV/JSONL, WinoBias dir)."""
-
-    suite: str | None = Field("default", description="builtin suite name or path; null: no probe")
-    gate: GateSettings = GateSettings()
-    samples: int = Field(1, ge=1, description="generations per rule prompt: 1 = greedy, more = seeded sampling")
-    max_new_tokens: int = Field(20, gt=0)
-    seed: int = 0
-    batch_size: int = Field(16, gt=0)
-
-
 class SelectSettings(Section):
     metric: str = Field("eval_loss", description="the trial metric that picks the best")
     mode: Literal["min", "max"] = "min"
@@ -404,7 +250,12 @@ class RunConfig(Section):
     registry: RegistrySettings = RegistrySettings()
     bias_probe: ProbeSettings = ProbeSettings()
     grid: GridSettings | None = None
-    instruction: InstructionSettings | None = Field(None, description="task instruction: template, loss, eval")
+    # Each objective's own section (`instruction:`) is added below from the registry (`Objective.section`).
+
+    @property
+    def objective(self) -> Objective:
+        """The objective `task:` names: resolved here, at the edge, and handed to the stages."""
+        return OBJECTIVES[self.task]
 
     @model_validator(mode="before")
     @classmethod
@@ -415,31 +266,30 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _method_fits_task(self) -> RunConfig:
-        method = METHODS[self.method.name]
-        if self.task in method.unsupported:
+        method, objective = METHODS[self.method.name], self.objective
+        if not objective.supports(method):
             raise ValueError(
-                f"method.name: '{method.name}' cannot do task '{self.task}': {method.unsupported[self.task]}"
+                f"method.name: '{method.name}' cannot do task '{self.task}': {method.unsupported[objective.head.kind]}"
             )
         problem = self._task_settings_problem() or self._metric_problem()
         if problem:
             raise ValueError(problem)
         distributed = self.train.distributed
         fsdp = distributed is not None and distributed.world_size > 1 and distributed.strategy == "fsdp"
-        if fsdp and method.name == "qlora":
+        if fsdp and method.fsdp_problem:
             raise ValueError(
-                "train.distributed.strategy: fsdp with qlora is not supported: its 4-bit base would need "
-                "bitsandbytes' quant storage in the training dtype on CUDA, which adaptflow does not set up "
+                f"train.distributed.strategy: fsdp with {method.name} is not supported: {method.fsdp_problem} "
                 "(use strategy: ddp)"
             )
-        if fsdp and method.name not in FSDP_METHODS:
+        if fsdp and not method.fsdp:
+            sharded = ", ".join(name for name, m in METHODS.items() if m.fsdp)
             raise ValueError(
-                f"train.distributed.strategy: fsdp trains the methods {', '.join(FSDP_METHODS)}; "
+                f"train.distributed.strategy: fsdp trains the methods {sharded}; "
                 f"method.name is '{method.name}' (use strategy: ddp)"
             )
-        if self.train.gradient_checkpointing and self.method.name == "prefix":
+        if self.train.gradient_checkpointing and method.checkpointing_problem:
             raise ValueError(
-                "train.gradient_checkpointing: not supported with method prefix: its virtual keys and values enter "
-                "every layer as a cache, which checkpointed layers drop; set it to false or use prompt or lora"
+                f"train.gradient_checkpointing: not supported with method {method.name}: {method.checkpointing_problem}"
             )
         if self.grid and not self.grid.method and self.method.name not in GRID_METHODS:
             raise ValueError(
@@ -463,29 +313,46 @@ class RunConfig(Section):
         return self
 
     def _task_settings_problem(self) -> str | None:
-        """Settings the chosen objective does not read, set anyway (a config meant for another task)."""
-        if self.task != "instruction":
-            if self.instruction is not None:
-                return f"instruction: only task instruction reads this section (task is '{self.task}')"
-            for key in InstructionDataSettings.model_fields:
-                if getattr(self.data, key) != InstructionDataSettings.model_fields[key].get_default(
-                    call_default_factory=True
-                ):
-                    return f"data.{key}: only task instruction reads it (task is '{self.task}')"
+        """Settings the chosen objective does not read, set anyway (a config meant for another task), and the
+        objective's own checks of the data keys it reads."""
+        objective = self.objective
+        for other in OBJECTIVES.values():
+            if other.section and other.section != objective.section and getattr(self, other.section) is not None:
+                return f"{other.section}: only task {other.name} reads this section (task is '{self.task}')"
+        layout = {key: getattr(self.data, key) for key in RowLayout.model_fields}
+        if objective.row_layout is None:
+            for key, value in layout.items():
+                if value != RowLayout.model_fields[key].get_default(call_default_factory=True):
+                    readers = [o.name for o in OBJECTIVES.values() if o.row_layout is not None]
+                    return f"data.{key}: only task {' or '.join(readers)} reads it (task is '{self.task}')"
+        else:
+            try:
+                objective.row_layout.model_validate(layout)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                message = error["msg"].removeprefix("Value error, ")
+                key = f"data.{'.'.join(str(p) for p in error['loc'])}"
+                return message if message.startswith("data.") else f"{key}: {message} (got {error.get('input')!r})"
         if self.train.packing:
-            if self.task == "classification":
-                return "train.packing: a classifier scores one row per sequence; set train.packing: false"
-            return packing_problem(self.method.name)
+            if objective.packing_problem:
+                return f"train.packing: {objective.packing_problem}; set train.packing: false"
+            method = METHODS[self.method.name]
+            if method.virtual_tokens:
+                return (
+                    f"train.packing: not supported with method {method.name}: its virtual tokens are prepended once "
+                    "to the whole packed sequence, so only the first row would see them at the right positions; "
+                    "set train.packing: false or choose another method"
+                )
         return None
 
     def trial_metrics(self) -> tuple[str, ...]:
         """The metrics every run and grid trial of this config reports: its objective's, then training's."""
-        return (*OBJECTIVES[self.task].metric_names(self), *TRAINING_METRICS)
+        return (*self.objective.metric_names(self), *TRAINING_METRICS)
 
     def registered_metrics(self) -> tuple[str, ...]:
         """The metrics a registered version of this config carries: the trials', the base's, the report's and
         the merge check's."""
-        objective = OBJECTIVES[self.task]
+        objective = self.objective
         evaluated = (*objective.metric_names(self), *objective.report_metrics)
         return (*evaluated, *(f"base_{m}" for m in objective.metric_names(self)), *TRAINING_METRICS, *MERGE_METRICS)
 
@@ -499,9 +366,7 @@ class RunConfig(Section):
                 checks.append(("grid.prune.metric", self.grid.prune.metric, self.trial_metrics()))
         for key, metric, reported in checks:
             if metric not in reported:
-                hint = ""
-                if metric in ("eval_rouge_l", "eval_exact_match") and self.task == "instruction":
-                    hint = " (ROUGE-L and exact match need instruction.eval_generations above 0)"
+                hint = self.objective.metric_hint(metric)
                 return (
                     f"{key}: '{metric}' is not a metric this run reports{hint}; task {self.task} reports "
                     f"{', '.join(reported)}"
@@ -510,11 +375,25 @@ class RunConfig(Section):
 
     def task_options(self) -> dict[str, Any]:
         """The objective's settings from this config, for its encoder (`Objective.options`)."""
-        return OBJECTIVES[self.task].options(self)
+        return self.objective.options(self)
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as dotted keys, for MLflow params."""
         return flatten(self.model_dump(mode="json"))
+
+
+if not TYPE_CHECKING:  # each objective's own section, declared by the objective: one package adds a task
+    RunConfig = create_model(
+        "RunConfig",
+        __base__=RunConfig,
+        __module__=__name__,
+        __doc__=RunConfig.__doc__,
+        **{
+            o.section: (o.settings | None, Field(None, description=f"task {o.name}: {o.summary}"))
+            for o in OBJECTIVES.values()
+            if o.section and o.settings
+        },
+    )
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -579,7 +458,8 @@ def _describe(error: Any) -> str:
     if message.startswith("@"):  # a section's own key (ConfigSection): "@max_steps: ..." -> "train.max_steps: ..."
         field, _, rest = message[1:].partition(": ")
         return f"{key}.{field}: {rest}" if loc else f"{field}: {rest}"
-    if message.startswith(("method.", "train.", "data.", "instruction", "grid.", "registry.")):
+    sections = tuple(o.section for o in OBJECTIVES.values() if o.section)
+    if message.startswith(("method.", "train.", "data.", "grid.", "registry.", *sections)):
         return message
     shown = error.get("input")
     got = "" if isinstance(shown, dict) else f" (got {shown!r})"
@@ -663,9 +543,11 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     if not model.name_or_path.startswith(BUILTIN_PREFIX):
         model = model.model_copy(update={"name_or_path": _resolve(model.name_or_path, base)})
     update: dict[str, Any] = {"data": data, "model": model}
-    if config.instruction is not None and config.instruction.template.endswith(".jinja"):
-        template = _resolve(config.instruction.template, base)
-        update["instruction"] = config.instruction.model_copy(update={"template": template})
+    for objective in OBJECTIVES.values():  # files an objective's section names (a chat template)
+        name = objective.section
+        section = getattr(config, name) if name else None
+        if name and section is not None:
+            update[name] = section.with_paths(lambda value: _resolve(value, base))
     return config.model_copy(update=update)
 
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -32,9 +32,7 @@ from tasks.config import FsdpSettings, TrainSettings
 from tasks.errors import RunFailed, UserInputError
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import PROJECT_ROOT, RunRef
-
-if TYPE_CHECKING:
-    from tasks.training import TrainedRef
+from tasks.trained import TrainedRef, TrainingDiverged
 
 log = logging.getLogger("adaptflow")
 
@@ -155,7 +153,6 @@ def train_distributed(
         TrainingDiverged: the loss became NaN or infinite.
         RunFailed: a worker failed (the first one's rank and message) or the launcher did.
     """
-    from tasks.training import TrainedRef, TrainingDiverged  # here: training imports this module
 
     distributed = settings.distributed
     assert distributed is not None
@@ -297,7 +294,6 @@ def _kill_launched() -> None:
 
 def write_error(folder: Path, rank: int, exc: BaseException) -> None:
     """A worker's failure, for the stage to report (the first one by time is the cause)."""
-    from tasks.training import TrainingDiverged
 
     error = WorkerError(
         rank=rank,

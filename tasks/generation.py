@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
-from tasks.evaluation import model_device
+from tasks.measuring import model_device
+from tasks.settings import ProbeSettings
+
+if TYPE_CHECKING:
+    from tasks.load import DataRef
 
 
 class Decoding(Protocol):
@@ -97,3 +101,15 @@ def generate_from_ids(
         end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
         out.append(row[:end])
     return out
+
+
+# The evaluation report's generations: greedy continuations of the first eval texts, cut to their first words.
+PROMPTS = 4  # generations for the first few eval texts, cut to their first words
+PROMPT_WORDS = 6
+GREEDY = ProbeSettings(samples=1, max_new_tokens=30)
+
+
+def fixed_prompts(data: DataRef) -> list[str]:
+    """The first eval texts, cut to their first words: the same prompts for every run on this data."""
+    texts = data.splits()[1][data.text_column][:PROMPTS]
+    return [" ".join(str(t).split()[:PROMPT_WORDS]) for t in texts]

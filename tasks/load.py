@@ -13,14 +13,16 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, load_dataset, load_from_disk
 from pydantic import BaseModel
 
-from tasks.config import DataSettings
 from tasks.errors import UserInputError
-from tasks.objectives import get_objective
+from tasks.settings import DataSettings
+
+if TYPE_CHECKING:  # the objectives read rows with this module's helpers: they sit above it
+    from tasks.objectives.base import Objective
 
 # file suffix -> (datasets builder, builder options)
 FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -262,7 +264,7 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[lis
     return [i for i in shuffled if i not in held_out], [i for i in shuffled if i in held_out]
 
 
-def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
+def load_data(settings: DataSettings, objective: Objective, cache_dir: Path) -> DataRef:
     """Read train (and eval) data, split off eval when no eval file is given, and save both splits.
 
     The splits land in `cache_dir/<fingerprint>`, so the same data and split settings give the same folder.
@@ -270,7 +272,6 @@ def load_data(settings: DataSettings, task: str, cache_dir: Path) -> DataRef:
     Raises:
         UserInputError: a file or column is missing, or a split is empty.
     """
-    objective = get_objective(task)
     label_column = settings.label_column if objective.uses_labels else None
     train, train_digest = read_table(settings.train, "data.train")
     train = objective.prepare_rows(train, settings, label_column, "data.train", settings.train)

@@ -170,15 +170,13 @@ def _meta_model(config: RunConfig, source: ModelSource, dtype: torch.dtype) -> n
     """The run's adapted model, without weights: built from its config on the meta device, method applied."""
     from transformers import AutoConfig
 
-    from tasks.objectives import get_objective
-
-    objective = get_objective(config.task)
+    head = config.objective.head
     hf_config = AutoConfig.from_pretrained(source.name_or_path, **source.kwargs())
-    for key, value in objective.head_options(["a", "b"] if config.task == "classification" else None).items():
+    for key, value in head.options(["a", "b"] if head.labelled else None).items():
         setattr(hf_config, key, value)  # the head's size hardly matters; the labels are read with the data
     method = get_method(config.method.name)
     with torch.device("meta"):
-        model = objective.auto_model().from_config(hf_config, dtype=dtype)
+        model = head.auto_class().from_config(hf_config, dtype=dtype)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = 0
         try:
@@ -290,7 +288,7 @@ def profile(config: RunConfig, source: ModelSource, device: Device) -> Profile:
     parameters, trainable, weights, grads = _parameter_bytes(model, config, base)
     layers = _decoder_layers(model)
     ids = torch.zeros(1, config.data.max_length, dtype=torch.long, device="meta")
-    labels = torch.zeros(1, dtype=torch.long, device="meta") if config.task == "classification" else ids
+    labels = torch.zeros(1, dtype=torch.long, device="meta") if config.objective.head.labelled else ids
     # Fake inputs: transformers skips its data-dependent mask checks on traced tensors, as under torch.compile.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -395,20 +393,16 @@ def _alternatives(config: RunConfig) -> list[list[dict[str, Any]]]:
     """Groups of settings that need less memory, least disruptive group first; within a group, larger batches
     first. Smaller batches keep the global batch (more accumulation); then activation checkpointing; then, for
     `full`, an 8-bit optimizer or LoRA; for the low-rank methods a 4-bit base."""
-    train, method = config.train, config.method.name
+    train, method = config.train, get_method(config.method.name)
     batches: list[dict[str, Any]] = [{}]
     rows = train.batch_size
     while rows > 1:
         rows //= 2
         batches.append({"train.batch_size": rows, "train.grad_accum": train.grad_accum * train.batch_size // rows})
     checkpoint: list[dict[str, Any]] = [{}]
-    if not checkpointing(config) and method != "prefix":  # prefix tuning cannot checkpoint (the config says why)
+    if not checkpointing(config) and not method.checkpointing_problem:  # the config refuses it and says why
         checkpoint.append({"train.gradient_checkpointing": True})
-    methods: list[dict[str, Any]] = [{}]
-    if method == "full":
-        methods += [{"train.optim": "paged_adamw_8bit"}, {"method.name": "lora"}]
-    if method in ("full", "lora", "dora"):
-        methods.append({"method.name": "qlora"})
+    methods: list[dict[str, Any]] = [{}, *(dict(change) for change in method.lighter)]
     return [
         [{**change, **ckpt, **batch} for batch in batches if change or ckpt or batch]
         for change in methods

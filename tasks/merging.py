@@ -12,7 +12,8 @@ from torch import nn
 
 from adapters_impl import get_method
 from tasks.adapting import load_adapted, load_full_precision_base
-from tasks.evaluation import EVAL_BATCH_SIZE, _batches, eval_loss, model_device
+from tasks.evaluation import eval_loss
+from tasks.measuring import EVAL_BATCH_SIZE, _batches, model_device
 from tasks.modeling import ModelSource, load_tokenizer
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import RunRef, log_metrics

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,18 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
+from adapters_impl.model_heads import ModelHead
 from adapters_impl.packaged import PICKLE_WEIGHTS, cache_home, fit_embeddings, with_pad_token
 from tasks.builtin_models import PACKAGED, packaged_model_path, packaged_status
-from tasks.config import BUILTIN_PREFIX, ModelSettings
 from tasks.errors import UserInputError
 from tasks.gguf_bases import gguf_base, is_gguf
 from tasks.load import publish
-from tasks.objectives import get_objective
+from tasks.settings import BUILTIN_PREFIX, ModelSettings
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 TINY_VERSION = "tiny-v1"
@@ -285,12 +288,12 @@ def upcast_trainable(model: nn.Module) -> nn.Module:
 
 def load_base_model(
     source: ModelSource,
-    task: str,
+    head: ModelHead,
     tokenizer: PreTrainedTokenizerBase,
     label_names: list[str] | None = None,
     **extra: Any,
 ) -> nn.Module:
-    """The base model with the objective's (`task`) head, in fp32 unless `extra` says otherwise (e.g. a
+    """The base model with the objective's `head` (its kind of model), in fp32 unless `extra` says otherwise (e.g. a
     quantization config), its embeddings grown to the tokens the source adds (once: a fitting model is left as is).
 
     Safetensors weights only, unless the source allows pickles (`model.allow_pickle`).
@@ -302,9 +305,7 @@ def load_base_model(
     safetensors_only = None if source.allow_pickle else True
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": safetensors_only, **source.kwargs(), **extra}
     try:
-        objective = get_objective(task)
-        head = objective.head_options(label_names)
-        model = objective.auto_model().from_pretrained(source.name_or_path, **head, **kwargs)
+        model = head.auto_class().from_pretrained(source.name_or_path, **head.options(label_names), **kwargs)
     except OSError as exc:
         if source.allow_pickle or "safetensors" not in str(exc):
             raise
@@ -333,3 +334,40 @@ def check_context(source: ModelSource, max_length: int) -> None:
             f"data.max_length: {max_length} is beyond the context of model {source.display_name} "
             f"(max_position_embeddings {context}); set data.max_length to at most {context}"
         )
+
+
+# ---------------------------------------------------------------- tokens a chat template added
+
+
+@dataclass(frozen=True)
+class TrainableRows:
+    """Embedding rows a template added: `token_ids`, in the modules named `modules` (input embedding, and the
+    output layer unless tied). Methods that can train them get them as `ApplyContext.new_token_rows` (peft's
+    `trainable_token_indices` for the LoRA family; `full` trains every row anyway)."""
+
+    token_ids: tuple[int, ...]
+    modules: tuple[str, ...]
+
+    def by_module(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.token_ids for name in self.modules}
+
+
+def resize_for_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]
+) -> TrainableRows:
+    """Grow the model's embeddings (and output layer) to the tokenizer's size and name the rows of `tokens`, the
+    tokens a template added to this tokenizer (`ModelSource.added_tokens`).
+
+    Growing happens once: a model that already fits is left as it is (`fit_embeddings`), so every load path may
+    call this. New rows are drawn around the old rows' mean (transformers' mean resizing), so they do not dominate
+    the softmax. Empty when no tokens were added.
+    """
+    ids = tuple(i for i in (tokenizer.convert_tokens_to_ids(t) for t in tokens) if isinstance(i, int))
+    if not ids:
+        return TrainableRows((), ())
+    fit_embeddings(model, tokenizer)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if m is inp]
+    if out is not None and out.weight is not inp.weight:
+        names += [n for n, m in model.named_modules() if m is out]
+    return TrainableRows(ids, tuple(names))

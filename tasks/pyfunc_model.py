@@ -20,6 +20,8 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+from adapters_impl.model_heads import head_of_package
+
 Conversation = list[dict[str, str]]
 
 # Server-side bounds on one generation, whatever a request asks: a client that gives up cannot be seen from here,
@@ -113,9 +115,9 @@ class AdaptflowModel(PythonModel):
 
         params = {**self.info.get("generation", {}), **(params or {})}
         with torch.no_grad():
-            # What predict returns per objective is decided here, not by the objective registry: this file runs
-            # where only adapters_impl is installed (MLflow's code_paths), so it cannot import tasks.objectives.
-            if self.info["task"] == "classification":
+            # What predict returns follows the package's head, not the objective registry: this file runs where
+            # only adapters_impl is installed (MLflow's code_paths), so it cannot import tasks.objectives.
+            if head_of_package(self.info).labelled:
                 texts = _texts(model_input)
                 self.tokenizer.padding_side = "right"
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)

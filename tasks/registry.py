@@ -21,6 +21,7 @@ from tasks.identity import EVAL_SETTINGS_TAG, IDENTITY_TAG, eval_settings, recor
 from tasks.load import DataRef
 from tasks.merging import MergedRef
 from tasks.modeling import ModelSource, load_tokenizer
+from tasks.objectives import get_objective
 from tasks.tracking import RunRef, config_hash, experiment_id, git_commit, redact, use_tracking
 from tasks.training import TrainedRef
 
@@ -180,6 +181,7 @@ def package_model(
     folder.mkdir(parents=True)
     info: dict[str, Any] = {
         "task": adapted.task,
+        "head": get_objective(adapted.task).head.kind,  # what serving loads, without asking the objectives
         "method": adapted.method_name,
         "label_names": adapted.label_names,
         "generation": generation,

@@ -14,24 +14,13 @@ from typing import Any
 from torch import nn
 
 from tasks.adapting import load_adapted, remember
-from tasks.config import ProbeSettings
-from tasks.evaluation import EVAL_BATCH_SIZE
 from tasks.load import DataRef
+from tasks.measuring import EVAL_BATCH_SIZE
 from tasks.modeling import ModelSource, load_tokenizer
 from tasks.objectives import ReportInput, get_objective
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef, log_metrics
 from tasks.training import TrainedRef
-
-PROMPTS = 4  # generations for the first few eval texts, cut to their first words
-PROMPT_WORDS = 6
-GREEDY = ProbeSettings(samples=1, max_new_tokens=30)
-
-
-def fixed_prompts(data: DataRef) -> list[str]:
-    """The first eval texts, cut to their first words: the same prompts for every run on this data."""
-    texts = data.splits()[1][data.text_column][:PROMPTS]
-    return [" ".join(str(t).split()[:PROMPT_WORDS]) for t in texts]
 
 
 def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:

@@ -9,12 +9,13 @@ from typing import Any
 
 from datasets import Dataset, load_from_disk
 from pydantic import BaseModel
-from transformers import PreTrainedTokenizerBase
+from transformers import DataCollatorWithFlattening, PreTrainedTokenizerBase
 
 from tasks.errors import UserInputError
+from tasks.labels import IGNORE_INDEX
 from tasks.load import DataRef, publish
 from tasks.modeling import ModelSource, load_tokenizer
-from tasks.objectives import IGNORE_INDEX, get_objective
+from tasks.objectives import get_objective
 
 __all__ = ["IGNORE_INDEX", "TokenizedRef", "make_collator", "tokenize_dataset", "tokenize_key"]
 
@@ -120,7 +121,23 @@ def make_collator(tokenizer: PreTrainedTokenizerBase, task: str, packing: bool =
     """Dynamic padding per batch, as the objective pads (labels padded with IGNORE_INDEX never count); with
     `packing` (train.packing, for training only), rows flattened into one sequence and kept apart."""
     if packing:
-        from tasks.instruction import packing_collator
-
-        return packing_collator()
+        return PackingCollator(return_position_ids=True, separator_id=IGNORE_INDEX)
     return get_objective(task).collator(tokenizer)
+
+
+class PackingCollator(DataCollatorWithFlattening):
+    """Rows flattened into one sequence: position ids restart per row, labels -100 at each row's first token.
+
+    With no attention mask, transformers builds a block-diagonal causal mask from the restarting position ids
+    (eager and sdpa; flash-attention uses them as varlen boundaries), so rows never attend to one another. It does
+    so only without a KV cache: a model whose config has `use_cache: true` (most) creates one in every forward,
+    training included, and the rows then silently attend across boundaries. Each batch therefore carries
+    `use_cache=False`, whatever the model's config says.
+    """
+
+    def __call__(
+        self, features: list[dict[str, Any]], return_tensors: str | None = None, separator_id: int | None = None
+    ) -> dict[str, Any]:
+        batch = super().__call__(features, return_tensors=return_tensors, separator_id=separator_id)
+        batch["use_cache"] = False
+        return batch

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from mlflow.entities import Metric
-from pydantic import BaseModel
 from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments
@@ -28,17 +27,15 @@ from adapters_impl import get_method
 from adapters_impl.base import SaveFn
 from tasks.adapting import AdaptedRef, load_adapted, remember, take
 from tasks.config import TrainSettings
+from tasks.distributed import fsdp_arguments, train_distributed
 from tasks.errors import RunFailed, disk_error
 from tasks.modeling import load_tokenizer, training_dtype
 from tasks.objectives import get_objective
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import RunRef, client_for, log_metrics
+from tasks.trained import TrainedRef, TrainingDiverged
 
 log = logging.getLogger("adaptflow")
-
-
-class TrainingDiverged(RunFailed):
-    """The loss became NaN or infinite (a clear message and exit 1; never retried)."""
 
 
 def checkpoint_problems(folder: Path) -> list[str]:
@@ -116,41 +113,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
             "remove the damaged checkpoint folders to start training again from step 0"
         )
     return None
-
-
-class TrainedRef(BaseModel):
-    """The trained adapter (or model) on disk and what training measured."""
-
-    adapted: AdaptedRef
-    adapter_dir: str
-    steps: int
-    train_loss: float
-    train_seconds: float  # the whole trainer.train() call, checkpoints included
-    train_tokens_per_second: float  # real tokens per second of training, checkpoint saves excluded
-    checkpoint_seconds: float = 0.0
-    peak_memory_mb: float
-    loss_history: list[tuple[int, float]]
-    resumed_from_step: int | None = None
-    tracking_failures: int = 0
-    world_size: int = 1  # processes that trained together (train.distributed)
-    global_batch_size: int = 0  # sequences per optimizer step over all processes
-
-    def metrics(self) -> dict[str, float]:
-        """What training measured, as the run's metrics (the same keys for runs and grid trials)."""
-        measured: dict[str, float] = {
-            "trainable_params": self.adapted.trainable_params,
-            "total_params": self.adapted.total_params,
-            "train_seconds": self.train_seconds,
-            "train_tokens_per_second": self.train_tokens_per_second,
-            "checkpoint_seconds": self.checkpoint_seconds,
-            "peak_memory_mb": self.peak_memory_mb,
-        }
-        if self.tracking_failures:  # metrics were buffered and retried while the tracking server was away
-            measured["tracking_failures"] = self.tracking_failures
-        if self.world_size > 1:  # in-process runs keep their metric keys
-            measured["world_size"] = self.world_size
-            measured["global_batch_size"] = self.global_batch_size
-        return measured
 
 
 class MlflowStreamCallback(TrainerCallback):
@@ -338,8 +300,6 @@ def distributed_arguments(settings: TrainSettings, model: nn.Module | None = Non
         "ddp_find_unused_parameters": routes_to_experts(model),
     }
     if settings.distributed.strategy == "fsdp":
-        from tasks.distributed import fsdp_arguments
-
         arguments |= fsdp_arguments(settings.distributed.fsdp)
     return arguments
 
@@ -373,8 +333,6 @@ def train_model(
     done = state is not None and 0 < min(state.max_steps, stop_at or state.max_steps) <= state.global_step
     if world_size(settings) > 1 and not done:
         assert stop_at is None, "the config refuses grid.prune with train.distributed"
-        from tasks.distributed import train_distributed
-
         take(adapted.adapter_dir)  # the workers load it from disk; this process holds no model meanwhile
         result = train_distributed(adapted, tokenized, settings, run, resume_from)
         assert result is not None, "nodes other than node 0 train through flows.pipeline.worker_node"

@@ -25,13 +25,14 @@ from mlflow.tracking import MlflowClient
 from adapters_impl import METHODS
 from flows.cli import main
 from tasks.adapting import apply_method, take
-from tasks.config import DistributedSettings, ModelSettings, TrainSettings, validate_config
+from tasks.config import DistributedSettings, TrainSettings, validate_config
 from tasks.distributed import check_device, launch_command, train_distributed
 from tasks.errors import RunFailed, UserInputError
 from tasks.evaluation import evaluate_model
 from tasks.load import load_data
 from tasks.modeling import load_tokenizer, resolve_model
-from tasks.objectives import tasks_of
+from tasks.objectives import OBJECTIVES, tasks_of
+from tasks.settings import ModelSettings
 from tasks.tokenization import make_collator, tokenize_dataset
 from tasks.tracking import RunRef
 from tasks.training import distributed_arguments, train_model
@@ -83,7 +84,7 @@ def test_every_trainable_parameter_gets_a_gradient(name: str, task: str, tiny_mo
         {"task": task, "data": {"train": str(tmp_path / "rows.jsonl"), "max_length": 32}, "method": {"name": name}}
     )
     source = resolve_model(ModelSettings(name_or_path=tiny_model))
-    data = load_data(config.data, task, tmp_path / "d")
+    data = load_data(config.data, OBJECTIVES[task], tmp_path / "d")
     tokenized = tokenize_dataset(data, source, task, 32, tmp_path / "t", config.task_options())
     adapted = apply_method(source, config.method, task, tokenized, str(tmp_path / "run"), 0)
     model = take(adapted.adapter_dir)
@@ -147,7 +148,7 @@ class Stage:
         config = validate_config({"data": {"train": str(data_file), "max_length": 48}, "method": method, **sections})
         self.config = config
         source = resolve_model(ModelSettings(name_or_path=tiny_model))
-        data = load_data(config.data, config.task, tmp_path / "cache" / "d")
+        data = load_data(config.data, config.objective, tmp_path / "cache" / "d")
         self.tokenized = tokenize_dataset(
             data, source, config.task, 48, tmp_path / "cache" / "t", config.task_options()
         )

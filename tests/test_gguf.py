@@ -16,9 +16,9 @@ import torch
 from conftest import write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapters_impl.model_heads import SEQUENCE_CLASSIFICATION
 from flows.cli import main
 from tasks.builtin_models import PACKAGED, ModelUnavailable, downloads_dir, fetch_gguf
-from tasks.config import ModelSettings
 from tasks.errors import UserInputError
 from tasks.gguf_bases import converted_folder, file_sha256
 from tasks.modeling import (
@@ -29,6 +29,7 @@ from tasks.modeling import (
     local_model_folder,
     resolve_model,
 )
+from tasks.settings import ModelSettings
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -133,7 +134,7 @@ def test_a_gguf_file_converts_once_into_a_local_base_with_its_tokenizer_and_temp
     assert rendered == "<s>user: hi</s>"  # the file's chat template
 
     # Every objective loads it as a base: a classifier gets its head on the converted model.
-    classifier = load_base_model(source, "classification", load_tokenizer(source), ["neg", "pos"])
+    classifier = load_base_model(source, SEQUENCE_CLASSIFICATION, load_tokenizer(source), ["neg", "pos"])
     assert classifier.config.num_labels == 2 and classifier.config.pad_token_id is not None
 
     # Later uses find the converted folder: no second conversion, and the file is hashed once per state.

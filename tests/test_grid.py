@@ -294,7 +294,7 @@ def test_a_trial_continued_across_rungs_ends_where_the_same_trial_unpruned_ends(
         tmp_path,
     )
     source = resolve_model(config.model)
-    data = load_data(config.data, config.task, tmp_path / "cache" / "d")
+    data = load_data(config.data, config.objective, tmp_path / "cache" / "d")
     tokenized = tokenize_dataset(data, source, config.task, 32, tmp_path / "cache" / "t")
     parent = start_run(config, "parent")
     spec = expand_grid(config)[0]

@@ -8,6 +8,7 @@ template that writes BOS and has no generation markers), and tiny Llama models b
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,26 +16,23 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from tasks.config import validate_config
 from tasks.errors import UserInputError
-from tasks.instruction import (
-    IGNORE,
+from tasks.labels import IGNORE_INDEX as IGNORE
+from tasks.modeling import resize_for_tokens
+from tasks.objectives.instruction.chat import (
     ChatTemplate,
-    InstructionDataSettings,
-    InstructionSettings,
-    accumulated_loss,
-    check_packing,
     encode_conversation,
     encode_prompt,
-    encode_rows,
-    packing_collator,
     prompt_for_generation,
-    resize_for_tokens,
     resolve_template,
     response_only,
-    response_token_count,
     stop_token_ids,
     to_messages,
 )
+from tasks.objectives.instruction.objective import OBJECTIVE
+from tasks.objectives.instruction.settings import InstructionDataSettings, InstructionSettings
+from tasks.tokenization import make_collator
 
 LLAMA2_LIKE = (  # the shape of Llama-2's template: BOS written by the template, no {% generation %} markers
     "{{ bos_token }}{% for m in messages %}"
@@ -118,6 +116,25 @@ def _tiny_llama(vocab: int, tie: bool = True, attn: str = "eager") -> LlamaForCa
         attn_implementation=attn,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def _encode(
+    conversations: list[Any], tok: PreTrainedTokenizerBase, template: ChatTemplate, max_length: int = 256
+) -> tuple[list[dict[str, list[int]]], int]:
+    """Conversations through the instruction objective's encoder, the pipeline's one encode path: the encoded
+    rows and how many were dropped (`sft_dropped_rows`)."""
+    chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
+    settings: dict[str, Any] = {"chat": chat, "loss_on": "assistant"}
+    encode, _ = OBJECTIVE.encoder(tok, SimpleNamespace(eval_dir=""), None, None, max_length, settings)  # type: ignore[arg-type]
+    out = encode({"messages": conversations})
+    rows = [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
+    return rows, settings["metrics"]["sft_dropped_rows"]
+
+
+def _response_tokens(labels: torch.Tensor) -> int:
+    """Predicted response tokens: labels after the first position that are not -100 (the Trainer's count for
+    `num_items_in_batch`)."""
+    return int(labels[..., 1:].ne(IGNORE).sum())
 
 
 def _pad(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -383,36 +400,43 @@ def test_truncation_drops_or_raises_never_nan(tiny_model: str, tiny_tok: PreTrai
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     long_prompt = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "Fine."}]
     long_answer = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 80}]
-    encoded = encode_rows([short, long_prompt, long_answer], tiny_tok, template, "assistant", 40)
-    assert encoded.dropped == 1 and len(encoded.rows) == 2
-    kept = encoded.rows[1]  # the long prompt lost its oldest tokens; its response is whole with its EOS
+    rows, dropped = _encode([short, long_prompt, long_answer], tiny_tok, template, 40)
+    assert dropped == 1 and len(rows) == 2
+    kept = rows[1]  # the long prompt lost its oldest tokens; its response is whole with its EOS
     assert len(kept["input_ids"]) == 40 and _targets(tiny_tok, kept["labels"]) == ["Fine.</s>"]
-    for row in encoded.rows:
+    for row in rows:
         assert sum(label != IGNORE for label in row["labels"]) > 0
     model = LlamaForCausalLM.from_pretrained(tiny_model)
-    loss = model(**_pad(encoded.rows, tiny_tok.pad_token_id)).loss
+    loss = model(**_pad(rows, tiny_tok.pad_token_id)).loss
     assert torch.isfinite(loss) and loss.item() > 0
-    with pytest.raises(UserInputError, match=r"data.max_length: 5 tokens is too short for every row .*3 dropped"):
-        encode_rows([short, long_prompt, long_answer], tiny_tok, template, "assistant", 5)
+    assert _encode([short, long_prompt, long_answer], tiny_tok, template, 5) == ([], 3)
 
 
 # ---------------------------------------------------------------- packing and loss
 
 
 def test_packing_refused_for_virtual_token_methods() -> None:
+    def config(name: str) -> dict[str, Any]:
+        return {
+            "task": "instruction",
+            "data": {"train": "x.jsonl"},
+            "method": {"name": name},
+            "train": {"packing": True},
+        }
+
     for name in ("prefix", "prompt"):
         with pytest.raises(UserInputError, match=rf"train.packing: not supported with method {name}"):
-            check_packing(name)
+            validate_config(config(name))
     for name in ("full", "lora", "qlora", "ia3"):
-        check_packing(name)
+        validate_config(config(name))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packing_masks_row_boundaries_and_matches_unpacked_logits(tiny_tok: PreTrainedTokenizerBase, attn: str) -> None:
     template = _template(tiny_tok, "plain")
-    rows = encode_rows([CONVERSATION, CONVERSATION[1:3], CONVERSATION[3:]], tiny_tok, template, "assistant", 256).rows
+    rows, _ = _encode([CONVERSATION, CONVERSATION[1:3], CONVERSATION[3:]], tiny_tok, template)
     model = _tiny_llama(len(tiny_tok), attn=attn)
-    packed = packing_collator()(rows)
+    packed = make_collator(tiny_tok, "instruction", packing=True)(rows)
     assert packed["position_ids"][0].tolist() == [i for r in rows for i in range(len(r["input_ids"]))]
     starts = [0, len(rows[0]["input_ids"]), len(rows[0]["input_ids"]) + len(rows[1]["input_ids"])]
     assert all(packed["labels"][0, s].item() == IGNORE for s in starts)
@@ -429,22 +453,24 @@ def test_packing_masks_row_boundaries_and_matches_unpacked_logits(tiny_tok: PreT
         assert model.config.use_cache
         leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
         assert not torch.allclose(leaky[starts[1] :], packed_logits[starts[1] :], atol=1e-3)
-    assert packed["labels"].ne(IGNORE).sum().item() == sum(
-        response_token_count(torch.tensor(r["labels"])) for r in rows
-    )
+    assert packed["labels"].ne(IGNORE).sum().item() == sum(_response_tokens(torch.tensor(r["labels"])) for r in rows)
 
 
 def test_gradient_accumulation_normalises_by_response_tokens(tiny_tok: PreTrainedTokenizerBase) -> None:
     template = _template(tiny_tok, "plain")
     long_answer = [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": "a long story " * 6}]
     conversations = [CONVERSATION[1:3], long_answer, CONVERSATION[3:], CONVERSATION]
-    batch = _pad(encode_rows(conversations, tiny_tok, template, "assistant", 256).rows, tiny_tok.pad_token_id)
+    batch = _pad(_encode(conversations, tiny_tok, template)[0], tiny_tok.pad_token_id)
     model = _tiny_llama(len(tiny_tok))
     with torch.no_grad():
         full = model(**batch).loss
         micro = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
-        assert sum(response_token_count(b["labels"]) for b in micro) == response_token_count(batch["labels"])
-        torch.testing.assert_close(accumulated_loss(model, micro), full)
+        total = sum(_response_tokens(b["labels"]) for b in micro)
+        assert total == _response_tokens(batch["labels"])
+        # Each micro-batch's summed token loss over the step's count (what the Trainer passes causal LMs as
+        # `num_items_in_batch`) adds up to the whole batch's mean.
+        accumulated = sum(model(**b, num_items_in_batch=torch.tensor(total)).loss for b in micro)
+        torch.testing.assert_close(accumulated, full)
         mean_of_means = sum(model(**b).loss for b in micro) / 2  # what a per-micro-batch mean would train on
         assert abs(mean_of_means.item() - full.item()) > 1e-3
 
@@ -455,7 +481,7 @@ def test_gradient_accumulation_normalises_by_response_tokens(tiny_tok: PreTraine
 def _train_until_it_stops(tok: PreTrainedTokenizerBase, template: ChatTemplate, messages: Any) -> LlamaForCausalLM:
     """A tiny model fitted to one conversation, so it writes the response and then the end of turn."""
     model = _tiny_llama(len(tok))
-    batch = _pad(encode_rows([messages], tok, template, "assistant", 256).rows, tok.pad_token_id)
+    batch = _pad(_encode([messages], tok, template)[0], tok.pad_token_id)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(80):

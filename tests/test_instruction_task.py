@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tasks.config import RunConfig, validate_config
 from tasks.errors import UserInputError
 from tasks.generation import generate_from_ids
-from tasks.objectives.instruction import answer_scores
+from tasks.objectives import OBJECTIVES
+from tasks.objectives.instruction.objective import answer_scores
 
 BIN = Path(sys.executable).parent
 
@@ -90,7 +91,7 @@ def test_an_exact_answer_in_any_script_scores_rouge_l_one(answer: str) -> None:
 def test_rouge_l_tokens_are_rouge_scores_own_on_ascii_text() -> None:
     from rouge_score import rouge_scorer, tokenize
 
-    from tasks.objectives.instruction import WordTokens
+    from tasks.objectives.instruction.objective import WordTokens
 
     texts = ["It's 3 o'clock, Mr. Smith_Jones!", "the CAT sat -- on the mat...", "x2y snake_case  tabs\tand\nlines"]
     reference = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -152,9 +153,9 @@ def test_the_probe_asks_an_instruction_model_each_rule_prompt_as_a_user_turn(
     # A base model continues "The nurse said"; an instruction model is asked it, in its template, and its answer
     # ends at the end of turn. Pairs are sentence likelihoods either way (CrowS-Pairs' scoring).
     from tasks import generation
-    from tasks.config import ProbeSettings
     from tasks.objectives import get_objective
     from tasks.probe.suites import RuleCategory, Suite
+    from tasks.settings import ProbeSettings
 
     seen: list[tuple[str, list[int]]] = []
     real = generation.generate
@@ -280,11 +281,11 @@ def test_held_out_prompts_are_cut_and_dropped_as_training_cuts_its_rows(tmp_path
     context, a crash) and scored although the loss dropped its row."""
     from datasets import load_from_disk
 
-    from tasks.config import DataSettings, ModelSettings
-    from tasks.instruction import encode_prompt
     from tasks.load import load_data
     from tasks.modeling import load_tokenizer, resolve_model
-    from tasks.objectives.instruction import _prompt, held_out, template_of
+    from tasks.objectives.instruction.objective import _prompt, held_out, template_of
+    from tasks.objectives.instruction.chat import encode_prompt
+    from tasks.settings import DataSettings, ModelSettings
     from tasks.tokenization import tokenize_dataset
 
     words = " ".join(f"word{i}" for i in range(120))
@@ -299,7 +300,7 @@ def test_held_out_prompts_are_cut_and_dropped_as_training_cuts_its_rows(tmp_path
     evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = resolve_model(ModelSettings(name_or_path=tiny_model))
     settings = DataSettings(train=str(train), eval=str(evaluation), max_length=48)
-    data = load_data(settings, "instruction", tmp_path / "data")
+    data = load_data(settings, OBJECTIVES["instruction"], tmp_path / "data")
     options = {"template": "plain", "loss_on": "assistant", "eval_generations": 8, "max_new_tokens": 8}
     tokenized = tokenize_dataset(data, source, "instruction", 48, tmp_path / "tok", options)
     tokenizer = load_tokenizer(source)

@@ -22,13 +22,14 @@ from torch import nn
 import tasks.generation
 from adapters_impl import METHODS, get_method
 from tasks.adapting import apply_method, forget, load_adapted, load_full_precision_base
-from tasks.config import DataSettings, ModelSettings, RunConfig, resolve_paths
+from tasks.config import RunConfig, resolve_paths
 from tasks.grid import expand_grid, run_trial
-from tasks.instruction import CHATML_TOKENS, resize_for_tokens
 from tasks.load import DataRef, load_data
 from tasks.modeling import ModelSource, load_tokenizer, resolve_model
-from tasks.objectives import ReportInput, get_objective
-from tasks.objectives.instruction import answer_scores, base_model
+from tasks.objectives import OBJECTIVES, ReportInput, get_objective
+from tasks.objectives.instruction.objective import answer_scores, base_model
+from tasks.objectives.instruction.chat import CHATML_TOKENS, resize_for_tokens
+from tasks.settings import DataSettings, ModelSettings
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
 from tasks.tracking import start_run
 
@@ -48,7 +49,7 @@ def chat(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Mod
     file = folder / "pets.jsonl"
     file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     source = resolve_model(ModelSettings(name_or_path=tiny_model))
-    data = load_data(DataSettings(train=str(file), eval_fraction=0.25), "instruction", folder / "data")
+    data = load_data(DataSettings(train=str(file), eval_fraction=0.25), OBJECTIVES["instruction"], folder / "data")
     return source, data, tokenize_dataset(data, source, "instruction", 64, folder / "tok", dict(OPTIONS))
 
 
@@ -237,7 +238,7 @@ def test_a_chatml_grid_trial_continued_from_its_checkpoint_ends_where_the_uninte
     train = config.train.model_copy(update={"output_dir": str(tmp_path / "runs")})
     config = resolve_paths(config.model_copy(update={"train": train}), tmp_path)
     source = resolve_model(config.model)
-    data = load_data(config.data, config.task, tmp_path / "cache" / "d")
+    data = load_data(config.data, config.objective, tmp_path / "cache" / "d")
     tokenized = tokenize_dataset(data, source, config.task, 64, tmp_path / "cache" / "t", config.task_options())
     parent = start_run(config, "parent")
     spec = expand_grid(config)[0]

@@ -6,9 +6,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.config import DataSettings
 from tasks.errors import UserInputError
 from tasks.load import load_data
+from tasks.objectives import OBJECTIVES
+from tasks.settings import DataSettings
 
 ROWS = [{"text": f"sentence number {i}", "label": "spam" if i % 3 == 0 else "ham"} for i in range(30)]
 
@@ -36,54 +37,54 @@ def test_every_format_loads_with_a_fixed_split(tmp_path: Path, suffix: str) -> N
     path = write(tmp_path / f"data{suffix}")
     task = "causal_lm" if suffix == ".txt" else "classification"
     settings = DataSettings(train=str(path), eval_fraction=0.2)
-    ref = load_data(settings, task, tmp_path / "cache")
+    ref = load_data(settings, OBJECTIVES[task], tmp_path / "cache")
     assert (ref.train_rows, ref.eval_rows) == (24, 6)
     train, eval_ = ref.splits()
     assert set(train["text"]).isdisjoint(eval_["text"])
     if task == "classification":
         assert set(train["label"]) <= {"ham", "spam"}
-    again = load_data(settings, task, tmp_path / "cache2")
+    again = load_data(settings, OBJECTIVES[task], tmp_path / "cache2")
     assert again.fingerprint == ref.fingerprint
     assert again.splits()[1]["text"] == eval_["text"]
 
 
 def test_fingerprint_follows_content(tmp_path: Path) -> None:
     path = write(tmp_path / "d.jsonl")
-    first = load_data(DataSettings(train=str(path)), "causal_lm", tmp_path / "c").fingerprint
+    first = load_data(DataSettings(train=str(path)), OBJECTIVES["causal_lm"], tmp_path / "c").fingerprint
     path.write_text(path.read_text() + json.dumps({"text": "one more"}) + "\n")
-    assert load_data(DataSettings(train=str(path)), "causal_lm", tmp_path / "c").fingerprint != first
+    assert load_data(DataSettings(train=str(path)), OBJECTIVES["causal_lm"], tmp_path / "c").fingerprint != first
 
 
 def test_eval_file_is_used_as_is(tmp_path: Path) -> None:
     train = write(tmp_path / "train.jsonl")
     eval_ = tmp_path / "eval.jsonl"
     eval_.write_text(json.dumps({"text": "held out", "label": "ham"}) + "\n")
-    ref = load_data(DataSettings(train=str(train), eval=str(eval_)), "classification", tmp_path / "c")
+    ref = load_data(DataSettings(train=str(train), eval=str(eval_)), OBJECTIVES["classification"], tmp_path / "c")
     assert (ref.train_rows, ref.eval_rows) == (30, 1)
 
 
 def test_missing_file_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=r"data.train: file not found: .*absent.jsonl"):
-        load_data(DataSettings(train=str(tmp_path / "absent.jsonl")), "causal_lm", tmp_path)
+        load_data(DataSettings(train=str(tmp_path / "absent.jsonl")), OBJECTIVES["causal_lm"], tmp_path)
 
 
 def test_wrong_columns_list_the_real_ones(tmp_path: Path) -> None:
     path = write(tmp_path / "d.jsonl")
     with pytest.raises(UserInputError, match=r"data.text_column: column 'body' not found .* columns are: text, label"):
-        load_data(DataSettings(train=str(path), text_column="body"), "causal_lm", tmp_path)
+        load_data(DataSettings(train=str(path), text_column="body"), OBJECTIVES["causal_lm"], tmp_path)
     with pytest.raises(UserInputError, match=r"data.label_column: column 'y' not found"):
-        load_data(DataSettings(train=str(path), label_column="y"), "classification", tmp_path)
+        load_data(DataSettings(train=str(path), label_column="y"), OBJECTIVES["classification"], tmp_path)
 
 
 def test_unsupported_format_and_empty_data(tmp_path: Path) -> None:
     odd = tmp_path / "data.xml"
     odd.write_text("<a/>")
     with pytest.raises(UserInputError, match="unsupported format"):
-        load_data(DataSettings(train=str(odd)), "causal_lm", tmp_path)
+        load_data(DataSettings(train=str(odd)), OBJECTIVES["causal_lm"], tmp_path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": "  "}) + "\n" + json.dumps({"text": "x"}) + "\n")
     with pytest.raises(UserInputError, match="usable rows"):
-        load_data(DataSettings(train=str(empty)), "causal_lm", tmp_path)
+        load_data(DataSettings(train=str(empty)), OBJECTIVES["causal_lm"], tmp_path)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet"])
@@ -91,7 +92,7 @@ def test_an_empty_file_is_called_empty(tmp_path: Path, suffix: str) -> None:
     empty = tmp_path / f"empty{suffix}"
     empty.write_bytes(b"" if suffix == ".parquet" else b"\n  \n")
     with pytest.raises(UserInputError, match=rf"data.train: {empty} is empty; expected .+") as caught:
-        load_data(DataSettings(train=str(empty)), "causal_lm", tmp_path / "c")
+        load_data(DataSettings(train=str(empty)), OBJECTIVES["causal_lm"], tmp_path / "c")
     assert not str(caught.value).endswith(": ")
 
 
@@ -104,7 +105,7 @@ def test_invalid_utf8_names_file_encoding_and_offset(tmp_path: Path, suffix: str
         prefix + b"\xe9 au lait" + (b'"}]' if suffix == ".json" else b'"}\n' if suffix == ".jsonl" else b"\n")
     )
     with pytest.raises(UserInputError, match=rf"data.train: {bad}: not UTF-8 .*byte offset {len(prefix)}"):
-        load_data(DataSettings(train=str(bad)), "causal_lm", tmp_path / "c")
+        load_data(DataSettings(train=str(bad)), OBJECTIVES["causal_lm"], tmp_path / "c")
 
 
 def test_many_labels_split_stratified(tmp_path: Path) -> None:
@@ -113,15 +114,15 @@ def test_many_labels_split_stratified(tmp_path: Path) -> None:
     rows = [{"text": f"row {i} of class {c}", "label": f"class-{c}"} for c in range(200) for i in range(2 + c % 3)]
     path = tmp_path / "many.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ref = load_data(DataSettings(train=str(path), eval_fraction=0.2), "classification", tmp_path / "c")
+    ref = load_data(DataSettings(train=str(path), eval_fraction=0.2), OBJECTIVES["classification"], tmp_path / "c")
     train, eval_ = ref.splits()
     assert set(eval_["label"]) <= set(train["label"]) and len(set(train["label"])) == 200
     assert abs(ref.eval_rows - 0.2 * len(rows)) <= 1 and ref.train_rows + ref.eval_rows == len(rows)
     assert set(train["text"]).isdisjoint(eval_["text"])
     assert (
-        load_data(DataSettings(train=str(path), eval_fraction=0.2), "classification", tmp_path / "d").splits()[1][
-            "text"
-        ]
+        load_data(
+            DataSettings(train=str(path), eval_fraction=0.2), OBJECTIVES["classification"], tmp_path / "d"
+        ).splits()[1]["text"]
         == eval_["text"]
     )
     assert len(label_names_of(train, eval_, "label")) == 200
@@ -144,12 +145,12 @@ def test_malformed_json_is_named_with_its_line_before_the_reader_sees_it(tmp_pat
     lines = tmp_path / "bad.jsonl"
     lines.write_text('{"text": "fine"}\n{"text": "cut\n')
     with pytest.raises(UserInputError, match=r"data.train: .*bad.jsonl: line 2 is not valid JSON"):
-        load_data(DataSettings(train=str(lines)), "causal_lm", tmp_path / "cache")
+        load_data(DataSettings(train=str(lines)), OBJECTIVES["causal_lm"], tmp_path / "cache")
     scalars = tmp_path / "scalars.jsonl"
     scalars.write_text('{"text": "fine"}\n3\n')
     with pytest.raises(UserInputError, match="line 2 is not a JSON object"):
-        load_data(DataSettings(train=str(scalars)), "causal_lm", tmp_path / "cache")
+        load_data(DataSettings(train=str(scalars)), OBJECTIVES["causal_lm"], tmp_path / "cache")
     # A .json file may hold one object per line, as pandas writes it.
     per_line = tmp_path / "rows.json"
     per_line.write_text('{"text": "one two three"}\n{"text": "four five six"}\n')
-    assert load_data(DataSettings(train=str(per_line)), "causal_lm", tmp_path / "cache").train_rows >= 1
+    assert load_data(DataSettings(train=str(per_line)), OBJECTIVES["causal_lm"], tmp_path / "cache").train_rows >= 1

@@ -17,7 +17,7 @@ from tasks.config import RunConfig, apply_overrides, validate_config
 from tasks.grid import expand_grid, split_fitting
 from tasks.memory import Device, optimizer_state_bytes, parse_bytes, plan
 from tasks.modeling import load_base_model, load_tokenizer, resolve_model
-from tasks.objectives import tasks_of
+from tasks.objectives import OBJECTIVES, tasks_of
 
 CPU = Device("cpu", "cpu", 2**40, False)
 
@@ -71,7 +71,9 @@ def test_every_method_and_task_is_planned_with_the_parameters_the_run_trains(
     source = resolve_model(config.model)
     settings = get_method(method)
     labels = ["a", "b"] if task == "classification" else None
-    base = load_base_model(source, task, load_tokenizer(source), labels, **settings.base_loading(config.method))
+    base = load_base_model(
+        source, OBJECTIVES[task].head, load_tokenizer(source), labels, **settings.base_loading(config.method)
+    )
     model = settings.apply(base, config.method, ApplyContext(task=task, model_path=source.name_or_path))
     trainable, _ = count_parameters(model)
     assert planned.trainable == trainable

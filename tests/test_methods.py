@@ -14,11 +14,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from adapters_impl import METHODS, ApplyContext, count_parameters, get_method
 from adapters_impl.adapter import AdapterSettings
-from tasks.config import DataSettings, ModelSettings, ProbeSettings, RunConfig
+from tasks.config import RunConfig
 from tasks.generation import generate
 from tasks.load import load_data
 from tasks.modeling import ModelSource, load_base_model, load_tokenizer, resolve_model
-from tasks.objectives import tasks_of
+from tasks.objectives import OBJECTIVES, tasks_of
+from tasks.settings import DataSettings, ModelSettings, ProbeSettings
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
 
 # Every combination that makes sense; `head` only classifies.
@@ -44,7 +45,7 @@ def tokenized(source: ModelSource, tmp_path_factory: pytest.TempPathFactory) -> 
     for task, name in [("causal_lm", "stories"), ("classification", "reviews"), ("instruction", "instructions")]:
         file = folder / f"{name}.jsonl"
         file.write_text("\n".join((samples / f"sample_{name}.jsonl").read_text().splitlines()[:40]) + "\n")
-        data = load_data(DataSettings(train=str(file)), task, folder / "data")
+        data = load_data(DataSettings(train=str(file)), OBJECTIVES[task], folder / "data")
         options = {"template": "tokenizer", "loss_on": "assistant"} if task == "instruction" else None
         refs[task] = tokenize_dataset(data, source, task, 32, folder / "tok", options)
     return refs
@@ -58,7 +59,9 @@ def fixed_batch(source: ModelSource, tokenized: TokenizedRef, size: int = 8) -> 
 
 def fresh_base(source: ModelSource, task: str, tokenized: TokenizedRef, settings: Any) -> nn.Module:
     method = get_method(settings.name)
-    return load_base_model(source, task, load_tokenizer(source), tokenized.label_names, **method.base_loading(settings))
+    return load_base_model(
+        source, OBJECTIVES[task].head, load_tokenizer(source), tokenized.label_names, **method.base_loading(settings)
+    )
 
 
 def adapted_model(source: ModelSource, task: str, tokenized: TokenizedRef, settings: Any) -> nn.Module:

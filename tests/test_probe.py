@@ -15,18 +15,13 @@ from conftest import write_config
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from tasks.config import GateSettings, ProbeSettings
 from tasks.errors import UserInputError
 from tasks.generation import generate
-from tasks.probe import (
-    ProbeResult,
-    check_gate,
-    contains_word,
-    load_suite,
-    perturb,
-    score_pairs,
-    sentence_log_likelihoods,
-)
+from tasks.probe.gate import check_gate
+from tasks.probe.result import ProbeResult
+from tasks.probe.scoring import contains_word, perturb, score_pairs, sentence_log_likelihoods
+from tasks.probe.suites import load_suite
+from tasks.settings import GateSettings, ProbeSettings
 
 
 def last_json(text: str) -> dict:

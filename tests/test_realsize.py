@@ -16,10 +16,12 @@ import torch
 from conftest import write_config
 
 from adapters_impl import METHODS, ApplyContext
+from adapters_impl.model_heads import CAUSAL_LM
 from adapters_impl.packaged import INFO_FILE, BaseUnavailable, load_packaged
 from tasks.config import validate_config
 from tasks.errors import UserInputError
 from tasks.modeling import base_load_dtype, load_base_model, load_tokenizer, resolve_model, upcast_trainable
+from tasks.objectives import OBJECTIVES
 from tasks.training import enable_activation_checkpointing
 
 FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
@@ -49,7 +51,7 @@ def test_frozen_base_dtype(
 def test_trainable_parameters_stay_fp32_on_a_half_precision_base(tiny_model: str) -> None:
     source = resolve_model(validate_config({"data": {"train": "x"}, "model": {"name_or_path": tiny_model}}).model)
     tokenizer = load_tokenizer(source)
-    base = load_base_model(source, "causal_lm", tokenizer, dtype=BF16)
+    base = load_base_model(source, CAUSAL_LM, tokenizer, dtype=BF16)
     settings = METHODS["lora"].settings(name="lora")
     model = upcast_trainable(METHODS["lora"].apply(base, settings, ApplyContext("causal_lm", tiny_model)))
     dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
@@ -82,7 +84,7 @@ def test_activation_checkpointing_reaches_the_transformer_inside_every_wrapper(
     source = resolve_model(validate_config({"data": {"train": "x"}, "model": {"name_or_path": tiny_model}}).model)
     tokenizer = load_tokenizer(source)
     labels = ["neg", "pos"] if task == "classification" else None
-    base = load_base_model(source, task, tokenizer, labels)
+    base = load_base_model(source, OBJECTIVES[task].head, tokenizer, labels)
     model = METHODS[method].apply(base, METHODS[method].settings(name=method), ApplyContext(task, tiny_model))
     enable_activation_checkpointing(model)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -22,9 +22,11 @@ from mlflow.tracking import MlflowClient
 
 from flows.cli import main
 from flows.stages import is_transient
-from tasks.config import DataSettings, RunConfig, validate_config
+from tasks.config import RunConfig, validate_config
 from tasks.errors import UserInputError
 from tasks.load import load_data
+from tasks.objectives import OBJECTIVES
+from tasks.settings import DataSettings
 from tasks.tracking import RunRef, public_params, start_run
 from tasks.training import MlflowStreamCallback, TrainingDiverged
 
@@ -233,7 +235,7 @@ def test_any_data_file_loads_or_is_a_named_error(tmp_path: Path, content: bytes,
     path = tmp_path / f"data{suffix}"
     path.write_bytes(content)
     try:
-        ref = load_data(DataSettings(train=str(path)), "causal_lm", tmp_path / "cache")
+        ref = load_data(DataSettings(train=str(path)), OBJECTIVES["causal_lm"], tmp_path / "cache")
     except UserInputError as exc:
         assert "data.train" in str(exc) or "data.text_column" in str(exc) or "data.eval" in str(exc), str(exc)
         return

@@ -21,10 +21,12 @@ from adapters_impl.lora import LoraSettings
 from flows.cli import main
 from flows.stages import is_transient
 from tasks.adapting import apply_method
-from tasks.config import DataSettings, ModelSettings, RunConfig, TrainSettings
+from tasks.config import RunConfig, TrainSettings
 from tasks.errors import RunFailed
 from tasks.load import load_data
 from tasks.modeling import resolve_model
+from tasks.objectives import OBJECTIVES
+from tasks.settings import DataSettings, ModelSettings
 from tasks.tokenization import tokenize_dataset
 from tasks.tracking import RunRef, end_run, start_run
 from tasks.training import TrainedRef, train_model
@@ -47,7 +49,9 @@ class Trainer:
         run_dir: Path | None = None,
     ) -> None:
         source = resolve_model(ModelSettings(name_or_path=tiny_model))
-        data = load_data(DataSettings(train=str(stories_file), max_length=48), "causal_lm", tmp_path / "cache" / "d")
+        data = load_data(
+            DataSettings(train=str(stories_file), max_length=48), OBJECTIVES["causal_lm"], tmp_path / "cache" / "d"
+        )
         self.tokenized = tokenize_dataset(data, source, "causal_lm", 48, tmp_path / "cache" / "t")
         self.run_dir = run_dir or tmp_path / "run"
         self.adapted = apply_method(

@@ -11,12 +11,14 @@ import torch
 
 from adapters_impl._peft import linear_module_names
 from adapters_impl.lora import LoraSettings
+from adapters_impl.model_heads import CAUSAL_LM
 from tasks.adapting import apply_method, forget, load_adapted, remember, take
-from tasks.config import DataSettings, ModelSettings
 from tasks.errors import UserInputError
-from tasks.evaluation import causal_lm_nll
 from tasks.load import load_data
+from tasks.measuring import causal_lm_nll
 from tasks.modeling import load_base_model, load_tokenizer, resolve_model
+from tasks.objectives import OBJECTIVES
+from tasks.settings import DataSettings, ModelSettings
 from tasks.tokenization import IGNORE_INDEX, make_collator, tokenize_dataset
 
 
@@ -26,7 +28,7 @@ def source(tiny_model: str):
 
 
 def test_causal_tokenization_masks_only_padding(source, stories_file: Path, tmp_path: Path) -> None:
-    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    data = load_data(DataSettings(train=str(stories_file)), OBJECTIVES["causal_lm"], tmp_path / "d")
     ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
     train, _ = ref.splits()
     tokenizer = load_tokenizer(source)
@@ -44,7 +46,7 @@ def test_causal_tokenization_masks_only_padding(source, stories_file: Path, tmp_
 
 
 def test_classification_maps_string_labels_and_keeps_names(source, reviews_file: Path, tmp_path: Path) -> None:
-    data = load_data(DataSettings(train=str(reviews_file)), "classification", tmp_path / "d")
+    data = load_data(DataSettings(train=str(reviews_file)), OBJECTIVES["classification"], tmp_path / "d")
     ref = tokenize_dataset(data, source, "classification", 32, tmp_path / "t")
     assert ref.label_names == ["negative", "positive"]
     train, _ = ref.splits()
@@ -54,13 +56,15 @@ def test_classification_maps_string_labels_and_keeps_names(source, reviews_file:
 def test_eval_labels_must_occur_in_train(source, reviews_file: Path, tmp_path: Path) -> None:
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text('{"text": "meh", "label": "neutral"}\n')
-    data = load_data(DataSettings(train=str(reviews_file), eval=str(eval_file)), "classification", tmp_path / "d")
+    data = load_data(
+        DataSettings(train=str(reviews_file), eval=str(eval_file)), OBJECTIVES["classification"], tmp_path / "d"
+    )
     with pytest.raises(UserInputError, match=r"data.label_column: eval labels \['neutral'\] never occur in train"):
         tokenize_dataset(data, source, "classification", 32, tmp_path / "t")
 
 
 def test_unknown_target_module_lists_the_models_linear_layers(source, stories_file: Path, tmp_path: Path) -> None:
-    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    data = load_data(DataSettings(train=str(stories_file)), OBJECTIVES["causal_lm"], tmp_path / "d")
     ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
     with pytest.raises(UserInputError) as caught:
         apply_method(source, LoraSettings(target_modules=["q_proj", "qkv"]), "causal_lm", ref, str(tmp_path), 0)
@@ -70,7 +74,7 @@ def test_unknown_target_module_lists_the_models_linear_layers(source, stories_fi
 
 
 def test_all_linear_adapts_every_linear_layer(source, stories_file: Path, tmp_path: Path) -> None:
-    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    data = load_data(DataSettings(train=str(stories_file)), OBJECTIVES["causal_lm"], tmp_path / "d")
     ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
     narrow = apply_method(source, LoraSettings(r=4), "causal_lm", ref, str(tmp_path / "a"), 0)
     wide = apply_method(
@@ -79,14 +83,14 @@ def test_all_linear_adapts_every_linear_layer(source, stories_file: Path, tmp_pa
     assert 0 < narrow.trainable_params < wide.trainable_params < wide.total_params
     model = take(wide.adapter_dir)
     adapted = {name.rsplit(".", 2)[-2] for name, _ in model.named_modules() if name.endswith("lora_A")}
-    assert adapted == set(linear_module_names(load_base_model(source, "causal_lm", load_tokenizer(source))))
+    assert adapted == set(linear_module_names(load_base_model(source, CAUSAL_LM, load_tokenizer(source))))
     assert (Path(wide.adapter_dir) / "adapter_model.safetensors").exists()
 
 
 def test_eval_loss_is_weighted_by_real_tokens(source) -> None:
     """A long and a short sequence in one padded batch: every real token counts once, padding never."""
     tokenizer = load_tokenizer(source)
-    model = load_base_model(source, "causal_lm", tokenizer)
+    model = load_base_model(source, CAUSAL_LM, tokenizer)
     long_ids = tokenizer("Once upon a time, Lily had a little cat and a big dog.")["input_ids"]
     short_ids = tokenizer("The cat")["input_ids"]
     rows = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids} for ids in (long_ids, short_ids)]
@@ -121,11 +125,11 @@ def test_pickle_weights_need_allow_pickle(pickle_only_model: Path) -> None:
     with pytest.raises(UserInputError, match=r"model.name_or_path: .*pytorch_model.bin.*model.allow_pickle: true"):
         resolve_model(ModelSettings(name_or_path=str(pickle_only_model)))
     source = resolve_model(ModelSettings(name_or_path=str(pickle_only_model), allow_pickle=True))
-    assert load_base_model(source, "causal_lm", load_tokenizer(source)) is not None
+    assert load_base_model(source, CAUSAL_LM, load_tokenizer(source)) is not None
     # A source that slipped past the folder check (a hub id) still never loads pickles.
     unchecked = source.model_copy(update={"allow_pickle": False})
     with pytest.raises(UserInputError, match=r"model.name_or_path: .*no safetensors weights.*model.allow_pickle"):
-        load_base_model(unchecked, "causal_lm", load_tokenizer(source))
+        load_base_model(unchecked, CAUSAL_LM, load_tokenizer(source))
 
 
 def test_saved_adapters_load_only_from_safetensors(source, tmp_path: Path) -> None:
@@ -138,14 +142,14 @@ def test_saved_adapters_load_only_from_safetensors(source, tmp_path: Path) -> No
         method = get_method(name)
         settings = method.settings(name=name)
         context = ApplyContext(task="causal_lm", model_path=source.name_or_path)
-        model = method.apply(load_base_model(source, "causal_lm", tokenizer), settings, context)
+        model = method.apply(load_base_model(source, CAUSAL_LM, tokenizer), settings, context)
         folder = tmp_path / name
         method.save(model, folder)
         (weights,) = folder.glob("*.safetensors")
         torch.save(load_file(str(weights)), weights.with_suffix(".bin"))
         weights.unlink()
         with pytest.raises(OSError, match="safetensors"):
-            method.load(load_base_model(source, "causal_lm", tokenizer), folder, False)
+            method.load(load_base_model(source, CAUSAL_LM, tokenizer), folder, False)
 
 
 def _save(model: torch.nn.Module, folder: Path) -> Path:
@@ -173,7 +177,7 @@ def test_a_folder_saved_again_is_loaded_from_disk_not_from_the_stale_live_model(
 ) -> None:
     """A retry or a resumed run writes the folder again after its model was handed on: the next stage must load
     what is on disk now."""
-    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    data = load_data(DataSettings(train=str(stories_file)), OBJECTIVES["causal_lm"], tmp_path / "d")
     ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
     adapted = apply_method(source, LoraSettings(r=4), "causal_lm", ref, str(tmp_path / "run"), 0)
     stale = take(adapted.adapter_dir)
@@ -198,17 +202,17 @@ def test_full_fine_tuning_writes_no_copy_of_the_base_before_training(
     (a DDP rank, a grid worker) loads the base in its place. A classification head is new: it is saved."""
     from adapters_impl.full import FullSettings
 
-    data = load_data(DataSettings(train=str(stories_file)), "causal_lm", tmp_path / "d")
+    data = load_data(DataSettings(train=str(stories_file)), OBJECTIVES["causal_lm"], tmp_path / "d")
     ref = tokenize_dataset(data, source, "causal_lm", 24, tmp_path / "t")
     adapted = apply_method(source, FullSettings(), "causal_lm", ref, str(tmp_path / "run"), 0)
     assert [p.name for p in Path(adapted.adapter_dir).iterdir()] == ["init-is-base"]
     forget()  # as in another process: nothing live
     loaded = load_adapted(adapted, adapted.adapter_dir, trainable=True)
-    base = load_base_model(source, "causal_lm", load_tokenizer(source))
+    base = load_base_model(source, CAUSAL_LM, load_tokenizer(source))
     assert all(p.requires_grad for p in loaded.parameters())
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), base.state_dict().values(), strict=True))
 
-    reviews = load_data(DataSettings(train=str(reviews_file)), "classification", tmp_path / "rd")
+    reviews = load_data(DataSettings(train=str(reviews_file)), OBJECTIVES["classification"], tmp_path / "rd")
     classes = tokenize_dataset(reviews, source, "classification", 24, tmp_path / "rt")
     head = apply_method(source, FullSettings(), "classification", classes, str(tmp_path / "cls"), 0)
     assert (Path(head.adapter_dir) / "model.safetensors").is_file()

@@ -12,10 +12,10 @@ from conftest import write_config
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from tasks.config import InstructionSettings
 from tasks.errors import UserInputError
-from tasks.instruction import resolve_template
 from tasks.modeling import load_tokenizer, resolve_model
+from tasks.objectives.instruction.chat import resolve_template
+from tasks.objectives.instruction.settings import InstructionSettings
 
 ROLE_TURNS = "{% for m in messages %}<{{ m['role'] }}>{{ CONTENT }}</s>{% endfor %}"
 GENERATION = "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -23,7 +23,7 @@ GENERATION = "{% if add_generation_prompt %}<assistant>{% endif %}"
 
 @pytest.fixture
 def tokenizer(tiny_model: str):  # type: ignore[no-untyped-def]
-    from tasks.config import ModelSettings
+    from tasks.settings import ModelSettings
 
     return load_tokenizer(resolve_model(ModelSettings(name_or_path=tiny_model)))
 
@@ -100,8 +100,8 @@ def test_a_relative_template_is_found_beside_the_config_and_a_missing_or_empty_o
 
 
 def test_sharegpt_turns_whose_from_is_not_a_string_are_named(tmp_path: Path) -> None:
-    from tasks.config import DataSettings
-    from tasks.instruction import to_messages
+    from tasks.objectives.instruction.chat import to_messages
+    from tasks.settings import DataSettings
 
     rows = [{"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
     with pytest.raises(UserInputError) as refused:

@@ -1,13 +1,15 @@
 """Objectives (the kind of learning problem, config `task:`), registered by name.
 
-A new objective = one module here + one line in OBJECTIVES + its rows in the test matrix (tests/test_methods.py).
+A new objective = one module or package here + one line in OBJECTIVES (and its rows in the test matrix,
+tests/test_methods.py). An objective imports nothing above it: the run config and the stages import this registry.
 """
 
 from __future__ import annotations
 
 from adapters_impl import Method
-from tasks.objectives import causal_lm, classification, instruction
+from tasks.objectives import causal_lm, classification
 from tasks.objectives.base import IGNORE_INDEX, Objective, ReportInput
+from tasks.objectives.instruction import objective as instruction
 
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
@@ -33,7 +35,7 @@ def objective_of_architectures(architectures: list[str]) -> Objective:
     """The objective of a plain model folder, by its class names (`LlamaForSequenceClassification`); the first
     registered objective (causal_lm) when none matches."""
     for objective in OBJECTIVES.values():
-        if any(a.endswith(objective.architecture) for a in architectures):
+        if any(a.endswith(objective.head.architecture) for a in architectures):
             return objective
     return next(iter(OBJECTIVES.values()))
 

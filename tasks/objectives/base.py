@@ -1,8 +1,11 @@
 """The one record every objective fills in: what differs between kinds of learning problem (config `task:`).
 
 "Task" already names the pipeline stages (tasks/) and Prefect's @task, so the kind of learning problem is an
-objective. The stages call the record; they do not branch on its name. Which methods an objective supports stays
-with the methods (`Method.unsupported`, keyed by the objective's name): adapters_impl sits below this layer.
+objective. The floors: the shared settings (tasks/settings.py) and the measuring (tasks/measuring.py,
+generation.py, modeling.py, load.py, probe/scoring.py) below the objectives; the run config (tasks/config.py) and
+the stages above them, resolving `task:` once (`RunConfig.objective`) and calling the record, never branching on
+its name. An objective imports nothing above it. Which methods can train it stays with the methods
+(`Method.unsupported`, keyed by the kind of model head: adapters_impl sits below this layer).
 """
 
 from __future__ import annotations
@@ -12,18 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the stages import this package: at run time these would be import cycles
+from adapters_impl.model_heads import ModelHead
+from tasks.labels import IGNORE_INDEX
+from tasks.load import text_rows
+from tasks.settings import RowLayout, Section
+
+if TYPE_CHECKING:  # the stages and the run config import this package: at run time these would be import cycles
     from datasets import Dataset
     from torch import nn
 
     from adapters_impl import Method
-    from tasks.config import DataSettings, ProbeSettings, RunConfig
+    from tasks.config import RunConfig
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
     from tasks.probe.suites import Suite
+    from tasks.settings import DataSettings, ProbeSettings
     from tasks.tokenization import TokenizedRef
 
-IGNORE_INDEX = -100  # label id the loss skips: padding, and prompt tokens where masked
+__all__ = ["IGNORE_INDEX", "Encode", "Objective", "ReportInput", "text_rows"]
 
 Encode = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
 
@@ -41,16 +50,6 @@ class ReportInput:
     label_names: list[str] | None
     folder: Path
     batch_size: int
-
-
-def text_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> Dataset:
-    from tasks.load import text_rows
-
-    return text_rows(table, settings, label_column, key, value)
-
-
-def no_head_options(label_names: list[str] | None) -> dict[str, Any]:
-    return {}
 
 
 def no_base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
@@ -75,6 +74,10 @@ def no_problems(config: RunConfig) -> list[str]:
 
 def loss_only(config: RunConfig) -> tuple[str, ...]:
     return ("eval_loss",)
+
+
+def no_hint(metric: str) -> str:
+    return ""
 
 
 def always_comparable(tokenized: TokenizedRef, served_label_names: list[str] | None) -> str | None:
@@ -102,14 +105,18 @@ class Objective:
     a registered model's package records for serving, e.g. its chat template) and "added_tokens" (tokens it added
     to the tokenizer, which every later load adds and trains: `TokenizedRef.model_source`). Rows with fewer than
     `min_tokens` tokens are dropped; `collator(tokenizer)` pads a batch.
-    Model: `auto_model()` gives the transformers auto class of its models, `head_options(label_names)` the extra
-    `from_pretrained` arguments of a new head; `architecture` is the suffix of its models' class names (to recognise a plain model folder).
+    Settings: `section` names its own config section (`instruction:`) and `settings` its model (`None`: none);
+    `row_layout` the model that checks the `data:` keys of structured rows it reads (format, columns, role_map;
+    `None`: it reads none and they are refused); `packing_problem` why `train.packing` cannot apply (None: it can).
+    Model: `head` the kind of model it trains (transformers auto class, the new head's arguments, recorded in the
+    registered package so that serving loads the same class).
     Metrics: `metrics(model, tokenizer, tokenized, batch_size, keep)` the eval metrics on the eval split (with
     `keep`, the run's reports folder, it may keep there what it generated, for `report` to reuse); `eval_loss` the
     one loss that compares across models; `base_metrics(source, tokenized, batch_size)` the baseline (prefixed `base_`);
     `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
     `metric_names(config)` names what `metrics` will report for this config and `report_metrics` what `report` adds:
-    known before training, so that a promotion or grid metric no run reports is refused at once.
+    known before training, so that a promotion or grid metric no run reports is refused at once;
+    `metric_hint(metric)` what to set for a metric it could report but this config does not.
     Checks: `check(config)` what is wrong with the files its settings name (each problem naming its key), before
     any run opens.
     Identity: `files(config)` the files its settings name, config key -> content fingerprint: part of the
@@ -130,8 +137,7 @@ class Objective:
     summary: str
     encoder: Callable[[Any, DataRef, Dataset, Dataset, int, dict[str, Any]], tuple[Encode, list[str] | None]]
     collator: Callable[[Any], Any]
-    auto_model: Callable[[], Any]
-    architecture: str
+    head: ModelHead
     metrics: Callable[[nn.Module, Any, TokenizedRef, int, Path | None], dict[str, float]]
     eval_loss: Callable[[nn.Module, Dataset, Any, int], float]
     base_metrics: Callable[[ModelSource, TokenizedRef, int], dict[str, float]]
@@ -149,7 +155,11 @@ class Objective:
     data_key: Callable[[DataSettings], str] = no_data_key
     probes_base: bool = False
     probe_inputs: Callable[[DataRef, TokenizedRef], tuple[list[str] | None, list[int] | None]] = no_probe_inputs
-    head_options: Callable[[list[str] | None], dict[str, Any]] = no_head_options
+    section: str | None = None
+    settings: type[Section] | None = None
+    row_layout: type[RowLayout] | None = None
+    packing_problem: str | None = None
+    metric_hint: Callable[[str], str] = no_hint
     token_loss: bool = True
     metric_names: Callable[[RunConfig], tuple[str, ...]] = loss_only
     report_metrics: tuple[str, ...] = ()
@@ -157,4 +167,4 @@ class Objective:
     check: Callable[[RunConfig], list[str]] = no_problems
 
     def supports(self, method: Method) -> bool:
-        return self.name not in method.unsupported
+        return self.head.kind not in method.unsupported

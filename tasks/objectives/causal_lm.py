@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from adapters_impl.model_heads import CAUSAL_LM
 from tasks.objectives.base import IGNORE_INDEX, Encode, Objective, ReportInput
 
 if TYPE_CHECKING:
@@ -14,11 +15,12 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from torch import nn
 
-    from tasks.config import ProbeSettings, RunConfig
+    from tasks.config import RunConfig
     from tasks.generation import PromptStyle
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
     from tasks.probe.suites import Suite
+    from tasks.settings import ProbeSettings
     from tasks.tokenization import TokenizedRef
 
 # The stages (tasks/*.py) import the objectives, and the config reads their names: what an objective uses of the
@@ -53,16 +55,10 @@ def collator(tokenizer: Any) -> Any:
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
 
 
-def auto_model() -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
-
-
 def metrics(
     model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, keep: Path | None
 ) -> dict[str, float]:
-    from tasks.evaluation import causal_lm_metrics
+    from tasks.measuring import causal_lm_metrics
 
     _, eval_split = tokenized.splits()
     return causal_lm_metrics(model, eval_split, collator(tokenizer), batch_size, prefix="")
@@ -70,7 +66,7 @@ def metrics(
 
 def eval_loss(model: nn.Module, dataset: Dataset, collate: Any, batch_size: int) -> float:
     """Mean loss per real token."""
-    from tasks.evaluation import causal_lm_nll
+    from tasks.measuring import causal_lm_nll
 
     nll, tokens = causal_lm_nll(model, dataset, collate, batch_size)
     return nll / max(tokens, 1)
@@ -80,12 +76,12 @@ def base_model(source: ModelSource) -> tuple[nn.Module, Any]:
     from tasks.modeling import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(source)
-    return load_base_model(source, OBJECTIVE.name, tokenizer), tokenizer
+    return load_base_model(source, CAUSAL_LM, tokenizer), tokenizer
 
 
 def base_metrics(source: ModelSource, tokenized: TokenizedRef, batch_size: int) -> dict[str, float]:
     """The untouched base model's loss and perplexity on the same eval set."""
-    from tasks.evaluation import causal_lm_metrics
+    from tasks.measuring import causal_lm_metrics
 
     model, tokenizer = base_model(source)
     _, eval_split = tokenized.splits()
@@ -94,8 +90,7 @@ def base_metrics(source: ModelSource, tokenized: TokenizedRef, batch_size: int) 
 
 def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
     """The untouched base model's greedy continuations of the report's fixed prompts (deterministic)."""
-    from tasks.generation import generate
-    from tasks.reports import GREEDY, fixed_prompts
+    from tasks.generation import GREEDY, fixed_prompts, generate
 
     model, tokenizer = base_model(source)
     return generate(model, tokenizer, fixed_prompts(data), GREEDY, 0)
@@ -103,8 +98,7 @@ def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef
 
 def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
     """Loss and perplexity, tuned vs base, and greedy generations for fixed prompts, tuned vs base."""
-    from tasks.generation import generate
-    from tasks.reports import GREEDY, fixed_prompts
+    from tasks.generation import GREEDY, fixed_prompts, generate
 
     prompts = fixed_prompts(given.data)
     tuned = generate(given.model, given.tokenizer, prompts, GREEDY, 0)
@@ -160,8 +154,7 @@ OBJECTIVE = Objective(
     summary="Continue text: every token is a target; eval loss and perplexity, greedy generations vs the base",
     encoder=encoder,
     collator=collator,
-    auto_model=auto_model,
-    architecture="ForCausalLM",
+    head=CAUSAL_LM,
     metrics=metrics,
     eval_loss=eval_loss,
     base_metrics=base_metrics,

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters_impl.model_heads import SEQUENCE_CLASSIFICATION
 from tasks.errors import UserInputError, capped
 from tasks.objectives.base import Encode, Objective, ReportInput
 
@@ -17,10 +18,11 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from torch import nn
 
-    from tasks.config import ProbeSettings, RunConfig
+    from tasks.config import RunConfig
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
     from tasks.probe.suites import Suite
+    from tasks.settings import ProbeSettings
     from tasks.tokenization import TokenizedRef
 
 # The stages (tasks/*.py) import the objectives, and the config reads their names: what an objective uses of the
@@ -69,29 +71,13 @@ def collator(tokenizer: Any) -> Any:
     return DataCollatorWithPadding(tokenizer)
 
 
-def auto_model() -> Any:
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification
-
-
-def head_options(label_names: list[str] | None) -> dict[str, Any]:
-    """One output per label, named."""
-    assert label_names, "classification needs label names"
-    return {
-        "num_labels": len(label_names),
-        "id2label": dict(enumerate(label_names)),
-        "label2id": {n: i for i, n in enumerate(label_names)},
-    }
-
-
 def metrics(
     model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, keep: Path | None
 ) -> dict[str, float]:
     """Loss, accuracy and macro F1."""
     from sklearn.metrics import accuracy_score, f1_score  # scipy takes a second to import
 
-    from tasks.evaluation import predict_labels
+    from tasks.measuring import predict_labels
 
     _, eval_split = tokenized.splits()
     predicted, truth, loss = predict_labels(model, eval_split, collator(tokenizer), batch_size)
@@ -104,7 +90,7 @@ def metrics(
 
 def eval_loss(model: nn.Module, dataset: Dataset, collate: Any, batch_size: int) -> float:
     """Mean loss per example."""
-    from tasks.evaluation import predict_labels
+    from tasks.measuring import predict_labels
 
     return predict_labels(model, dataset, collate, batch_size)[2]
 
@@ -148,7 +134,7 @@ def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
     the majority-class baseline."""
     from sklearn.metrics import classification_report, confusion_matrix  # scipy: a second to import
 
-    from tasks.evaluation import predict_labels
+    from tasks.measuring import predict_labels
 
     names = given.label_names or []
     _, eval_split = given.tokenized.splits()
@@ -209,9 +195,8 @@ OBJECTIVE = Objective(
     summary="Label a text (data.label_column); accuracy and F1, a per-class report, vs the majority class",
     encoder=encoder,
     collator=collator,
-    auto_model=auto_model,
-    head_options=head_options,
-    architecture="ForSequenceClassification",
+    head=SEQUENCE_CLASSIFICATION,
+    packing_problem="a classifier scores one row per sequence",
     metrics=metrics,
     eval_loss=eval_loss,
     base_metrics=base_metrics,

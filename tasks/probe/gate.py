@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.config import GateSettings
 from tasks.probe.result import ProbeResult
+from tasks.settings import GateSettings
 
 
 def check_gate(tuned: ProbeResult, base: ProbeResult | None, gate: GateSettings) -> dict[str, Any]:

@@ -4,6 +4,7 @@ standalone `adaptflow probe` stage (a model folder, hub id or `models:/` URI).""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,12 @@ from pydantic import BaseModel
 from torch import nn
 
 from adapters_impl.packaged import with_pad_token
-from tasks.config import GateSettings, ProbeSettings
 from tasks.errors import UserInputError, capped
-from tasks.objectives import get_objective, objective_of_architectures
+from tasks.objectives import Objective, get_objective, objective_of_architectures
 from tasks.probe.gate import check_gate, probe_metrics
 from tasks.probe.result import ProbeResult
-from tasks.probe.scoring import probe_model
-from tasks.probe.suites import load_suite
+from tasks.probe.suites import Suite, load_suite
+from tasks.settings import GateSettings, ProbeSettings
 
 log = logging.getLogger("adaptflow.probe")
 
@@ -95,11 +95,12 @@ def probe_base(
     its prompts in the run's form (`options`: the objective's encoding options, an instruction run's template)."""
     from tasks.modeling import load_base_model, load_tokenizer
 
-    if settings.suite is None or not get_objective(task).probes_base:
+    objective = get_objective(task)
+    if settings.suite is None or not objective.probes_base:
         return None
     tokenizer = load_tokenizer(source)
-    model = load_base_model(source, task, tokenizer)
-    return probe_model(model, tokenizer, task, load_suite(settings.suite), settings, options=options)
+    model = load_base_model(source, objective.head, tokenizer)
+    return probe_model(model, tokenizer, objective, load_suite(settings.suite), settings, options=options)
 
 
 def bias_probe(
@@ -115,9 +116,10 @@ def bias_probe(
     adapted = trained.adapted
     model = load_adapted(adapted, trained.adapter_dir)
     tokenizer = load_tokenizer(adapted.source)
-    texts, labels = get_objective(adapted.task).probe_inputs(data, tokenized)
+    objective = get_objective(adapted.task)
+    texts, labels = objective.probe_inputs(data, tokenized)
     suite = load_suite(settings.suite)
-    tuned = probe_model(model, tokenizer, adapted.task, suite, settings, texts, labels, tokenized.options)
+    tuned = probe_model(model, tokenizer, objective, suite, settings, texts, labels, tokenized.options)
     remember(trained.adapter_dir, model)  # merge comes next
     gate = check_gate(tuned, base, settings.gate)
     reports = Path(run.run_dir) / "reports"
@@ -159,7 +161,7 @@ def load_for_probe(model: str, trust_remote_code: bool = False) -> tuple[nn.Modu
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         objective = objective_of_architectures(config.architectures or [])
-        loaded = objective.auto_model().from_pretrained(
+        loaded = objective.head.auto_class().from_pretrained(
             model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -202,7 +204,23 @@ def probe_standalone(
     texts = labels = None
     if data is not None:
         texts, labels = labelled_texts(data, loaded, text_column, label_column)
-    probed = probe_model(loaded, tokenizer, task, suite, settings, texts, labels, options)
+    probed = probe_model(loaded, tokenizer, get_objective(task), suite, settings, texts, labels, options)
     gate = check_gate(probed, None, GateSettings(max_stereotype_rise=None))
     result = {"command": "probe", "model": model, "task": task, **probed.model_dump(), "gate": gate}
     return result, probe_markdown(probed, None, gate)
+
+
+def probe_model(
+    model: nn.Module,
+    tokenizer: Any,
+    objective: Objective,
+    suite: Suite,
+    settings: ProbeSettings,
+    eval_texts: list[str] | None = None,
+    eval_labels: list[int] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> ProbeResult:
+    """Every check of the suite that applies to the objective's models (generation checks need a causal LM).
+    `options`: the objective's encoding options (an instruction model's chat template)."""
+    sections = objective.probe(model, tokenizer, suite, settings, eval_texts, eval_labels, options or {})
+    return ProbeResult.model_validate({"suite": suite.name, **sections})

@@ -16,19 +16,16 @@ import random
 import re
 import string
 from collections import defaultdict
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tasks.config import ProbeSettings
-from tasks.evaluation import model_device
 from tasks.generation import RAW_TEXT, PromptStyle, generate
-from tasks.objectives import get_objective
-from tasks.probe.result import ProbeResult
-from tasks.probe.suites import Pair, Robustness, RuleCategory, Suite
+from tasks.measuring import model_device
+from tasks.probe.suites import Pair, Robustness, RuleCategory
+from tasks.settings import ProbeSettings
 
 log = logging.getLogger("adaptflow.probe")
 # metric.py rounds each sentence's score to 3 decimals before comparing: pairs closer than that are ties.
@@ -198,19 +195,3 @@ def score_robustness(
         "by_perturbation": by_kind,
         "examples": len(texts),
     }
-
-
-def probe_model(
-    model: nn.Module,
-    tokenizer: Any,
-    task: str,
-    suite: Suite,
-    settings: ProbeSettings,
-    eval_texts: list[str] | None = None,
-    eval_labels: list[int] | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> ProbeResult:
-    """Every check of the suite that applies to the objective's models (generation checks need a causal LM).
-    `options`: the objective's encoding options (an instruction model's chat template)."""
-    sections = get_objective(task).probe(model, tokenizer, suite, settings, eval_texts, eval_labels, options or {})
-    return ProbeResult.model_validate({"suite": suite.name, **sections})

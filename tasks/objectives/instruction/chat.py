@@ -1,10 +1,4 @@
-"""Instruction / chat fine-tuning: rows in any common format -> messages -> ids with labels on responses only.
-
-The core that `task: instruction` calls; it knows nothing of Prefect, MLflow or the run config layout.
-
-Settings
-    `InstructionSettings` (the `instruction:` section: template, loss_on, eval_generations) and
-    `InstructionDataSettings` (its `data:` keys: format, columns, role_map).
+"""Task instruction's chat data: rows in any common format -> messages -> ids with labels on responses only.
 
 Formats -> one normal form (a list of `{"role", "content"}` messages per row)
     `detect_format(columns, rows, settings)`, `to_messages(rows, settings)`: alpaca, prompt_completion, messages
@@ -13,29 +7,22 @@ Formats -> one normal form (a list of `{"role", "content"}` messages per row)
 Templates
     `resolve_template(tokenizer, settings) -> ChatTemplate`: the tokenizer's own chat template, the builtin `plain`
     one (plain-text headers, the tokenizer's EOS after each response, no new tokens), `chatml` (adds
-    `<|im_start|>`/`<|im_end|>`; `resize_for_tokens(model, tokenizer, tokens)` grows the embeddings and returns
-    the rows to train) or a user `.jinja` file. `ChatTemplate.source` is the Jinja text to save with the model.
+    `<|im_start|>`/`<|im_end|>`, whose embedding rows the stages grow and train: `modeling.resize_for_tokens`) or
+    a user `.jinja` file. `ChatTemplate.source` is the Jinja text to save with the model.
 
 Encoding (labels on responses only)
-    `encode_conversation(messages, tokenizer, template, loss_on, max_length) -> EncodedRow | None` and
-    `encode_rows(...) -> Encoded` (with `dropped`, logged as `sft_dropped_rows`). The whole conversation is rendered
-    and tokenized once; response spans come from incremental rendering (the prompt rendered with its generation
-    prompt must be a prefix of the whole text) mapped to tokens by character offsets, so leading-space tokenizers
-    cannot shift them. The end-of-turn token of each response is labelled (it is located in the text, not by id, so
-    pad == eos does not matter); exactly one BOS; label 0 is always -100, so "labels != -100" counts exactly the
-    predicted tokens. Over-long rows lose the oldest prompt tokens first; a row whose last response does not fit
-    whole is dropped and counted; no row is emitted without a target token.
+    `encode_conversation(messages, tokenizer, template, loss_on, max_length) -> EncodedRow | None`, the one encode
+    path (the objective's encoder calls it per row and counts the dropped rows as `sft_dropped_rows`). The whole
+    conversation is rendered and tokenized once; response spans come from incremental rendering (the prompt
+    rendered with its generation prompt must be a prefix of the whole text) mapped to tokens by character offsets,
+    so leading-space tokenizers cannot shift them. The end-of-turn token of each response is labelled (it is
+    located in the text, not by id, so pad == eos does not matter); exactly one BOS; label 0 is always -100, so
+    "labels != -100" counts exactly the predicted tokens. Over-long rows lose the oldest prompt tokens first; a row
+    whose last response does not fit whole is dropped; no row is emitted without a target token.
 
 Generation
-    `prompt_for_generation`, `encode_prompt`, `stop_token_ids`, `response_only`, `split_reference`.
-
-Packing and loss
-    `check_packing(method_name)`, `packing_collator()` (transformers' `DataCollatorWithFlattening`: position ids
-    restart per row; the attention mask built from them keeps rows apart, also with eager/sdpa on CPU, but only
-    without a KV cache, so every packed batch carries `use_cache=False`).
-    `response_token_count(labels)` and `accumulated_loss(model, micro_batches)`: with gradient accumulation each
-    micro-batch's summed token loss must be divided by the response tokens of the whole step (the HF Trainer passes
-    that count as `num_items_in_batch` to causal LM models), not averaged per micro-batch.
+    `prompt_for_generation`, `encode_prompt`, `fitting_prompt`, `stop_token_ids`, `response_only`,
+    `split_reference`.
 """
 
 from __future__ import annotations
@@ -43,26 +30,20 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-import torch
-from transformers import DataCollatorWithFlattening, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from adapters_impl.packaged import fit_embeddings, stop_ids, tokenize_with_one_bos
 from adapters_impl.packaged import response_only as packaged_response_only
-from tasks.config import (
-    REQUIRED,
-    InstructionDataSettings,
-    InstructionSettings,
-    LossOn,
-    packing_problem,
-)
+from adapters_impl.packaged import stop_ids, tokenize_with_one_bos
 from tasks.errors import UserInputError, capped
-from tasks.objectives.base import IGNORE_INDEX as IGNORE
+from tasks.labels import IGNORE_INDEX as IGNORE
+from tasks.objectives.instruction.settings import REQUIRED, InstructionSettings, LossOn
+from tasks.settings import RowLayout
 
 log = logging.getLogger("adaptflow.instruction")
 
@@ -98,18 +79,16 @@ def _present(row: Mapping[str, Any], column: str) -> bool:
     return value is not None and value != "" and value != []
 
 
-def row_formats(row: Mapping[str, Any], settings: InstructionDataSettings) -> list[str]:
+def row_formats(row: Mapping[str, Any], settings: RowLayout) -> list[str]:
     """The formats whose required columns this row fills."""
     return [fmt for fmt, cols in REQUIRED.items() if all(_present(row, settings.column(c)) for c in cols)]
 
 
-def _fields(fmt: str, settings: InstructionDataSettings) -> str:
+def _fields(fmt: str, settings: RowLayout) -> str:
     return f"{fmt} ({', '.join(settings.column(c) for c in REQUIRED[fmt])})"
 
 
-def detect_format(
-    columns: Sequence[str], rows: Sequence[Mapping[str, Any]], settings: InstructionDataSettings, source: str
-) -> str:
+def detect_format(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], settings: RowLayout, source: str) -> str:
     """The file's one format: `data.format` when set, else the format of its first row; every row must match it.
 
     Raises:
@@ -185,7 +164,7 @@ def _turns(value: Any, role_key: str, content_key: str, roles: Mapping[str, str]
     return out
 
 
-def row_to_messages(row: Mapping[str, Any], fmt: str, settings: InstructionDataSettings) -> list[Message]:
+def row_to_messages(row: Mapping[str, Any], fmt: str, settings: RowLayout) -> list[Message]:
     """One row as messages (not yet validated; see `validate_messages`). Raises ValueError with the reason."""
     col = settings.column
     if fmt == "messages":
@@ -240,7 +219,7 @@ def validate_messages(messages: Sequence[Mapping[str, str]]) -> None:
 
 
 def to_messages(
-    rows: Sequence[Mapping[str, Any]], settings: InstructionDataSettings, source: str = "data.train"
+    rows: Sequence[Mapping[str, Any]], settings: RowLayout, source: str = "data.train"
 ) -> tuple[str, list[list[Message]]]:
     """Every row as messages, and the format found. Every bad row is reported at once (1-based row numbers).
 
@@ -385,40 +364,6 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, settings: InstructionSe
     return ChatTemplate(name=name, source=source, end_of_turn=_end_of_turn(tokenizer, name, source), added_tokens=added)
 
 
-@dataclass(frozen=True)
-class TrainableRows:
-    """Embedding rows a template added: `token_ids`, in the modules named `modules` (input embedding, and the
-    output layer unless tied). Methods that can train them get them as `ApplyContext.new_token_rows` (peft's
-    `trainable_token_indices` for the LoRA family; `full` trains every row anyway)."""
-
-    token_ids: tuple[int, ...]
-    modules: tuple[str, ...]
-
-    def by_module(self) -> dict[str, tuple[int, ...]]:
-        return {name: self.token_ids for name in self.modules}
-
-
-def resize_for_tokens(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]
-) -> TrainableRows:
-    """Grow the model's embeddings (and output layer) to the tokenizer's size and name the rows of `tokens`, the
-    tokens a template added to this tokenizer (`ModelSource.added_tokens`).
-
-    Growing happens once: a model that already fits is left as it is (`fit_embeddings`), so every load path may
-    call this. New rows are drawn around the old rows' mean (transformers' mean resizing), so they do not dominate
-    the softmax. Empty when no tokens were added.
-    """
-    ids = tuple(i for i in (tokenizer.convert_tokens_to_ids(t) for t in tokens) if isinstance(i, int))
-    if not ids:
-        return TrainableRows((), ())
-    fit_embeddings(model, tokenizer)
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    names = [n for n, m in model.named_modules() if m is inp]
-    if out is not None and out.weight is not inp.weight:
-        names += [n for n, m in model.named_modules() if m is out]
-    return TrainableRows(ids, tuple(names))
-
-
 # ---------------------------------------------------------------- encoding
 
 
@@ -429,14 +374,6 @@ class EncodedRow:
 
     def as_dict(self) -> dict[str, list[int]]:
         return {"input_ids": self.input_ids, "attention_mask": [1] * len(self.input_ids), "labels": self.labels}
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Encoded rows and how many were dropped because their last response did not fit (`sft_dropped_rows`)."""
-
-    rows: list[dict[str, list[int]]]
-    dropped: int
 
 
 def response_spans(
@@ -506,34 +443,6 @@ def encode_conversation(
     return EncodedRow(ids, labels)
 
 
-def encode_rows(
-    conversations: Iterable[Sequence[Mapping[str, str]]],
-    tokenizer: PreTrainedTokenizerBase,
-    template: ChatTemplate,
-    loss_on: LossOn,
-    max_length: int,
-    source: str = "data.train",
-) -> Encoded:
-    """Every conversation encoded; over-long ones dropped and counted.
-
-    Raises:
-        UserInputError: naming data.max_length when every row is dropped.
-    """
-    rows, dropped = [], 0
-    for messages in conversations:
-        row = encode_conversation(messages, tokenizer, template, loss_on, max_length)
-        if row is None:
-            dropped += 1
-        else:
-            rows.append(row.as_dict())
-    if not rows:
-        raise UserInputError(
-            f"data.max_length: {max_length} tokens is too short for every row of {source} ({dropped} dropped: the "
-            "last response with its end of turn must fit); raise data.max_length"
-        )
-    return Encoded(rows, dropped)
-
-
 # ---------------------------------------------------------------- generation
 
 
@@ -589,54 +498,3 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -
 def response_only(text: str, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> str:
     """A generated continuation (decoded with special tokens kept) cut at the first end of turn or EOS."""
     return packaged_response_only(text, template.end_of_turn, tokenizer.eos_token)
-
-
-# ---------------------------------------------------------------- packing and loss
-
-
-def check_packing(method_name: str) -> None:
-    """Raises UserInputError naming train.packing for methods that prepend virtual tokens."""
-    problem = packing_problem(method_name)
-    if problem:
-        raise UserInputError(problem)
-
-
-class PackingCollator(DataCollatorWithFlattening):
-    """Rows flattened into one sequence: position ids restart per row, labels -100 at each row's first token.
-
-    With no attention mask, transformers builds a block-diagonal causal mask from the restarting position ids
-    (eager and sdpa; flash-attention uses them as varlen boundaries), so rows never attend to one another. It does
-    so only without a KV cache: a model whose config has `use_cache: true` (most) creates one in every forward,
-    training included, and the rows then silently attend across boundaries. Each batch therefore carries
-    `use_cache=False`, whatever the model's config says.
-    """
-
-    def __call__(
-        self, features: list[dict[str, Any]], return_tensors: str | None = None, separator_id: int | None = None
-    ) -> dict[str, Any]:
-        batch = super().__call__(features, return_tensors=return_tensors, separator_id=separator_id)
-        batch["use_cache"] = False
-        return batch
-
-
-def packing_collator() -> PackingCollator:
-    """The collator for `train.packing: true` (see `PackingCollator`)."""
-    return PackingCollator(return_position_ids=True, separator_id=IGNORE)
-
-
-def response_token_count(labels: torch.Tensor) -> int:
-    """Predicted response tokens in a batch: labels after the first position that are not -100 (as the Trainer
-    counts for `num_items_in_batch`)."""
-    return int(labels[..., 1:].ne(IGNORE).sum())
-
-
-def accumulated_loss(model: PreTrainedModel, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-    """The loss of one optimizer step over several micro-batches, normalised by the step's response tokens.
-
-    Each micro-batch returns its summed token loss divided by the step's count (`num_items_in_batch`); their sum is
-    the mean over every response token of the step, as if it were one batch. Averaging per-micro-batch means would
-    over-weight the tokens of micro-batches with short responses.
-    """
-    total = sum(response_token_count(b["labels"]) for b in micro_batches)
-    losses = [model(**b, num_items_in_batch=torch.tensor(total)).loss for b in micro_batches]
-    return torch.stack(losses).sum()

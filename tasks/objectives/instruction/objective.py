@@ -1,6 +1,6 @@
 """Instruction and chat tuning: conversations in any common format, loss on the responses only.
 
-Rows are normalised to messages when loaded (tasks/instruction.py: alpaca, prompt_completion, messages, sharegpt),
+Rows are normalised to messages when loaded (chat.py: alpaca, prompt_completion, messages, sharegpt),
 rendered with the run's chat template and labelled on the responses only when tokenized. Metrics: loss,
 perplexity and next-token accuracy over response tokens; greedy answers to held-out prompts scored with ROUGE-L
 (the `rouge-score` package) and exact match, tuned vs base, in `reports/predictions.jsonl` and the report.
@@ -12,8 +12,10 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tasks.objectives import causal_lm
+import tasks.objectives.causal_lm as causal_lm
+from adapters_impl.model_heads import CAUSAL_LM
 from tasks.objectives.base import Encode, Objective, ReportInput
+from tasks.objectives.instruction.settings import InstructionDataSettings, InstructionSettings, section
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -22,11 +24,12 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from torch import nn
 
-    from tasks.config import DataSettings, ProbeSettings, RunConfig
-    from tasks.instruction import ChatTemplate
+    from tasks.config import RunConfig
     from tasks.load import DataRef
     from tasks.modeling import ModelSource
+    from tasks.objectives.instruction.chat import ChatTemplate
     from tasks.probe.suites import Suite
+    from tasks.settings import DataSettings, ProbeSettings
     from tasks.tokenization import TokenizedRef
 
 log = logging.getLogger("adaptflow.instruction")
@@ -37,9 +40,7 @@ REPORTED = 8  # answers shown side by side in the Markdown report (all are in pr
 def options(config: RunConfig) -> dict[str, Any]:
     """The `instruction:` section (its defaults when absent), with the content fingerprint of a template file: an
     edited .jinja file tokenizes, evaluates and registers anew although its path did not change."""
-    from tasks.config import InstructionSettings
-
-    settings = (config.instruction or InstructionSettings()).model_dump(mode="json")
+    settings = section(config).model_dump(mode="json")
     return settings | ({"template_sha256": digest} if (digest := files(config).get("instruction.template")) else {})
 
 
@@ -48,7 +49,7 @@ def files(config: RunConfig) -> dict[str, str]:
     import hashlib
     from pathlib import Path
 
-    template = config.instruction.template if config.instruction else "tokenizer"
+    template = section(config).template
     path = Path(template)
     if not template.endswith(".jinja") or not path.is_file():
         return {}
@@ -59,7 +60,7 @@ def check(config: RunConfig) -> list[str]:
     """A template file that is missing or empty, named before anything opens."""
     from pathlib import Path
 
-    template = config.instruction.template if config.instruction else "tokenizer"
+    template = section(config).template
     if not template.endswith(".jinja"):
         return []
     path = Path(template).expanduser()
@@ -73,11 +74,15 @@ def check(config: RunConfig) -> list[str]:
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:
     """Loss, perplexity and token accuracy over responses; ROUGE-L and exact match need generated answers."""
-    from tasks.config import InstructionSettings
-
-    generations = (config.instruction or InstructionSettings()).eval_generations
+    generations = section(config).eval_generations
     scored = ("eval_rouge_l", "eval_exact_match") if generations else ()
     return ("eval_loss", "eval_perplexity", "eval_token_accuracy", *scored)
+
+
+def metric_hint(metric: str) -> str:
+    if metric in ("eval_rouge_l", "eval_exact_match"):
+        return " (ROUGE-L and exact match need instruction.eval_generations above 0)"
+    return ""
 
 
 def data_key(settings: DataSettings) -> str:
@@ -91,7 +96,7 @@ def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | Non
     """Every row as a validated conversation (column `messages`); errors name the file, row and format."""
     from datasets import Dataset
 
-    from tasks.instruction import to_messages
+    from tasks.objectives.instruction.chat import to_messages
 
     fmt, conversations = to_messages(table.to_list(), settings, f"{key} ({value})")
     log.info("%s: %d %s rows", key, len(conversations), fmt)
@@ -101,8 +106,7 @@ def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | Non
 def template_of(tokenizer: Any, settings: dict[str, Any]) -> ChatTemplate:
     """The run's template: the one already resolved (`chat`, e.g. a registered model's), else `template`'s (which
     may add tokens to `tokenizer`: chatml)."""
-    from tasks.config import InstructionSettings
-    from tasks.instruction import ChatTemplate, resolve_template
+    from tasks.objectives.instruction.chat import ChatTemplate, resolve_template
 
     if "chat" in settings:
         return ChatTemplate(**settings["chat"])
@@ -116,7 +120,7 @@ def encoder(
     are dropped and counted (`sft_dropped_rows`). Records the template for the later stages and the package, and
     the tokens it added to the tokenizer (`added_tokens`)."""
     from tasks.errors import UserInputError
-    from tasks.instruction import encode_conversation
+    from tasks.objectives.instruction.chat import encode_conversation
 
     size = len(tokenizer)
     template = template_of(tokenizer, settings)
@@ -194,8 +198,8 @@ def scored(
     model: nn.Module, tokenizer: Any, tokenized: TokenizedRef, batch_size: int, prefix: str
 ) -> tuple[dict[str, float], list[str], list[str]]:
     """The metrics, and the held-out prompts and the answers they were scored on."""
-    from tasks.evaluation import response_metrics
-    from tasks.instruction import split_reference
+    from tasks.measuring import response_metrics
+    from tasks.objectives.instruction.chat import split_reference
 
     _, eval_split = tokenized.splits()
     result = response_metrics(model, eval_split, causal_lm.collator(tokenizer), batch_size, prefix=prefix)
@@ -212,7 +216,7 @@ def scored(
 
 def prompts_of(tokenizer: Any, tokenized: TokenizedRef, conversations: list[list[dict[str, str]]]) -> list[str]:
     """The conversations' generation prompts as text, rendered with the run's template."""
-    from tasks.instruction import prompt_for_generation
+    from tasks.objectives.instruction.chat import prompt_for_generation
 
     template = template_of(tokenizer, tokenized.options)
     return [prompt_for_generation(c, tokenizer, template) for c in conversations]
@@ -238,7 +242,7 @@ def held_out(tokenized: TokenizedRef, tokenizer: Any) -> list[list[dict[str, str
 
 def _prompt(conversation: list[dict[str, str]], tokenizer: Any, tokenized: TokenizedRef) -> list[int] | None:
     """The conversation's generation prompt cut as training cuts its row (None: training drops it)."""
-    from tasks.instruction import encode_prompt, fitting_prompt
+    from tasks.objectives.instruction.chat import encode_prompt, fitting_prompt
 
     template = template_of(tokenizer, tokenized.options)
     max_length = tokenized.options.get("max_length")
@@ -256,7 +260,7 @@ def answers(
 ) -> list[str]:
     """Greedy answers to the conversations' prompts: rendered with the run's template, stopped at its end of turn."""
     from tasks.generation import generate_from_ids
-    from tasks.instruction import response_only, stop_token_ids
+    from tasks.objectives.instruction.chat import response_only, stop_token_ids
 
     if not conversations:
         return []
@@ -276,7 +280,7 @@ def answers(
 def base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
     """The untouched base model's answers to the held-out prompts (deterministic; cached per base model): those the
     base evaluation scored when it ran in this process."""
-    from tasks.evaluation import EVAL_BATCH_SIZE
+    from tasks.measuring import EVAL_BATCH_SIZE
     from tasks.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tokenized.model_source(source))
@@ -324,7 +328,7 @@ def report(given: ReportInput) -> tuple[dict[str, Any], dict[str, float]]:
     """The metrics tuned vs base, and the greedy answers to the held-out prompts, tuned vs base, next to the
     reference (`reports/predictions.jsonl` has every one). The tuned answers are the ones evaluation scored (kept
     in the reports folder); generated here only when none were kept for these prompts."""
-    from tasks.instruction import split_reference
+    from tasks.objectives.instruction.chat import split_reference
 
     conversations = held_out(given.tokenized, given.tokenizer)
     prompts = prompts_of(given.tokenizer, given.tokenized, conversations)
@@ -363,7 +367,7 @@ def probe(
     its end of turn (an instruction model answers; it does not continue text); pairs are scored as sentences, as
     for any causal LM (CrowS-Pairs' own scoring)."""
     from tasks.generation import PromptStyle
-    from tasks.instruction import encode_prompt, stop_token_ids
+    from tasks.objectives.instruction.chat import encode_prompt, stop_token_ids
 
     template = template_of(tokenizer, dict(options))
     style = PromptStyle(
@@ -379,8 +383,11 @@ OBJECTIVE = Objective(
     summary="Instruction / chat tuning: loss on responses only; response loss, ROUGE-L and exact match vs the base",
     encoder=encoder,
     collator=causal_lm.collator,
-    auto_model=causal_lm.auto_model,
-    architecture="ForCausalLM",
+    head=CAUSAL_LM,
+    section="instruction",
+    settings=InstructionSettings,
+    row_layout=InstructionDataSettings,
+    metric_hint=metric_hint,
     metrics=metrics,
     eval_loss=causal_lm.eval_loss,
     base_metrics=base_metrics,
