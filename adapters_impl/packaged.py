@@ -249,7 +249,7 @@ def load_packaged(folder: str | Path) -> PackagedModel:
     pin = info["base"]
     where, revision = resolve_base(pin)
     # A classifier's base gets the head shape training gave it (one output per label, named).
-    options = head.options(info.get("label_names")) if head.labelled else {}
+    options = head.options(info.get("label_names"))
     try:
         model = auto.from_pretrained(
             where, revision=revision, dtype=torch.float32, use_safetensors=safetensors_only, **options

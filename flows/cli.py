@@ -37,7 +37,7 @@ def _run_config(
     config_path: str, overrides: list[str], resume: bool = False, allow_changed: bool = False, force: bool = False
 ) -> dict[str, Any]:
     from flows.finetune import run_method_flow
-    from flows.pipeline import finished, preflight
+    from flows.pipeline import last_result, preflight
     from tasks.config import load_config
 
     config = load_config(config_path, overrides)
@@ -46,11 +46,11 @@ def _run_config(
     try:
         return run_method_flow(config, resume, allow_changed, force).model_dump()
     except Exception as exc:
-        if not finished:
+        if not last_result:
             raise
         # The pipeline finished (registered, decided, MLflow run FINISHED); only Prefect's bookkeeping failed.
         # Reporting a failure would make a retrying script train again.
-        result = finished[-1]
+        result = last_result[-1]
         warning = (
             f"the run finished and its version is registered, but Prefect's orchestration was lost "
             f"({exc.__class__.__name__}: {str(exc)[:200]}): its flow-run state and events may be missing"

@@ -16,7 +16,8 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import BaseModel
 
 from flows import stages
-from flows.pipeline import finish, tracked_run
+from flows.pipeline import register_and_promote, tracked_run
+from tasks import sequence
 from tasks.config import GridSettings, RunConfig
 from tasks.errors import RunFailed, UserInputError
 from tasks.grid import (
@@ -253,12 +254,10 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
     source = stages.resolve_model(config.model)
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:
-        data = stages.load_data(config.data, config.objective, cache_dir / "data")
+        data = sequence.load_data(config, cache_dir, stages.CALLS)
         changed = stages.record_identity(parent, run_identity(config, data, source), allow_changed)
         stages.log_datasets(parent, data)
-        tokenized = stages.tokenize_dataset(
-            data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
-        )
+        tokenized = sequence.tokenize(config, data, source, cache_dir, stages.CALLS)
         base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)
         specs = expand_grid(config)
         fitting, skipped = split_fitting(specs)
@@ -282,7 +281,7 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
         lineage |= {f"param.{k}": str(v) for k, v in best.params.items()}
         best_config = specs[best.index].config
         metrics = {**best.metrics, **base_metrics}
-        done = finish(best_config, source, data, tokenized, best_run, best.trained, metrics, lineage)
+        done = register_and_promote(best_config, source, data, tokenized, best_run, best.trained, metrics, lineage)
         title = f"grid x{grid.size}: best trial {best.index} ({best.name})"
         stages.publish_summary(parent, title, done.registered, done.decision, done.metrics, table)
         stages.log_metrics(parent, {f"best_{k}": v for k, v in done.metrics.items()})

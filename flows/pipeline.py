@@ -1,5 +1,6 @@
-"""The fine-tuning pipeline every method flow runs: load -> tokenize -> apply -> train -> evaluate -> report -> probe
--> merge -> register -> promote. `finish` is the part after training, shared with the grid's best trial."""
+"""The fine-tuning pipeline every method flow runs: the sequence (tasks/sequence.py: load -> tokenize -> apply ->
+train -> evaluate) then report -> probe -> merge -> register -> promote (`register_and_promote`, shared with the
+grid's best trial)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from mlflow.entities.model_registry import ModelVersion
 from pydantic import BaseModel
 
 from flows import stages
-from flows.promote import finish_pending
+from flows.promote import promote_pending
+from tasks import sequence
 from tasks.adapting import forget as forget_live_model
 from tasks.config import RunConfig
 from tasks.errors import UserInputError, disk_error, disk_failure
@@ -49,9 +51,9 @@ class RunResult(BaseModel):
     warnings: list[str] = []
 
 
-# The result of the pipeline this process finished last: the outcome of the run even when the orchestrator
-# (Prefect) was lost on the way and its flow call raises afterwards.
-finished: list[RunResult] = []
+# The result of the pipeline this process completed last, a process cache reset by each `finetune` call: the
+# outcome of the run even when the orchestrator (Prefect) was lost on the way and its flow call raises afterwards.
+last_result: list[RunResult] = []
 
 
 @contextmanager
@@ -136,7 +138,7 @@ def preflight(config: RunConfig) -> None:
         check_grid_fits(config)
 
 
-class Finished(BaseModel):
+class Outcome(BaseModel):
     """A trained model taken through the stages after training: its metrics, probe, version and promotion."""
 
     metrics: dict[str, float | int]
@@ -145,7 +147,7 @@ class Finished(BaseModel):
     decision: Decision
 
 
-def finish(
+def register_and_promote(
     config: RunConfig,
     source: ModelSource,
     data: DataRef,
@@ -155,7 +157,7 @@ def finish(
     metrics: dict[str, float],
     lineage: dict[str, str] | None = None,
     force: bool = False,
-) -> Finished:
+) -> Outcome:
     """report -> probe -> merge -> register -> promote a trained and evaluated model: the one order for runs and
     for a grid's best trial. `metrics` holds the tuned and base evaluations; this adds the report's, the merge's
     and training's own."""
@@ -180,7 +182,7 @@ def finish(
     tags = {**(lineage or {}), **gate_tags(probe_report.gate)}  # the gate's verdict is on the version from the start
     registered = stages.register_model(config, data, run, trained, merged, metrics, tags, tokenized.package(), force)
     decision = stages.promote(registered, run, config, data, probe_report)
-    return Finished(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
+    return Outcome(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
 
 
 def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = False, force: bool = False) -> RunResult:
@@ -190,64 +192,55 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
     base and objective files are the ones it started on (or `allow_changed`). A config already trained on the same
     content reports that version without training, unless `force`: then it trains and registers a new version.
     """
-    finished.clear()
+    last_result.clear()
     distributed = config.train.distributed
     if distributed is not None and distributed.node_rank > 0:
-        return _finish(worker_node(config, resume))
-    if resume and (pending := finish_pending(config)):  # killed between registration and promotion
-        return _finish(_pending_result(config, *pending[-1]))
+        return _remember(worker_node(config, resume))
+    if resume and (pending := promote_pending(config)):  # killed between registration and promotion
+        return _remember(_pending_result(config, *pending[-1]))
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
-    eval_batch = config.train.eval_batch_size
     source = stages.resolve_model(config.model)
     with named_disk_errors(config):  # read before any run opens: bad data is named with nothing left behind
-        data = stages.load_data(config.data, config.objective, cache_dir / "data")
+        data = sequence.load_data(config, cache_dir, stages.CALLS)
     identity = run_identity(config, data, source)
     if not resume and not force and (same := stages.identical_version(config, identity)) is not None:
-        return _finish(_identical_result(config, same))
+        return _remember(_identical_result(config, same))
     with tracked_run(config, resume=resume) as run:
         lineage = stages.record_identity(run, identity, allow_changed)
         stages.log_datasets(run, data)
-        tokenized = stages.tokenize_dataset(
-            data, source, config.task, config.data.max_length, cache_dir / "tokenized", config.task_options()
-        )
-        base_metrics = stages.evaluate_base(source, tokenized, eval_batch)
-        adapted = stages.apply_method(
-            source, config.method, config.task, tokenized, run.run_dir, config.train.seed, config.train.precision
-        )
-        trained = stages.train_model(adapted, tokenized, config.train, run)
-        tuned_metrics = stages.evaluate_model(trained, tokenized, run, eval_batch)
-        metrics = {**tuned_metrics, **base_metrics}
-        done = finish(config, source, data, tokenized, run, trained, metrics, lineage, force)
-        stages.publish_summary(run, run_title(config), done.registered, done.decision, done.metrics)
+        tokenized = sequence.tokenize(config, data, source, cache_dir, stages.CALLS)
+        base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)
+        done = sequence.train_and_evaluate(config, source, tokenized, run, stages.CALLS)
+        assert done.trained is not None  # node 0 holds the trained model
+        metrics = {**done.metrics, **base_metrics}
+        outcome = register_and_promote(config, source, data, tokenized, run, done.trained, metrics, lineage, force)
+        stages.publish_summary(run, run_title(config), outcome.registered, outcome.decision, outcome.metrics)
     warnings = []
-    if done.registered.existing:
+    if outcome.registered.existing:
         warnings.append(
-            f"version {done.registered.version} (run {done.registered.run_id}) was trained from the same config on "
-            "the same data: reported instead of registering an identical version"
+            f"version {outcome.registered.version} (run {outcome.registered.run_id}) was trained from the same "
+            "config on the same data: reported instead of registering an identical version"
         )
-    return _finish(
-        RunResult(
+    return _remember(
+        run_result(
+            config,
+            run.run_id,
+            run.run_dir,
+            outcome.metrics,
+            outcome.decision.reason,
+            version=(outcome.registered.name, outcome.registered.version),
+            aliases=[outcome.decision.alias] if outcome.decision.alias else [],
+            bias_probe=outcome.probe_report.public(),
+            resumed_from_step=done.trained.resumed_from_step,
             warnings=warnings,
-            run_id=run.run_id,
-            method=config.method.name,
-            task=config.task,
-            metrics=done.metrics,
-            model_name=done.registered.name,
-            model_version=done.registered.version,
-            model_uri=done.registered.model_uri,
-            aliases=[done.decision.alias] if done.decision.alias else [],
-            bias_probe=done.probe_report.public(),
-            mergeable=adapted.mergeable,
-            promotion=done.decision.reason,
-            run_dir=run.run_dir,
-            resumed_from_step=trained.resumed_from_step,
         )
     )
 
 
 def worker_node(config: RunConfig, resume: bool) -> RunResult:
-    """A node other than node 0 of a multi-node run: it prepares the same adapted model and data, runs its share
-    of the workers, and leaves tracking, evaluation and registration to node 0 (global rank 0 lives there).
+    """A node other than node 0 of a multi-node run: the same sequence as node 0 (the same data, tokens and adapted
+    model), its train stage running this node's share of the workers and no evaluation; tracking, evaluation and
+    registration are node 0's (global rank 0 lives there).
 
     Raises:
         UserInputError: --resume (the checkpoints are node 0's).
@@ -264,35 +257,64 @@ def worker_node(config: RunConfig, resume: bool) -> RunResult:
         )
     output = Path(config.train.output_dir).resolve()
     folder = output / f"node{distributed.node_rank}-{config_hash(config)}"
+
+    def train_share(adapted: Any, tokenized: Any, settings: Any, run: RunRef, stop_at: int | None) -> None:
+        train_distributed(adapted, tokenized, settings, run, None)
+
+    calls = stages.CALLS.but(train_model=train_share, evaluate_model=None)
     source = stages.resolve_model(config.model)
-    data = stages.load_data(config.data, config.objective, output / ".cache" / "data")
-    tokenized = stages.tokenize_dataset(  # as node 0 tokenizes: the objective's options too (instruction: ...)
-        data, source, config.task, config.data.max_length, output / ".cache" / "tokenized", config.task_options()
-    )
-    # Seeded like node 0's; DDP and FSDP (sync_module_states) also start every rank from rank 0's weights.
-    adapted = stages.apply_method(
-        source, config.method, config.task, tokenized, str(folder), config.train.seed, config.train.precision
-    )
+    data = sequence.load_data(config, output / ".cache", calls)
+    tokenized = sequence.tokenize(config, data, source, output / ".cache", calls)
     run = RunRef(run_id="", experiment_id="", tracking_uri=tracking_uri(config.tracking), run_dir=str(folder))
-    train_distributed(adapted, tokenized, config.train, run, None)
+    # Seeded like node 0's; DDP and FSDP (sync_module_states) also start every rank from rank 0's weights.
+    done = sequence.train_and_evaluate(config, source, tokenized, run, calls)
+    promotion = (
+        f"node {distributed.node_rank} of {distributed.nnodes} trained its share; node 0 evaluates, registers "
+        "and promotes"
+    )
+    return run_result(
+        config, "", str(folder), {"world_size": distributed.world_size}, promotion, mergeable=done.adapted.mergeable
+    )
+
+
+def run_result(
+    config: RunConfig,
+    run_id: str,
+    run_dir: str,
+    metrics: dict[str, float | int],
+    promotion: str,
+    version: tuple[str, str] | None = None,
+    aliases: list[str] | None = None,
+    bias_probe: dict[str, Any] | None = None,
+    mergeable: bool | None = None,
+    resumed_from_step: int | None = None,
+    warnings: list[str] | None = None,
+) -> RunResult:
+    """The one place a run's result is assembled: a run that trained, a worker node, or a version reported
+    without training (`version`: its registered name and number)."""
+    from adapters_impl import METHODS
+
+    name, number = version or ("", "")
     return RunResult(
-        run_id="",
+        run_id=run_id,
         method=config.method.name,
         task=config.task,
-        metrics={"world_size": distributed.world_size},
-        model_name="",
-        model_version="",
-        model_uri="",
-        aliases=[],
-        mergeable=adapted.mergeable,
-        promotion=f"node {distributed.node_rank} of {distributed.nnodes} trained its share; node 0 evaluates, "
-        "registers and promotes",
-        run_dir=str(folder),
+        metrics=metrics,
+        bias_probe=bias_probe or {},
+        model_name=name,
+        model_version=number,
+        model_uri=f"models:/{name}/{number}" if version else "",
+        aliases=aliases or [],
+        mergeable=METHODS[config.method.name].mergeable if mergeable is None else mergeable,
+        promotion=promotion,
+        run_dir=run_dir,
+        resumed_from_step=resumed_from_step,
+        warnings=warnings or [],
     )
 
 
-def _finish(result: RunResult) -> RunResult:
-    finished.append(result)
+def _remember(result: RunResult) -> RunResult:
+    last_result.append(result)
     return result
 
 
@@ -315,22 +337,18 @@ def _identical_result(config: RunConfig, version: ModelVersion) -> RunResult:
 def _version_result(
     config: RunConfig, version: ModelVersion, aliases: list[str], promotion: str, warning: str
 ) -> RunResult:
-    from adapters_impl import METHODS
     from tasks.tracking import use_tracking
 
     run = use_tracking(config.tracking).get_run(str(version.run_id))
-    return RunResult(
-        run_id=run.info.run_id,
-        method=config.method.name,
-        task=config.task,
-        metrics=dict(run.data.metrics),
-        bias_probe={"gate": recorded_gate(version)} if recorded_gate(version) else {},
-        model_name=version.name,
-        model_version=str(version.version),
-        model_uri=f"models:/{version.name}/{version.version}",
+    gate = recorded_gate(version)
+    return run_result(
+        config,
+        run.info.run_id,
+        str(Path(config.train.output_dir).resolve() / run.info.run_id),
+        dict(run.data.metrics),
+        promotion,
+        version=(version.name, str(version.version)),
         aliases=aliases,
-        mergeable=METHODS[config.method.name].mergeable,
-        promotion=promotion,
-        run_dir=str(Path(config.train.output_dir).resolve() / run.info.run_id),
+        bias_probe={"gate": gate} if gate else {},
         warnings=[warning],
     )

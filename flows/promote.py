@@ -37,7 +37,7 @@ def promote_newest(name: str) -> Decision:
     return decide_recorded(client, newest)
 
 
-def finish_pending(config: RunConfig) -> list[tuple[ModelVersion, Decision]]:
+def promote_pending(config: RunConfig) -> list[tuple[ModelVersion, Decision]]:
     """Decide for this config's versions whose run was killed before their decision was written."""
     client = use_tracking(config.tracking)
     versions = client.search_model_versions(f"name='{config.registry.name}'")

@@ -33,6 +33,7 @@ from tasks.config import RunConfig
 from tasks.errors import UserInputError, disk_error
 from tasks.probe import report as probe
 from tasks.promotion import Decision, champion_reevaluator, promote_version
+from tasks.sequence import StageCalls
 
 
 def is_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -281,3 +282,13 @@ def tag_flow_run(tags: list[str] | tuple[str, ...]) -> None:
             client.update_flow_run(current.id, tags=sorted({*current.tags, *tags}))
     except Exception as exc:
         logging.getLogger("adaptflow").warning("the flow run was not tagged (%s)", type(exc).__name__)
+
+
+# The sequence's stages as Prefect tasks, for the single run and the grid's parent (tasks/sequence.py).
+CALLS = StageCalls(
+    load_data=load_data,
+    tokenize_dataset=tokenize_dataset,
+    apply_method=apply_method,
+    train_model=train_model,
+    evaluate_model=evaluate_model,
+)

@@ -19,15 +19,14 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 from adapters_impl import METHODS
-from tasks.adapting import apply_method
+from tasks import sequence
 from tasks.config import GridSettings, PruneSettings, RunConfig, SelectSettings
 from tasks.errors import UserInputError
-from tasks.evaluation import evaluate_model
 from tasks.memory import preflight_plan
 from tasks.modeling import ModelSource
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef, clear_error, client_for, end_run, log_metrics, start_run
-from tasks.training import TrainedRef, train_model
+from tasks.trained import TrainedRef
 
 TrialStatus = Literal["ok", "failed", "pruned", "skipped"]
 
@@ -266,14 +265,10 @@ def _train_trial(
     config = spec.config
     client = client_for(run)
     try:
-        if previous is not None and previous.trained is not None:
-            adapted = previous.trained.adapted
-        else:
-            adapted = apply_method(
-                source, config.method, config.task, tokenized, run.run_dir, config.train.seed, config.train.precision
-            )
-        trained = train_model(adapted, tokenized, config.train, run, stop_at)
-        metrics = evaluate_model(trained, tokenized, run, config.train.eval_batch_size)
+        going_on = previous.trained.adapted if previous is not None and previous.trained is not None else None
+        done = sequence.train_and_evaluate(config, source, tokenized, run, stop_at=stop_at, adapted=going_on)
+        assert done.trained is not None
+        trained, metrics = done.trained, done.metrics
     except Exception as exc:  # isolation: the grid goes on with the other trials
         error = f"{type(exc).__name__}: {exc}".strip()
         client.set_tag(run.run_id, "adaptflow.error", error[:5000])

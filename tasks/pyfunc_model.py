@@ -117,13 +117,16 @@ class AdaptflowModel(PythonModel):
         with torch.no_grad():
             # What predict returns follows the package's head, not the objective registry: this file runs where
             # only adapters_impl is installed (MLflow's code_paths), so it cannot import tasks.objectives.
-            if head_of_package(self.info).labelled:
+            output = head_of_package(self.info).output
+            if output in ("label", "score"):
                 texts = _texts(model_input)
                 self.tokenizer.padding_side = "right"
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
-                ids = self.model(**batch).logits.argmax(-1).tolist()
+                logits = self.model(**batch).logits.float()
+                if output == "score":  # one number per text (several per text when the head has several)
+                    return [row[0] if len(row) == 1 else row for row in logits.tolist()]
                 names = self.info["label_names"]
-                return [names[i] for i in ids]
+                return [names[i] for i in logits.argmax(-1).tolist()]
             if self.info.get("chat"):
                 if isinstance(model_input, dict) and "messages" in model_input:  # an OpenAI-style chat request
                     request = {k: v for k, v in model_input.items() if k != "messages"}

@@ -181,7 +181,7 @@ def package_model(
     folder.mkdir(parents=True)
     info: dict[str, Any] = {
         "task": adapted.task,
-        "head": get_objective(adapted.task).head.kind,  # what serving loads, without asking the objectives
+        "head": get_objective(adapted.task).head.record(),  # what serving loads and answers, without the objectives
         "method": adapted.method_name,
         "label_names": adapted.label_names,
         "generation": generation,

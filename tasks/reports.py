@@ -67,7 +67,11 @@ def report_evaluation(
     tokenizer = load_tokenizer(adapted.source)
     folder = Path(run.run_dir) / "reports"
     folder.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"task": adapted.task, "method": adapted.method_name}
+    # Every eval metric tuned vs base; an objective's own sections may say more (or lay the table out its way).
+    table = {
+        k: (v, metrics.get(f"base_{k}")) for k, v in metrics.items() if k.startswith("eval_") and k != "eval_seconds"
+    }
+    report: dict[str, Any] = {"task": adapted.task, "method": adapted.method_name, "metrics": table}
     given = ReportInput(
         model=model,
         tokenizer=tokenizer,

@@ -283,8 +283,8 @@ def test_held_out_prompts_are_cut_and_dropped_as_training_cuts_its_rows(tmp_path
 
     from tasks.load import load_data
     from tasks.modeling import load_tokenizer, resolve_model
-    from tasks.objectives.instruction.objective import _prompt, held_out, template_of
     from tasks.objectives.instruction.chat import encode_prompt
+    from tasks.objectives.instruction.objective import _prompt, held_out, template_of
     from tasks.settings import DataSettings, ModelSettings
     from tasks.tokenization import tokenize_dataset
 

@@ -25,10 +25,10 @@ from tasks.adapting import apply_method, forget, load_adapted, load_full_precisi
 from tasks.config import RunConfig, resolve_paths
 from tasks.grid import expand_grid, run_trial
 from tasks.load import DataRef, load_data
-from tasks.modeling import ModelSource, load_tokenizer, resolve_model
+from tasks.modeling import ModelSource, load_tokenizer, resize_for_tokens, resolve_model
 from tasks.objectives import OBJECTIVES, ReportInput, get_objective
+from tasks.objectives.instruction.chat import CHATML_TOKENS
 from tasks.objectives.instruction.objective import answer_scores, base_model
-from tasks.objectives.instruction.chat import CHATML_TOKENS, resize_for_tokens
 from tasks.settings import DataSettings, ModelSettings
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
 from tasks.tracking import start_run

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from flows.promote import finish_pending, promote_newest
+from flows.promote import promote_newest, promote_pending
 from tasks.config import PromoteSettings, RunConfig
 from tasks.load import DataRef
 from tasks.promotion import gate_tags, promote_version
@@ -133,9 +133,9 @@ def test_a_version_left_pending_by_a_kill_is_decided_by_resume_and_by_promote(tm
     killed = client.get_model_version("m", first)
     assert killed.tags[PENDING] == "true" and not killed.aliases and "promotion" not in killed.tags
 
-    ((version, decision),) = finish_pending(config)  # what `adaptflow run --resume` does first
+    ((version, decision),) = promote_pending(config)  # what `adaptflow run --resume` does first
     assert str(version.version) == first and decision.alias == "champion"
-    assert PENDING not in client.get_model_version("m", first).tags and finish_pending(config) == []
+    assert PENDING not in client.get_model_version("m", first).tags and promote_pending(config) == []
 
     # A re-run of the same config on the same data finds that version instead of registering another.
     same = {"data": "fp1", "model.name_or_path": "base"}

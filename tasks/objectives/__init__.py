@@ -1,15 +1,26 @@
 """Objectives (the kind of learning problem, config `task:`), registered by name.
 
 A new objective = one module or package here + one line in OBJECTIVES (and its rows in the test matrix,
-tests/test_methods.py). An objective imports nothing above it: the run config and the stages import this registry.
+tests/test_methods.py); or, from another package, its module + one entry point line (`installed_objectives`). An objective imports nothing above it: the run config and the stages import this registry.
 """
 
 from __future__ import annotations
+
+from importlib.metadata import entry_points
 
 from adapters_impl import Method
 from tasks.objectives import causal_lm, classification
 from tasks.objectives.base import IGNORE_INDEX, Objective, ReportInput
 from tasks.objectives.instruction import objective as instruction
+
+PLUGIN_GROUP = "adaptflow.objectives"
+
+
+def installed_objectives() -> tuple[Objective, ...]:
+    """Objectives other installed packages add, each by one line of their packaging metadata:
+    `[project.entry-points."adaptflow.objectives"] NAME = "module:OBJECTIVE"`."""
+    return tuple(entry.load() for entry in entry_points(group=PLUGIN_GROUP))
+
 
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
@@ -17,6 +28,7 @@ OBJECTIVES: dict[str, Objective] = {
         causal_lm.OBJECTIVE,
         classification.OBJECTIVE,
         instruction.OBJECTIVE,
+        *installed_objectives(),
     )
 }
 
