@@ -379,7 +379,9 @@ def served_version(model_uri: str) -> ServedVersion:
         )
     client = MlflowClient()
     try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, str(version))
+        found = (
+            client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, str(version))
+        )
     except MlflowException as exc:
         raise UserInputError(f"MODEL_URI: {model_uri}: {str(exc).splitlines()[0][:300]}") from None
     pinned = f"models:/{name}/{found.version}"
@@ -517,9 +519,9 @@ class Engine:
         messages = _messages(body.get("messages"))
         stops = _stops(body)
         prompt = chat_prompt_ids(self.packaged.tokenizer, self.chat, messages)
-        if body.get("max_completion_tokens") is None and body.get("max_tokens") is not None:
-            body = {**body, "max_completion_tokens": body["max_tokens"]}  # the older name of the same thing
-        return self._job(body, self._choices([prompt], body, "max_completion_tokens", stops, chat=True), stops)
+        # max_tokens is the older name of max_completion_tokens; an error names the one the client sent
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        return self._job(body, self._choices([prompt], body, key, stops, chat=True), stops)
 
     def completion_job(self, body: dict[str, Any]) -> tuple[Job, bool, bool]:
         """A text completion request as a job: each prompt continued as `predict --text` continues it."""
