@@ -27,6 +27,21 @@ INFO_FILE = "adaptflow.json"
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
+# Server-side bounds on one served generation, whatever a request asks (the pyfunc behind `mlflow models serve` and
+# `adaptflow serve-model` both read them): a request for a billion tokens would otherwise run on for hours.
+# Operators raise them with these variables.
+MAX_TOKENS_VARIABLE, MAX_SECONDS_VARIABLE = "ADAPTFLOW_SERVE_MAX_TOKENS", "ADAPTFLOW_SERVE_MAX_SECONDS"
+DEFAULT_MAX_TOKENS, DEFAULT_MAX_SECONDS = 1024, 120.0
+
+
+def serving_limits() -> tuple[int, float]:
+    """(most new tokens, most seconds) one served generation may take: the environment's or the defaults."""
+    return (
+        int(os.environ.get(MAX_TOKENS_VARIABLE, DEFAULT_MAX_TOKENS)),
+        float(os.environ.get(MAX_SECONDS_VARIABLE, DEFAULT_MAX_SECONDS)),
+    )
+
+
 class BaseUnavailable(RuntimeError):
     """A version's pinned base model cannot be resolved (a deleted folder or run, a missing hub revision)."""
 
@@ -174,6 +189,19 @@ def tokenize_with_one_bos(tokenizer: Any, text: str) -> tuple[list[int], list[tu
         if ids[:1] != [bos] and adds_bos:
             ids, offsets = [bos, *ids], [(0, 0), *offsets]
     return ids, offsets
+
+
+def chat_prompt_ids(tokenizer: Any, chat: dict[str, Any], messages: list[dict[str, str]]) -> list[int]:
+    """The ids that ask an instruction model to answer `messages`: the package's chat template (`chat["source"]`,
+    the one training rendered its rows with) with the generation prompt, encoded as training encodes (one BOS).
+    A trailing assistant turn is dropped: the model writes that turn. One function for `predict` (the pyfunc) and
+    the OpenAI endpoint, so both ask the same question."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chat["source"], tokenize=False, add_generation_prompt=True
+    )
+    return tokenize_with_one_bos(tokenizer, text)[0]
 
 
 def stop_ids(tokenizer: Any, end_of_turn: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""`adaptflow`: run, grid, plan, promote, predict, probe, watch, serve, demo, methods, models.
+"""`adaptflow`: run, grid, plan, promote, predict, probe, watch, serve, serve-model, demo, methods, models.
 
 Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else, 130 / 143 interrupted (SIGINT / SIGTERM).
 """
@@ -268,6 +268,44 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     return {"command": "serve", "status": "stopped"}
 
 
+def cmd_serve_model(args: argparse.Namespace) -> dict[str, Any]:
+    from adapters_impl.packaged import download_registered
+    from tasks.config import TrackingSettings
+    from tasks.openai_server import Engine, bind, serve, served_version
+
+    if bool(args.model_uri) == bool(args.name):
+        raise UserInputError("serve-model: give MODEL_URI (models:/NAME/VERSION, models:/NAME@ALIAS) or --name NAME")
+    uri = args.model_uri or f"models:/{args.name}@champion"
+    try:  # before the model loads: a port in use is named at once
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        raise UserInputError(
+            f"--host/--port: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from None
+    connect(TrackingSettings())
+    served = served_version(uri)
+    try:
+        packaged = download_registered(served.model_uri)
+    except Exception as exc:
+        raise UserInputError(f"MODEL_URI: cannot load {uri!r}: {str(exc).splitlines()[0][:1000]}") from None
+    engine = Engine(packaged, served)
+    result = {"command": "serve-model", "model_uri": served.model_uri, "model": served.model_id}
+
+    def announce(url: str) -> None:
+        print(
+            f"adaptflow serve-model: {served.model_uri} ({engine.task}) as model {served.model_id!r} at {url} "
+            f"(at most {engine.max_tokens} tokens and {engine.max_seconds:g} s per request)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        serve(engine, sock, announce)
+    except KeyboardInterrupt:  # SIGTERM / Ctrl-C is how a server stops: not an error
+        print("adaptflow serve-model: stopped", file=sys.stderr)
+    return {**result, "status": "stopped", **engine.stats}
+
+
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.config import load_config
     from tasks.distributed import check_device
@@ -459,6 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", cmd_serve, "serve the deployments (schedules and triggers) against the Prefect API")
     serve.add_argument("--prefect-file", help="a prefect.yaml (default: deployments/prefect.yaml)")
     serve.add_argument("--limit", type=int, help="flow runs at once")
+    serve_model = add(
+        "serve-model",
+        cmd_serve_model,
+        "serve a registered version over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models) until SIGTERM or Ctrl-C",
+    )
+    serve_model.add_argument("model_uri", nargs="?", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    serve_model.add_argument("--name", help="registered model name: serve its @champion")
+    serve_model.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve_model.add_argument("--port", type=port_number, default=8000, help="port (default: 8000; 0: any free one)")
     demo = add("demo", cmd_demo, "the offline demo on embedded defaults", runs_flows=True)
     demo.add_argument("--set", **overrides)  # type: ignore[arg-type]
     add("methods", cmd_methods, "list the methods and their settings")
@@ -477,6 +525,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
     return value
 
 

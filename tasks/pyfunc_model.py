@@ -24,11 +24,6 @@ from adapters_impl.model_heads import head_of_package
 
 Conversation = list[dict[str, str]]
 
-# Server-side bounds on one generation, whatever a request asks: a client that gives up cannot be seen from here,
-# so a request for a billion tokens would otherwise run on for hours. Operators raise them with these variables.
-MAX_TOKENS_VARIABLE, MAX_SECONDS_VARIABLE = "ADAPTFLOW_SERVE_MAX_TOKENS", "ADAPTFLOW_SERVE_MAX_SECONDS"
-DEFAULT_MAX_TOKENS, DEFAULT_MAX_SECONDS = 1024, 120.0
-
 
 class BadRequest(ValueError):
     """A request this model cannot answer; served as HTTP 400 with the one-line reason."""
@@ -41,19 +36,19 @@ def _bad_request(reason: str) -> Exception:
 
 
 def _token_limit(value: Any, key: str) -> int:
-    """A requested length: a positive integer, capped by the server's limit."""
-    import os
+    """A requested length: a positive integer, capped by the server's limit (`serving_limits`: a client that gives
+    up cannot be seen from here, so a request for a billion tokens would otherwise run on for hours)."""
+    from adapters_impl.packaged import serving_limits
 
     if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value <= 0:
         raise BadRequest(f"{key} must be a positive integer, got {value!r}")
-    cap = int(os.environ.get(MAX_TOKENS_VARIABLE, DEFAULT_MAX_TOKENS))
-    return min(int(value), cap)
+    return min(int(value), serving_limits()[0])
 
 
 def _max_seconds() -> float:
-    import os
+    from adapters_impl.packaged import serving_limits
 
-    return float(os.environ.get(MAX_SECONDS_VARIABLE, DEFAULT_MAX_SECONDS))
+    return serving_limits()[1]
 
 
 def _texts(model_input: Any) -> list[str]:
@@ -154,15 +149,10 @@ class AdaptflowModel(PythonModel):
         the prompt's and the answer's token counts, and whether it ended at the end of turn."""
         import torch
 
-        from adapters_impl.packaged import response_only, stop_ids, tokenize_with_one_bos
+        from adapters_impl.packaged import chat_prompt_ids, response_only, stop_ids
 
         chat = self.info["chat"]
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        text = self.tokenizer.apply_chat_template(
-            messages, chat_template=chat["source"], tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenize_with_one_bos(self.tokenizer, text)[0]
+        ids = chat_prompt_ids(self.tokenizer, chat, messages)
         stops = stop_ids(self.tokenizer, chat["end_of_turn"])
         generated = self.model.generate(  # type: ignore[operator]
             input_ids=torch.tensor([ids]),
