@@ -27,8 +27,9 @@ from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters_impl.packaged import PackagedModel, chat_prompt_ids, with_pad_token
-from tasks.instruction import InstructionSettings, resolve_template
 from tasks.modeling import builtin_model_path
+from tasks.objectives.instruction.chat import resolve_template
+from tasks.objectives.instruction.settings import InstructionSettings
 from tasks.openai_server import Engine, ServedVersion, build_app
 
 QUESTION = [{"role": "user", "content": "Give three tips for staying healthy."}]

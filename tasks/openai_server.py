@@ -402,7 +402,8 @@ class Engine:
         info, tokenizer = packaged.info, packaged.tokenizer
         self.chat: dict[str, Any] | None = info.get("chat")
         self.task = str(info["task"])
-        if self.task == "classification":
+        self.generates = packaged.head.output == "text"  # a classifier or a scorer answers no text
+        if not self.generates:
             self.stop_ids: list[int] = []
         elif self.chat:
             self.stop_ids = stop_ids(tokenizer, self.chat["end_of_turn"])
@@ -426,7 +427,7 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         """The model as `/v1/models` lists it (OpenAI's fields, and adaptflow's own under `adaptflow`)."""
         served = self.served
-        endpoints = [] if self.task == "classification" else ["/v1/completions"]
+        endpoints = ["/v1/completions"] if self.generates else []
         if self.chat:
             endpoints.insert(0, "/v1/chat/completions")
         return {
@@ -458,10 +459,11 @@ class Engine:
                 "model_not_found",
             )  # fmt: skip
         what = f"{self.served.model_id} ({self.served.model_uri})"
-        if self.task == "classification":
+        if not self.generates:
+            answers = "labels" if self.packaged.head.output == "label" else "scores"
             raise _bad(
-                f"{what} is a text classifier (task: classification): it answers labels, not text, so {route} "
-                f"cannot serve it; `adaptflow predict {self.served.model_uri} --text TEXT` classifies"
+                f"{what} is a text classifier or scorer (task: {self.task}): it answers {answers}, not text, so "
+                f"{route} cannot serve it; `adaptflow predict {self.served.model_uri} --text TEXT` answers"
             )
         if route == "/v1/chat/completions" and not self.chat:
             raise _bad(

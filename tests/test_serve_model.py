@@ -63,7 +63,8 @@ def _served(name: str) -> ServedVersion:
 @pytest.fixture(scope="module")
 def chat_app(tiny_model: str) -> Iterator[TestClient]:
     """The tiny base as an instruction package with the plain template (no training: the rules are the point)."""
-    from tasks.instruction import InstructionSettings, resolve_template
+    from tasks.objectives.instruction.chat import resolve_template
+    from tasks.objectives.instruction.settings import InstructionSettings
 
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(tiny_model))
     template = resolve_template(tokenizer, InstructionSettings(template="plain"))
@@ -144,7 +145,7 @@ def test_a_classifier_is_listed_but_completions_say_it_answers_labels(tiny_model
         for route, body in [("/v1/chat/completions", {"messages": QUESTION}), ("/v1/completions", {"prompt": "a"})]:
             response = client.post(route, json=body)
             assert response.status_code == 400
-            assert "is a text classifier (task: classification)" in _error(response)
+            assert "is a text classifier or scorer (task: classification): it answers labels" in _error(response)
 
 
 def test_a_base_language_model_has_completions_but_no_chat(tiny_model: str) -> None:
