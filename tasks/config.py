@@ -309,6 +309,23 @@ class RegistrySettings(Section):
         return name
 
 
+ExportFormat = Literal["hf-merged", "gguf", "gguf-lora", "ollama", "vllm-check"]
+
+
+class ExportSettings(Section):
+    """Export after registration (tasks/export): each format verified against the version, logged on it as tags."""
+
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list[ExportFormat](["gguf"]), min_length=1, description="serving formats to write"
+    )
+    quant: Literal["f32", "f16", "bf16", "q8_0"] | None = Field(
+        None, description="weight type (null: f16 for GGUF, f32 for hf-merged)"
+    )
+    gate: bool = Field(False, description="keep a version whose export fails verification out of @champion")
+    path: str | None = Field(None, description="folder for exports (null: train.output_dir/exports)")
+    store: bool = Field(False, description="also log the exported files into the tracking store (large)")
+
+
 class GateSettings(Section):
     """Thresholds that keep a tuned model out of @champion; null skips a check."""
 
@@ -405,6 +422,7 @@ class RunConfig(Section):
     bias_probe: ProbeSettings = ProbeSettings()
     grid: GridSettings | None = None
     instruction: InstructionSettings | None = Field(None, description="task instruction: template, loss, eval")
+    export: ExportSettings | None = Field(None, description="export the registered version (null: no export)")
 
     @model_validator(mode="before")
     @classmethod

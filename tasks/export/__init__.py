@@ -90,7 +90,9 @@ def check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out: {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserInputError(f"--out: {out} exists and is not empty; choose another folder or add --force to replace it")
+        raise UserInputError(
+            f"--out: {out} exists and is not empty; choose another folder or add --force to replace it"
+        )
 
 
 def failed_checks(checks: dict[str, Any]) -> list[str]:

@@ -137,7 +137,9 @@ def add_hparams(writer: Any, config: Any, vocab_size: int) -> None:
 def _tokenizer_json(folder: Path) -> dict[str, Any]:
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise UserInputError(f"MODEL_URI: the version's tokenizer ({folder}) has no tokenizer.json to read the vocabulary from")
+        raise UserInputError(
+            f"MODEL_URI: the version's tokenizer ({folder}) has no tokenizer.json to read the vocabulary from"
+        )
     return dict(json.loads(path.read_text()))
 
 
@@ -234,7 +236,9 @@ def vocabulary(tokenizer: Any, folder: Path, n_vocab: int) -> dict[str, Any]:
         meta["merges"] = gguf.SpecialVocab(folder, load_merges=True).merges
     else:
         meta |= {"model": "llama", "pre": "default", "scores": spm_scores(spec, tokens)}
-        prepend = [p.get("prepend_scheme") for p in _pre_tokenizers(spec.get("pre_tokenizer")) if p.get("type") == "Metaspace"]
+        prepend = [
+            p.get("prepend_scheme") for p in _pre_tokenizers(spec.get("pre_tokenizer")) if p.get("type") == "Metaspace"
+        ]
         meta["add_space_prefix"] = bool(prepend) and prepend[0] in ("first", "always")
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -278,7 +282,7 @@ def write_model_gguf(
     type written."""
     import gguf
 
-    config = model.config  # type: ignore[union-attr]
+    config: Any = model.config
     check_architecture(config, "gguf")
     n_vocab = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
     meta = vocabulary(tokenizer, tokenizer_dir, n_vocab)
@@ -317,7 +321,9 @@ def write_model_gguf(
 
 
 def version_name(source: ExportSource) -> str:
-    return source.uri.removeprefix("models:/").replace("/", "-v", 1) if source.uri.startswith("models:/") else "adaptflow"
+    return (
+        source.uri.removeprefix("models:/").replace("/", "-v", 1) if source.uri.startswith("models:/") else "adaptflow"
+    )
 
 
 def write_gguf(source: ExportSource, staging: Path, quant: str | None) -> tuple[dict[str, Any], list[str]]:

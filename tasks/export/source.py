@@ -48,6 +48,11 @@ class ExportSource:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def config(self) -> Any:
+        """The merged model's transformers config."""
+        return self.model.config
+
+    @property
     def method(self) -> str:
         return str(self.info["method"])
 
@@ -123,8 +128,9 @@ def from_packaged(uri: str, packaged: PackagedModel) -> ExportSource:
         raise UserInputError(
             f"MODEL_URI: {uri} is a classifier; export writes causal language models (generate and chat)"
         )
-    return ExportSource(uri=uri, folder=packaged.folder, info=packaged.info, model=packaged.model,
-                        tokenizer=packaged.tokenizer)
+    return ExportSource(
+        uri=uri, folder=packaged.folder, info=packaged.info, model=packaged.model, tokenizer=packaged.tokenizer
+    )
 
 
 def load_source(uri: str) -> ExportSource:

@@ -64,7 +64,9 @@ def compare_greedy(
             identical += 1
             continue
         # Where they part: is the reference's choice there a near tie?
-        step = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+        step = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
+        )
         top = _logits(reference, ids + ours[:step])[-1].topk(2).values
         if float(top[0] - top[1]) <= tolerance:
             ties += 1
@@ -88,8 +90,7 @@ def compare_tokenizers(source: ExportSource, tokenizer: Any) -> dict[str, Any]:
         checks["token_id_mismatches"] = mismatched
     if source.template:
         rendered_ok = all(
-            source.render(c, True)
-            == tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            source.render(c, True) == tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
             for c in source.conversations()
         )
         checks["chat_template_match"] = rendered_ok
