@@ -24,7 +24,7 @@ from tasks.registry import PENDING, RegisteredRef
 log = logging.getLogger("adaptflow")
 # Check results logged as version tags (numbers a user compares across versions).
 TAGGED_CHECKS = ("max_abs_logit_diff", "logit_tolerance", "greedy_match", "same_token_ids", "max_abs_weight_diff",
-                 "template_renders_same", "servable_as_lora")  # fmt: skip
+                 "template_renders_same")  # fmt: skip
 
 
 class ExportVerdict(BaseModel):

@@ -90,18 +90,18 @@ def verify_adapter_folder(source: ExportSource, folder: Path) -> dict[str, Any]:
 def write_vllm_check(source: ExportSource, staging: Path, quant: str | None) -> tuple[dict[str, Any], list[str]]:
     """report.json, the adapter folder for `--lora-modules` when it is servable, and the command."""
     name = source.uri.removeprefix("models:/").split("/")[0].split("@")[0] or "adaptflow"
-    checks: dict[str, Any] = {"method": source.method}
+    # The report is information (what vLLM refuses is no failed check); the adapter folder's logits are checked.
+    report: dict[str, Any] = {"method": source.method}
+    checks: dict[str, Any] = {}
     notes: list[str] = []
     if source.method in ("lora", "qlora", "dora"):
         config = adapter_config(source)
         blocking, different, facts = lora_problems(source, config)
-        checks |= facts
+        report |= facts
     else:
         blocking = [f"method {source.method!r}: vLLM's LoRA serving loads LoRA adapters only"]
         different = []
-    checks["refused"] = blocking
-    checks["different"] = different
-    checks["servable_as_lora"] = not blocking
+    report |= {"refused": blocking, "different": different, "servable_as_lora": not blocking}
     out = staging / ADAPTER_FOLDER
     if not blocking:
         shutil.copytree(source.adapter_dir, out)  # type: ignore[arg-type]
@@ -109,7 +109,7 @@ def write_vllm_check(source: ExportSource, staging: Path, quant: str | None) -> 
         checks |= {f"adapter_{k}": v for k, v in verify_adapter_folder(source, out).items()}
         command = [
             "vllm", "serve", source.base_location, "--enable-lora",
-            "--lora-modules", f"{name}={out.name}", "--max-lora-rank", str(checks["max_lora_rank"]),
+            "--lora-modules", f"{name}={out.name}", "--max-lora-rank", str(report["max_lora_rank"]),
         ]  # fmt: skip
         if source.template:
             (staging / "chat_template.jinja").write_text(source.template)
@@ -117,8 +117,8 @@ def write_vllm_check(source: ExportSource, staging: Path, quant: str | None) -> 
     else:
         command = ["adaptflow", "export", source.uri, "--format", "hf-merged", "--out", "merged", "&&"]
         command += ["vllm", "serve", "merged"]
-    checks["command"] = " ".join(shlex.quote(w) if w != "&&" else w for w in command)
-    checks["servable"] = True  # as a LoRA, or merged: the report says which; a failed check is the adapter's
-    (staging / "report.json").write_text(json.dumps(checks, indent=2, default=str) + "\n")
-    notes.append(f"serve (from this folder): {checks['command']}")
+    report["command"] = " ".join(shlex.quote(w) if w != "&&" else w for w in command)
+    (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    checks["report"] = report
+    notes.append(f"serve (from this folder): {report['command']}")
     return checks, notes
