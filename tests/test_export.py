@@ -329,6 +329,7 @@ def test_a_registered_run_exports_in_the_pipeline_and_the_gate_holds_back_a_fail
         registry={"name": "exported"},
         export={"formats": ["gguf", "ollama"], "quant": "q8_0", "gate": True},
     )
+    tolerance = verify.LOGIT_TOLERANCE["q8_0"]
     monkeypatch.setitem(verify.LOGIT_TOLERANCE, "q8_0", 0.0)  # this version's export fails its verification
     assert main(["run", str(config), "--json"]) == 0
     result = last_json(capsys.readouterr().out)
@@ -338,7 +339,7 @@ def test_a_registered_run_exports_in_the_pipeline_and_the_gate_holds_back_a_fail
     assert float(version.tags["export.gguf.max_abs_logit_diff"]) > 0
     assert Path(version.tags["export.ollama.path"], "Modelfile").is_file()
 
-    monkeypatch.undo()
+    monkeypatch.setitem(verify.LOGIT_TOLERANCE, "q8_0", tolerance)
     out = tmp_path / "cli"
     args = [f"models:/exported/{result['model_version']}", "--format", "gguf-lora", "--format", "hf-merged"]
     code, exported = export([*args, "--out", str(out)], capsys)
