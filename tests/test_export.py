@@ -283,12 +283,18 @@ def test_role_wise_templates_translate_to_go_templates_that_render_the_same(tiny
         analyse(lambda m, g: tokenizer.apply_chat_template(m, chat_template=LLAMA2_TEMPLATE, tokenize=False), "l2")
 
 
-def test_real_model_exports_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_real_model_exports_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SmolLM2-135M-Instruct (BPE, its own chat template with a default system message): gguf, ollama and the LoRA
     GGUF verify. Slow (minutes); skipped when the model cannot be obtained."""
-    pytest.importorskip("gguf")
+    import os
+
     from tasks.modeling import builtin_model_path
 
+    # The user's cache, as tests/test_real_model.py does: the model is fetched once per machine.
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptflow"
+    monkeypatch.setenv("ADAPTFLOW_CACHE", os.environ.get("ADAPTFLOW_REAL_MODEL_CACHE", str(user_cache)))
     try:
         base = builtin_model_path("smollm2-135m-instruct")
     except UserInputError as exc:
