@@ -1,4 +1,4 @@
-"""`adaptflow`: run, grid, plan, promote, predict, probe, watch, serve, serve-model, demo, methods, models.
+"""`adaptflow`: run, grid, plan, promote, predict, probe, export, watch, serve, serve-model, demo, methods, models.
 
 Exit codes: 0 ok, 2 the user's input is wrong, 1 anything else, 130 / 143 interrupted (SIGINT / SIGTERM).
 """
@@ -246,6 +246,32 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
     return _emit(result, args, lambda r: print(markdown))
 
 
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.config import TrackingSettings
+    from tasks.export import export_model, raise_if_unverified, result_of
+
+    if args.model_uri and args.name:
+        raise UserInputError("export: give MODEL_URI or --name (its champion), not both")
+    if not args.model_uri and not args.name:
+        raise UserInputError("export: give MODEL_URI (models:/NAME/VERSION or models:/NAME@ALIAS) or --name NAME")
+    uri = args.model_uri or f"models:/{args.name}@champion"
+    connect(TrackingSettings())
+    records = export_model(uri, args.format, args.quant, Path(args.out), args.force)
+    raise_if_unverified(uri, records)  # exit 1 with the JSON result: the artifacts and their verdicts are recorded
+    result = result_of(uri, records)
+
+    def human(r: dict[str, Any]) -> None:
+        for e in r["exports"]:
+            checks = e["checks"]
+            diff = checks.get("max_abs_logit_diff")
+            shown = f", max |logit diff| {diff:.3g}" if diff is not None else ""
+            print(f"{e['format']} ({e['quant'] or '-'}) -> {e['path']}: {e['bytes'] / 1e6:.1f} MB, verified{shown}")
+            for note in e["notes"]:
+                print(f"  {note}")
+
+    return _emit(result, args, human)
+
+
 def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
     from flows.watch import watch
 
@@ -489,6 +515,23 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--label-column", default="label")
     probe.add_argument("--samples", type=int, default=1, help="generations per rule prompt (1 = greedy)")
     probe.add_argument("--max-new-tokens", type=int, default=20)
+    export = add("export", cmd_export, "write a registered version in a serving format, verified against it")
+    export.add_argument(
+        "model_uri", nargs="?", help="models:/NAME/VERSION or models:/NAME@ALIAS (default: --name's champion)"
+    )
+    export.add_argument("--name", help="registered model name: export its @champion")
+    export.add_argument(
+        "--format",
+        required=True,
+        action="append",
+        choices=["hf-merged", "gguf", "gguf-lora", "ollama", "vllm-check"],
+        help="serving format (repeatable: each to its own subfolder of --out)",
+    )
+    export.add_argument(
+        "--quant", choices=["f32", "f16", "bf16", "q8_0"], help="weight type (default: f16 for GGUF, f32 for hf-merged)"
+    )
+    export.add_argument("--out", required=True, help="the folder to write (must be empty or absent unless --force)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
     watch = add("watch", cmd_watch, "fingerprint a data folder; emit a Prefect event when it changes")
     watch.add_argument("dir", help="the data folder to watch")
     watch.add_argument("--once", action="store_true", help="check once and exit")

@@ -181,7 +181,8 @@ def register_and_promote(
         metrics["merge_eval_loss_gap"] = merged.merged_eval_loss - metrics["eval_loss"]
     tags = {**(lineage or {}), **gate_tags(probe_report.gate)}  # the gate's verdict is on the version from the start
     registered = stages.register_model(config, data, run, trained, merged, metrics, tags, tokenized.package(), force)
-    decision = stages.promote(registered, run, config, data, probe_report)
+    exported = stages.export_version(config, registered, run)
+    decision = stages.promote(registered, run, config, data, probe_report, exported)
     return Outcome(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
 
 

@@ -146,6 +146,14 @@ register_model = task(
 )(registry.register_model)
 
 
+@task(name="export", cache_policy=NO_CACHE)
+def export_version(config: RunConfig, registered: registry.RegisteredRef, run: tracking.RunRef) -> Any:
+    """The config's `export:` section on the version just registered, verified and tagged (None: no section)."""
+    from tasks.export.pipeline import export_registered
+
+    return export_registered(config.export, registered, tracking.client_for(run), config.train.output_dir)
+
+
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=is_transient)
 def promote(
     registered: registry.RegisteredRef,
@@ -153,8 +161,14 @@ def promote(
     config: RunConfig,
     data: load.DataRef,
     report: probe.ProbeReport,
+    exported: Any = None,
 ) -> Decision:
-    """Champion/challenger decision for the version just registered, unless the bias gate failed."""
+    """Champion/challenger decision for the version just registered, unless the bias gate or (with export.gate)
+    the export's verification failed."""
+    if exported is not None and exported.holds_back:
+        from tasks.export.pipeline import hold_back
+
+        return Decision(**hold_back(tracking.client_for(run), registered, exported))
     return promote_version(
         tracking.client_for(run),
         registered.name,

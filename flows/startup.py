@@ -93,7 +93,13 @@ def session(command: str, *, runs_flows: bool, json_output: bool, resume_hint: s
                 outcome.code = 128 + signum
             except RunFailed as exc:  # a failure we can explain: the message says it all
                 print(f"adaptflow: failed: {exc}", file=sys.stderr)
-                outcome.result, outcome.code = {"command": command, "status": "failed", "error": str(exc)}, 1
+                outcome.result = {
+                    "command": command,
+                    "status": "failed",
+                    "error": str(exc),
+                    **getattr(exc, "result", {}),
+                }
+                outcome.code = 1
             except Exception as exc:
                 traceback.print_exc(file=sys.stderr)
                 print(f"adaptflow: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)

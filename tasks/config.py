@@ -178,6 +178,23 @@ class RegistrySettings(Section):
         return name
 
 
+ExportFormat = Literal["hf-merged", "gguf", "gguf-lora", "ollama", "vllm-check"]
+
+
+class ExportSettings(Section):
+    """Export after registration (tasks/export): each format verified against the version, logged on it as tags."""
+
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list[ExportFormat](["gguf"]), min_length=1, description="serving formats to write"
+    )
+    quant: Literal["f32", "f16", "bf16", "q8_0"] | None = Field(
+        None, description="weight type (null: f16 for GGUF, f32 for hf-merged)"
+    )
+    gate: bool = Field(False, description="keep a version whose export fails verification out of @champion")
+    path: str | None = Field(None, description="folder for exports (null: train.output_dir/exports)")
+    store: bool = Field(False, description="also log the exported files into the tracking store (large)")
+
+
 class SelectSettings(Section):
     metric: str = Field("eval_loss", description="the trial metric that picks the best")
     mode: Literal["min", "max"] = "min"
@@ -250,6 +267,7 @@ class RunConfig(Section):
     registry: RegistrySettings = RegistrySettings()
     bias_probe: ProbeSettings = ProbeSettings()
     grid: GridSettings | None = None
+    export: ExportSettings | None = Field(None, description="export the registered version (null: no export)")
     # Each objective's own section (`instruction:`) is added below from the registry (`Objective.section`).
 
     @property

@@ -177,8 +177,8 @@ def log_datasets(run: RunRef, data: Any) -> None:
 
 
 def config_hash(config: RunConfig) -> str:
-    """Identifies "the same config" for --resume: the resolved config, outputs and tracking aside."""
-    tree = config.model_dump(mode="json", exclude={"tracking": True, "registry": True})
+    """Identifies "the same config" for --resume: the resolved config, outputs, tracking and export aside."""
+    tree = config.model_dump(mode="json", exclude={"tracking": True, "registry": True, "export": True})
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
