@@ -468,6 +468,11 @@ def test_one_dpo_step_matches_trl_dpo_trainer(tiny_model: str, tiny: tuple[Any, 
         processing_class=tokenizer,
         peft_config=lora_config(),
     )
+    tokenized = trainer.train_dataset[0]  # TRL's own tokenization of the first pair: the same ids and targets
+    (mine,), _ = encode_all(normalize(data.to_list()[:1], DataOptions()).rows, tokenizer, template, 64, paired=True)
+    for side in ("chosen", "rejected"):
+        assert tokenized["prompt_ids"] + tokenized[f"{side}_ids"] == mine[f"{side}_input_ids"]
+        assert [t for t in mine[f"{side}_labels"] if t != IGNORE_INDEX] == tokenized[f"{side}_ids"]
     missing, unexpected = trainer.model.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and not [m for m in missing if "lora" in m]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
@@ -475,11 +480,61 @@ def test_one_dpo_step_matches_trl_dpo_trainer(tiny_model: str, tiny: tuple[Any, 
     trainer.model.train()
     expected = trainer.compute_loss(trainer.model, inputs)
     expected.backward()
-    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     for name, p in trainer.model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_reference_equals_disabled_adapter(tiny_model: str, tiny: tuple[Any, Any]) -> None:
+    """The two reference paths (adapter disabled; a frozen copy of the base, as for method full) agree."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, template = tiny
+    rows, _ = encode_all(normalize(synthetic_pairs(4), DataOptions()).rows, tokenizer, template, 64, paired=True)
+    batch = collator(tokenizer, True, 64)(rows)
+    model = lora_model(tiny_model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    s = settings(loss="sigmoid", beta=0.1)
+    disabled, _ = PreferenceLoss(s, Reference())(model, batch)
+    frozen, _ = PreferenceLoss(s, Reference(frozen=AutoModelForCausalLM.from_pretrained(tiny_model)))(model, batch)
+    assert float(disabled.loss) == pytest.approx(float(frozen.loss), rel=1e-6)
+    assert float(disabled.loss) != pytest.approx(math.log(2), rel=1e-4)  # the adapter counts in the policy
+    assert model.training  # the reference pass left the policy in training mode
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt", "prefix"])
+def test_peft_methods_reference_is_the_base(tiny_model: str, tiny: tuple[Any, Any], method: str) -> None:
+    """With each peft method the reference (adapter disabled) is exactly the base model, and the loss trains the
+    method's parameters (prompt and prefix prepend virtual tokens: the rows' own positions are read)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tasks.objectives.preference.train import sequence_logps
+
+    tokenizer, template = tiny
+    rows, _ = encode_all(normalize(synthetic_pairs(2), DataOptions()).rows, tokenizer, template, 64, paired=True)
+    batch = collator(tokenizer, True, 64)(rows)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    expected = sequence_logps(base, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    config = {
+        "lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        "dora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+        "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+    }[method]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), config)
+    with Reference().model(model) as ref:
+        reference = sequence_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    torch.testing.assert_close(reference, expected)
+    out, _ = PreferenceLoss(settings(loss="sigmoid"), Reference())(model, batch)
+    out.loss.backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.shared

@@ -273,7 +273,7 @@ def evaluate_preferences(
     device = next(model.parameters()).device
     try:
         for start in range(0, len(rows), batch_size):
-            features = list(rows[start : start + batch_size])
+            features = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]  # a list or a Dataset
             batch = {k: v.to(device) for k, v in collator(features).items()}
             out, numbers = loss(model, batch)
             size = len(features)
