@@ -395,7 +395,7 @@ def lora_model(path: str, seed: int = 0) -> Any:
     return get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora_config())
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "simpo", "kto"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"])
 def test_training_learns_the_preferences(tiny_model: str, tiny: tuple[Any, Any], tmp_path: Path, loss: str) -> None:
     """A tiny LoRA model trained by the HF Trainer with the mixin: held-out metrics rise from the base's."""
     from transformers import Trainer, TrainingArguments
