@@ -46,10 +46,13 @@ def test_explicit_strings_and_messages() -> None:
     rows = [
         {"prompt": "What color is the sky?", "chosen": "Blue.", "rejected": "Green."},
         {"prompt": Q, "chosen": answer("Blue."), "rejected": answer("Green.")},
+        {"prompt": "What color is the sky?", "chosen": answer("Blue."), "rejected": answer("Green.")},
+        # TRL's rule: a text prompt beside whole dialogues is ignored, the dialogues' shared turns are the prompt
+        {"prompt": "ignored", "chosen": [*Q, *answer("Blue.")], "rejected": [*Q, *answer("Green.")]},
     ]
     out = normalize(rows, DataOptions())
     assert out.format == "explicit" and out.paired
-    assert out.rows == [{"prompt": Q, "chosen": answer("Blue."), "rejected": answer("Green.")}] * 2
+    assert out.rows == [{"prompt": Q, "chosen": answer("Blue."), "rejected": answer("Green.")}] * 4
 
 
 def test_implicit_conversations_hh_text_and_plain_text() -> None:

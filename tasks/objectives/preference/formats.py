@@ -250,8 +250,14 @@ def _pair(
         example["chosen"], example["rejected"] = _as_list(example["chosen"]), _as_list(example["rejected"])
         if isinstance(example["prompt"], list | Mapping):
             example["prompt"] = _as_list(example["prompt"])
-    extracted = maybe_extract_prompt(example)  # TRL: a string prompt beside whole dialogues is re-extracted
-    if "prompt" not in extracted or extracted is not example:
+    chosen = example["chosen"]
+    whole = (
+        isinstance(chosen, list)
+        and chosen[:1]
+        and isinstance(chosen[0], Mapping)
+        and chosen[0].get("role") != "assistant"
+    )
+    if whole and maybe_extract_prompt(example) is not example:  # TRL: a text prompt beside whole dialogues is ignored
         return _implicit(example["chosen"], example["rejected"])
     return (_messages(example["prompt"], "prompt", "user"), _messages(example["chosen"], "chosen", "assistant"),
             _messages(example["rejected"], "rejected", "assistant"))  # fmt: skip
