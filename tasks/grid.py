@@ -25,6 +25,7 @@ from tasks.errors import UserInputError
 from tasks.evaluation import evaluate_model
 from tasks.memory import preflight_plan
 from tasks.modeling import ModelSource
+from tasks.periodic_eval import RUNG_PREFIX, logged_metrics
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef, clear_error, client_for, end_run, log_metrics, start_run
 from tasks.training import TrainedRef, train_model
@@ -273,7 +274,12 @@ def _train_trial(
                 source, config.method, config.task, tokenized, run.run_dir, config.train.seed, config.train.precision
             )
         trained = train_model(adapted, tokenized, config.train, run, stop_at)
-        metrics = evaluate_model(trained, tokenized, run, config.train.eval_batch_size)
+        # --- evaluation while training: an intermediate rung reads the trial's logged evaluation ---
+        logged = None
+        if stop_at is not None and config.train.max_steps is not None and stop_at < config.train.max_steps:
+            logged = logged_metrics(trained.eval_history, trained.periodic, trained.steps)
+        # --- end evaluation while training ---
+        metrics = logged or evaluate_model(trained, tokenized, run, config.train.eval_batch_size)
     except Exception as exc:  # isolation: the grid goes on with the other trials
         error = f"{type(exc).__name__}: {exc}".strip()
         client.set_tag(run.run_id, "adaptflow.error", error[:5000])
@@ -283,8 +289,13 @@ def _train_trial(
     metrics = {**metrics, **trained.metrics()}
     if previous is not None:  # a trial continued across rungs: its training time is every rung's
         metrics["train_seconds"] += previous.metrics.get("train_seconds", 0.0)
-    # Under pruning each rung's evaluation is logged at its step: the trial's metric history is its rungs.
-    log_metrics(run, metrics, step=trained.steps if stop_at else 0)
+    # Under pruning each rung's evaluation is logged at its step: the trial's metric history is its rungs
+    # (beside an evaluation history, under rung_ names: tasks/periodic_eval.py).
+    if logged is not None:
+        metrics = {**metrics, **{f"{RUNG_PREFIX}{k}": v for k, v in logged.items()}}
+        log_metrics(run, {k: v for k, v in metrics.items() if k not in logged}, step=trained.steps)
+    else:
+        log_metrics(run, metrics, step=trained.steps if stop_at else 0)
     end_run(run, "FINISHED")
     return spec.outcome(
         "ok",
@@ -379,8 +390,10 @@ def recorded_trials(parent: RunRef, specs: list[TrialSpec], metric: str | None) 
         index = int(run.data.tags.get("adaptflow.grid_trial", "-1"))
         if not 0 <= index < len(specs):
             continue
-        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step) if metric else []
-        rungs = [RungRecord(steps=m.step, metric=m.key, value=m.value) for m in history if m.step > 0]
+        # With an evaluation history, the rungs' values are logged under rung_ names (tasks/periodic_eval.py).
+        key = f"{RUNG_PREFIX}{metric}" if metric and specs[index].config.train.eval_steps else metric
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step) if key else []
+        rungs = [RungRecord(steps=m.step, metric=metric or m.key, value=m.value) for m in history if m.step > 0]
         found[index] = specs[index].outcome(
             "ok",
             run_id=run.info.run_id,
