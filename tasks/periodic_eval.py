@@ -76,7 +76,7 @@ class ResumableEarlyStopping(EarlyStoppingCallback):
             self.early_stopping_patience_counter = int(attributes.get("early_stopping_patience_counter", 0))
             self.stopped_at = attributes.get("stopped_at")
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> Any:
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> Any:  # type: ignore[override]  # as the parent
         super().on_evaluate(args, state, control, metrics, **kwargs)
         if control.should_training_stop and self.early_stopping_patience_counter >= self.early_stopping_patience:
             self.stopped_at = state.global_step
