@@ -66,11 +66,11 @@ def overfit_config(tmp_path: Path, tiny_model: str, **train: object) -> Path:
         (
             ["train.early_stopping={patience: 0}"],
             "train.early_stopping.patience: Input should be greater than or equal to 1",
-        ),  # fmt: skip
+        ),
         (
             ["train.best={metric: eval_accuracy}"],
             "train.best.metric: 'eval_accuracy' is not a metric this run reports; task causal_lm reports eval_loss, eval_perplexity",
-        ),  # fmt: skip
+        ),
         (["train.eval_steps=null"], "train.best: needs train.eval_steps"),
         (["train.eval_steps=null", "train.best=null"], "train.early_stopping: needs train.eval_steps"),
     ],
@@ -86,7 +86,9 @@ def test_bad_evaluation_settings_exit_2_naming_the_key_before_anything_loads(
     assert not (tmp_path / "runs").exists()
 
 
-def test_instruction_best_metric_names_the_generations_it_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_instruction_best_metric_names_the_generations_it_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = write_config(
         tmp_path / "sft.yaml",
         task="instruction",
@@ -102,7 +104,13 @@ def test_the_stock_early_stopping_loses_its_patience_on_resume_and_ours_keeps_it
     """What transformers does: the counter is written into the checkpoint's trainer state, but a resumed Trainer
     (restore_callback_states_from_checkpoint off, its default: on, it would also restore a grid rung's stop flag)
     starts it at 0 again. Ours reads it back, and records the step it stopped at."""
-    args = TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss", report_to="none")  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        eval_strategy="steps",
+        eval_steps=1,
+        metric_for_best_model="eval_loss",
+        report_to="none",
+    )
     assert args.restore_callback_states_from_checkpoint is False
     ours, stock = ResumableEarlyStopping(3, 0.0), EarlyStoppingCallback(3, 0.0)
     state, control = TrainerState(stateful_callbacks=[ours, stock]), TrainerControl()
@@ -220,7 +228,7 @@ def test_a_pruned_grid_with_periodic_evaluation_picks_the_same_winner_and_trains
             "target_modules": [["q_proj", "v_proj"]],
             "max_parallel": 2,
             "prune": {"eta": 2, "min_steps": 3},
-        },  # fmt: skip
+        },
     )
     assert main(["grid", str(config), "--json"]) == 0
     plain = last_json(capsys.readouterr().out)
