@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import EarlyStoppingCallback, TrainerState
 
@@ -49,10 +50,14 @@ class PeriodicEval:
     def measure(self, model: nn.Module) -> dict[str, float]:
         started = time.perf_counter()
         was_training = model.training
+        # The eval DataLoader draws its seed from the global RNG: without forking it, evaluating would shift the
+        # dropout masks of every later step (a run with evaluations would train differently from one without).
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
-            metrics = get_objective(self.tokenized.task).metrics(
-                model, self.tokenizer, self.tokenized, self.batch_size, None
-            )
+            with torch.random.fork_rng(devices=devices):
+                metrics = get_objective(self.tokenized.task).metrics(
+                    model, self.tokenizer, self.tokenized, self.batch_size, None
+                )
         finally:
             model.train(was_training)
         return {**metrics, RUNTIME_KEY: time.perf_counter() - started}
