@@ -598,6 +598,12 @@ def _usage(job: Job) -> dict[str, int]:
     }
 
 
+def _finish_reason(choice: Choice) -> str:
+    """Once its text is read: "stop" when a stop string cut it. The reader sees a stop string only as the text
+    arrives, which can be after the generating thread decided on "length"."""
+    return "stop" if choice.stop_seen else choice.finish_reason
+
+
 def _ended_badly(job: Job) -> ApiError | None:
     if job.error:
         return ApiError(500, job.error)
@@ -620,13 +626,13 @@ async def _answer(engine: Engine, job: Job, chat: bool, request: Request) -> JSO
     served = engine.served
     if chat:
         choices: list[dict[str, Any]] = [
-            {"index": c.index, "message": {"role": "assistant", "content": t}, "finish_reason": c.finish_reason,
+            {"index": c.index, "message": {"role": "assistant", "content": t}, "finish_reason": _finish_reason(c),
              "logprobs": None}
             for c, t in zip(job.choices, texts, strict=True)
         ]  # fmt: skip
     else:
         choices = [
-            {"index": c.index, "text": t, "finish_reason": c.finish_reason, "logprobs": None}
+            {"index": c.index, "text": t, "finish_reason": _finish_reason(c), "logprobs": None}
             for c, t in zip(job.choices, texts, strict=True)
         ]
     return JSONResponse(
@@ -672,7 +678,7 @@ def _stream(engine: Engine, job: Job, chat: bool, include_usage: bool) -> Stream
                 if error := _ended_badly(job):  # the status is sent: say it in the stream, as OpenAI does
                     yield _event(error.payload())
                     return
-                yield chunk(choice.index, None, choice.finish_reason)
+                yield chunk(choice.index, None, _finish_reason(choice))
             if include_usage:
                 yield _event({**head, "choices": [], "usage": _usage(job)})
             yield "data: [DONE]\n\n"
