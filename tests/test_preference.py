@@ -140,9 +140,9 @@ def test_config_checks_name_the_key() -> None:
     assert any("preference.template" in p for p in problems(preference={"template": "missing.jinja"}))
     with pytest.raises(UserInputError, match="preference: only task preference reads this section"):
         validate_config({"data": {"train": "x.jsonl"}, "preference": {"loss": "ipo"}})
-    with pytest.raises(UserInputError, match="data.columns"):
+    with pytest.raises(UserInputError, match=r"data\.columns"):
         validate_config({"task": "preference", "data": {"train": "x.jsonl", "columns": {"answer": "a"}}})
-    with pytest.raises(UserInputError, match="train.packing"):
+    with pytest.raises(UserInputError, match=r"train\.packing"):
         validate_config({"task": "preference", "data": {"train": "x.jsonl"}, "train": {"packing": True}})
 
 
