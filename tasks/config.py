@@ -68,6 +68,24 @@ class DistributedSettings(Section):
         return self
 
 
+# --- evaluation while training (tasks/periodic_eval.py) ---
+class BestSettings(Section):
+    """Which evaluation's checkpoint a run keeps: the one evaluated at the end, merged, probed and registered."""
+
+    metric: str = Field("eval_loss", description="an eval metric the objective reports at each evaluation")
+    mode: Literal["min", "max"] = "min"
+
+
+class EarlyStoppingSettings(Section):
+    """Stop when train.best's metric has not improved by more than min_delta for `patience` evaluations."""
+
+    patience: int = Field(3, ge=1, description="evaluations without improvement before training stops")
+    min_delta: float = Field(0.0, ge=0, description="the smallest change that counts as an improvement")
+
+
+# --- end evaluation while training ---
+
+
 class TrainSettings(Section):
     max_steps: int | None = Field(200, gt=0)
     epochs: float | None = Field(None, gt=0)
@@ -98,6 +116,25 @@ class TrainSettings(Section):
     distributed: DistributedSettings | None = Field(
         None, description="null (or one process on one node): train in this process"
     )
+    # --- evaluation while training (tasks/periodic_eval.py) ---
+    eval_steps: int | None = Field(
+        None, gt=0, description="evaluate on the eval split every N steps (null: at the end only)"
+    )
+    eval_generations: int = Field(
+        8,
+        ge=0,
+        description="instruction: held-out prompts answered for ROUGE-L/exact match at each evaluation (0: loss only)",
+    )
+    best: BestSettings | None = Field(None, description="keep the checkpoint with the best metric (needs eval_steps)")
+    early_stopping: EarlyStoppingSettings | None = Field(
+        None, description="stop when train.best's metric stops improving (needs eval_steps)"
+    )
+
+    def best_tracking(self) -> BestSettings | None:
+        """What picks the best checkpoint: train.best, else eval_loss (min) when early stopping is on."""
+        return self.best or (BestSettings() if self.early_stopping is not None else None)
+
+    # --- end evaluation while training ---
 
     @field_validator("optim")
     @classmethod
@@ -113,6 +150,21 @@ class TrainSettings(Section):
     def _steps_or_epochs(self) -> TrainSettings:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        # --- evaluation while training ---
+        for key in ("best", "early_stopping"):
+            if getattr(self, key) is not None and self.eval_steps is None:
+                raise ValueError(f"train.{key}: needs train.eval_steps (how often to evaluate), e.g. eval_steps: 50")
+        if self.eval_steps is not None and self.max_steps is not None and self.eval_steps > self.max_steps:
+            raise ValueError(
+                f"train.eval_steps: {self.eval_steps} is larger than train.max_steps ({self.max_steps}): "
+                "training would never evaluate; choose at most max_steps"
+            )
+        if self.eval_steps is not None and self.distributed is not None and self.distributed.world_size > 1:
+            raise ValueError(
+                "train.eval_steps: evaluation while training runs in one process; remove train.distributed "
+                "or train.eval_steps"
+            )
+        # --- end evaluation while training ---
         return self
 
 
@@ -374,17 +426,32 @@ class RunConfig(Section):
         evaluated = (*objective.metric_names(self), *objective.report_metrics)
         return (*evaluated, *(f"base_{m}" for m in objective.metric_names(self)), *TRAINING_METRICS, *MERGE_METRICS)
 
+    def periodic_metrics(self) -> tuple[str, ...]:
+        """The metrics each evaluation while training reports: an objective whose section generates answers
+        (`eval_generations`, e.g. instruction's) generates train.eval_generations of them there."""
+        objective, config = self.objective, self
+        name, settings = objective.section, objective.settings
+        if name and settings and "eval_generations" in settings.model_fields:
+            section = (getattr(self, name) or settings()).model_copy(
+                update={"eval_generations": self.train.eval_generations}
+            )
+            config = self.model_copy(update={name: section})
+        return objective.metric_names(config)
+
     def _metric_problem(self) -> str | None:
         """A promotion, selection or pruning metric that no run of this config reports: it would be found only
         after training (a version that can never become champion, a grid whose every trial "failed")."""
         checks = [("registry.promote.metric", self.registry.promote.metric, self.registered_metrics())]
+        best = self.train.best_tracking()  # evaluation while training: a metric each evaluation reports
+        if best is not None:
+            checks.append(("train.best.metric", best.metric, self.periodic_metrics()))
         if self.grid is not None:
             checks.append(("grid.select.metric", self.grid.select.metric, self.trial_metrics()))
             if self.grid.prune is not None and self.grid.prune.metric is not None:
                 checks.append(("grid.prune.metric", self.grid.prune.metric, self.trial_metrics()))
         for key, metric, reported in checks:
             if metric not in reported:
-                hint = self.objective.metric_hint(metric)
+                hint = self.objective.metric_hint(metric, key)
                 return (
                     f"{key}: '{metric}' is not a metric this run reports{hint}; task {self.task} reports "
                     f"{', '.join(reported)}"

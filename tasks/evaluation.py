@@ -35,8 +35,10 @@ def evaluate_model(
     remember(trained.adapter_dir, model)  # merge comes next and may reuse it
     reports = Path(run.run_dir) / "reports"  # what evaluation generated, the report reuses
     metrics = model_metrics(model, load_tokenizer(adapted.source), tokenized, batch_size, reports)
-    metrics["eval_seconds"] = time.perf_counter() - started
-    log_metrics(run, metrics)
+    # Evaluation while training counts as evaluation (train_seconds leaves it out).
+    metrics["eval_seconds"] = time.perf_counter() - started + trained.periodic.get("periodic_eval_seconds", 0.0)
+    # With an evaluation history, at the last step: the run's latest value is then this one (the registered one).
+    log_metrics(run, metrics, step=trained.steps if trained.eval_history else 0)
     return metrics
 
 

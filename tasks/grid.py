@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +20,12 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 from adapters_impl import METHODS
-from tasks import sequence
+from tasks import evaluation, sequence
 from tasks.config import GridSettings, PruneSettings, RunConfig, SelectSettings
 from tasks.errors import UserInputError
 from tasks.memory import preflight_plan
 from tasks.modeling import ModelSource
+from tasks.periodic_eval import RUNG_PREFIX, logged_metrics
 from tasks.tokenization import TokenizedRef
 from tasks.tracking import RunRef, clear_error, client_for, end_run, log_metrics, start_run
 from tasks.trained import TrainedRef
@@ -253,6 +255,24 @@ def run_trial(
         return _train_trial(spec, source, tokenized, run, stop_at, previous, kept)
 
 
+def logged_at_rung(trained: TrainedRef, stop_at: int | None, max_steps: int | None) -> dict[str, float] | None:
+    """At an intermediate rung, the evaluation training logged at that step (`train.eval_steps`), if any."""
+    if stop_at is not None and max_steps is not None and stop_at < max_steps:
+        return logged_metrics(trained.eval_history, trained.periodic, trained.steps)
+    return None
+
+
+def rung_evaluation(stop_at: int | None, max_steps: int | None) -> Callable[..., dict[str, float]]:
+    """The evaluate stage of a trial: what training logged at an intermediate rung, else the evaluation itself."""
+
+    def evaluate(trained: TrainedRef, tokenized: TokenizedRef, run: RunRef, batch_size: int) -> dict[str, float]:
+        return logged_at_rung(trained, stop_at, max_steps) or evaluation.evaluate_model(
+            trained, tokenized, run, batch_size
+        )
+
+    return evaluate
+
+
 def _train_trial(
     spec: TrialSpec,
     source: ModelSource,
@@ -266,9 +286,11 @@ def _train_trial(
     client = client_for(run)
     try:
         going_on = previous.trained.adapted if previous is not None and previous.trained is not None else None
-        done = sequence.train_and_evaluate(config, source, tokenized, run, stop_at=stop_at, adapted=going_on)
+        calls = sequence.PLAIN.but(evaluate_model=rung_evaluation(stop_at, config.train.max_steps))
+        done = sequence.train_and_evaluate(config, source, tokenized, run, calls, stop_at, going_on)
         assert done.trained is not None
         trained, metrics = done.trained, done.metrics
+        logged = logged_at_rung(trained, stop_at, config.train.max_steps)
     except Exception as exc:  # isolation: the grid goes on with the other trials
         error = f"{type(exc).__name__}: {exc}".strip()
         client.set_tag(run.run_id, "adaptflow.error", error[:5000])
@@ -278,8 +300,13 @@ def _train_trial(
     metrics = {**metrics, **trained.metrics()}
     if previous is not None:  # a trial continued across rungs: its training time is every rung's
         metrics["train_seconds"] += previous.metrics.get("train_seconds", 0.0)
-    # Under pruning each rung's evaluation is logged at its step: the trial's metric history is its rungs.
-    log_metrics(run, metrics, step=trained.steps if stop_at else 0)
+    # Under pruning each rung's evaluation is logged at its step: the trial's metric history is its rungs
+    # (beside an evaluation history, under rung_ names: tasks/periodic_eval.py).
+    if logged is not None:
+        metrics = {**metrics, **{f"{RUNG_PREFIX}{k}": v for k, v in logged.items()}}
+        log_metrics(run, {k: v for k, v in metrics.items() if k not in logged}, step=trained.steps)
+    else:
+        log_metrics(run, metrics, step=trained.steps if stop_at else 0)
     end_run(run, "FINISHED")
     return spec.outcome(
         "ok",
@@ -374,8 +401,10 @@ def recorded_trials(parent: RunRef, specs: list[TrialSpec], metric: str | None) 
         index = int(run.data.tags.get("adaptflow.grid_trial", "-1"))
         if not 0 <= index < len(specs):
             continue
-        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step) if metric else []
-        rungs = [RungRecord(steps=m.step, metric=m.key, value=m.value) for m in history if m.step > 0]
+        # With an evaluation history, the rungs' values are logged under rung_ names (tasks/periodic_eval.py).
+        key = f"{RUNG_PREFIX}{metric}" if metric and specs[index].config.train.eval_steps else metric
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step) if key else []
+        rungs = [RungRecord(steps=m.step, metric=metric or m.key, value=m.value) for m in history if m.step > 0]
         found[index] = specs[index].outcome(
             "ok",
             run_id=run.info.run_id,

@@ -11,6 +11,7 @@ import pandas as pd
 
 from tasks.config import SelectSettings
 from tasks.grid import TrialResult, pareto_front, selection_score, targets_label
+from tasks.periodic_eval import plot_trial_curves
 from tasks.tracking import RunRef, client_for
 
 
@@ -199,5 +200,22 @@ def report_grid(results: list[TrialResult], select: SelectSettings, parent: RunR
         rungs.to_csv(folder / "grid_rungs.csv", index=False)
         (folder / "grid_rungs.md").write_text(markdown_table(rungs))
         plot_rungs(results, folder)
+    if any(r.trained is not None and r.trained.eval_history for r in results):  # evaluation while training
+        plot_trial_curves(eval_curves(results, parent, select.metric), select.metric, folder / "grid_eval_curves.png")
     client_for(parent).log_artifacts(parent.run_id, str(folder), "reports")
     return markdown
+
+
+def eval_curves(results: list[TrialResult], parent: RunRef, metric: str) -> dict[str, list[tuple[int, float]]]:
+    """Each trial's logged evaluation history of `metric` (pruned trials too), the first value at each step."""
+    client = client_for(parent)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        if r.run_id is None:
+            continue
+        points: dict[int, float] = {}
+        for m in sorted(client.get_metric_history(r.run_id, metric), key=lambda m: (m.step, m.timestamp)):
+            if m.step > 0:
+                points.setdefault(m.step, m.value)
+        curves[f"{r.index}: {r.name} ({r.status})"] = sorted(points.items())
+    return curves

@@ -210,14 +210,18 @@ def package_model(
 
 def tidy_run_dir(run_dir: Path, keep_checkpoints: int) -> None:
     """After a version is registered, the run folder keeps the adapter, reports and the newest `keep_checkpoints`
-    checkpoints: packages, merged weights and the untrained adapter are in the tracking store or no longer needed."""
+    checkpoints (and the best one, under train.best): packages, merged weights and the untrained adapter are in the tracking store or no longer needed."""
     for name in ("package", "merged", "adapter-init"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     checkpoints = sorted(
         (run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True
     )
+    from tasks.periodic_eval import best_step_of
+
+    best = best_step_of(run_dir / "checkpoints")  # train.best: its checkpoint is never deleted
     for old in checkpoints[keep_checkpoints:]:
-        shutil.rmtree(old, ignore_errors=True)
+        if best is None or old.name != f"checkpoint-{best}":
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_loss_curve(history: list[tuple[int, float]], title: str, path: Path) -> None:
@@ -323,6 +327,20 @@ def register_model(
     plot_loss_curve(
         trained.loss_history, f"{config.method.name} on {config.model.name_or_path}", reports / "loss_curve.png"
     )
+    if trained.eval_history:  # evaluation while training: its history and curves (tasks/periodic_eval.py)
+        from tasks.periodic_eval import plot_run_curves
+
+        (reports / "eval_history.json").write_text(json.dumps(trained.eval_history))
+        best = config.train.best_tracking()
+        best_step = trained.periodic.get("best_step")
+        plot_run_curves(
+            trained.loss_history,
+            trained.eval_history,
+            best.metric if best else "eval_loss",
+            int(best_step) if best_step is not None else None,
+            f"{config.method.name} on {config.model.name_or_path}",
+            reports / "metric_curves.png",
+        )
     (run_dir / "config.yaml").write_text(dump_config(config))
     method = get_method(config.method.name)
     base = None if method.whole_model else pin_base(client, trained.adapted.source)

@@ -29,6 +29,9 @@ class TrainedRef(BaseModel):
     tracking_failures: int = 0
     world_size: int = 1  # processes that trained together (train.distributed)
     global_batch_size: int = 0  # sequences per optimizer step over all processes
+    # Evaluation while training (tasks/periodic_eval.py): its run metrics, and (step, metrics) per evaluation.
+    periodic: dict[str, float] = {}
+    eval_history: list[tuple[int, dict[str, float]]] = []
 
     def metrics(self) -> dict[str, float]:
         """What training measured, as the run's metrics (the same keys for runs and grid trials)."""
@@ -45,4 +48,4 @@ class TrainedRef(BaseModel):
         if self.world_size > 1:  # in-process runs keep their metric keys
             measured["world_size"] = self.world_size
             measured["global_batch_size"] = self.global_batch_size
-        return measured
+        return measured | self.periodic

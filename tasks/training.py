@@ -25,12 +25,14 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
 
 from adapters_impl import get_method
 from adapters_impl.base import SaveFn
+from tasks import periodic_eval
 from tasks.adapting import AdaptedRef, load_adapted, remember, take
 from tasks.config import TrainSettings
 from tasks.distributed import fsdp_arguments, train_distributed
 from tasks.errors import RunFailed, disk_error
 from tasks.modeling import load_tokenizer, training_dtype
 from tasks.objectives import get_objective
+from tasks.periodic_eval import PeriodicEval, best_checkpoint, stopped_early
 from tasks.tokenization import TokenizedRef, make_collator
 from tasks.tracking import RunRef, client_for, log_metrics
 from tasks.trained import TrainedRef, TrainingDiverged
@@ -185,9 +187,10 @@ class MethodTrainer(Trainer):
     the Trainer's fallback writes the raw state dict, which refuses the tensors peft shares with the base.
     """
 
-    def __init__(self, *args: Any, save_method: SaveFn, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, save_method: SaveFn, periodic: PeriodicEval | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.save_method = save_method
+        self.periodic = periodic  # train.eval_steps: what each evaluation measures
         self.checkpoint_seconds = 0.0  # inside trainer.train(), reported apart from the training throughput
         self.tokens_seen: torch.Tensor | int = 0  # real (non-padding) tokens trained on in this call
 
@@ -201,6 +204,27 @@ class MethodTrainer(Trainer):
         started = time.perf_counter()
         super()._save_checkpoint(model, trial)
         self.checkpoint_seconds += time.perf_counter() - started
+
+    # --- evaluation while training (tasks/periodic_eval.py) ---
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
+        """The objective's own eval metrics (the final evaluation's numbers), logged into the history and to the
+        callbacks (early stopping, MLflow) as the Trainer's evaluation loop does."""
+        if self.periodic is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        assert self.model is not None
+        metrics = self.periodic.measure(self.model)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """Also save a checkpoint at every new best: the best step's weights are what the run registers."""
+        new_best = bool(super()._determine_best_metric(metrics, trial))
+        if new_best:
+            self.control.should_save = True
+        return new_best
+
+    # --- end evaluation while training ---
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Nothing to do: on resume the model was already built from the checkpoint by the method's own `load`
@@ -276,6 +300,7 @@ def training_arguments(
         logging_nan_inf_filter=False,
         disable_tqdm=False,
         **distributed,
+        **periodic_eval.training_arguments(settings),
     )
 
 
@@ -331,6 +356,7 @@ def train_model(
     resume_from = latest_checkpoint(checkpoints)
     state = TrainerState.load_from_json(str(resume_from / "trainer_state.json")) if resume_from else None
     done = state is not None and 0 < min(state.max_steps, stop_at or state.max_steps) <= state.global_step
+    done = done or (state is not None and stopped_early(state))  # train.early_stopping ended it there
     if world_size(settings) > 1 and not done:
         assert stop_at is None, "the config refuses grid.prune with train.distributed"
         take(adapted.adapter_dir)  # the workers load it from disk; this process holds no model meanwhile
@@ -401,7 +427,7 @@ def train_loaded(
         seconds = float(next((e["train_runtime"] for e in reversed(state.log_history) if "train_runtime" in e), 0.0))
     else:
         tokenizer = load_tokenizer(adapted.source)
-        train_split, _ = tokenized.splits()
+        train_split, eval_split = tokenized.splits()
         stream = MlflowStreamCallback(run)
         guard = _StopOnNonFinite()
         # -- an objective with a loss of its own (preference tuning) trains through its Trainer mixin and collator
@@ -412,15 +438,23 @@ def train_loaded(
             trainer_class = type(f"{custom.mixin.__name__}Trainer", (custom.mixin, MethodTrainer), {})
             collate, own_kwargs = custom.collator, dict(custom.kwargs)
         # -- end of the objective's own loss
+        evaluating = settings.eval_steps is not None
         trainer = trainer_class(
             **own_kwargs,
             model=model,
             save_method=method.save,
+            periodic=PeriodicEval(tokenizer, tokenized, settings) if evaluating else None,
             args=training_arguments(settings, checkpoints, model),
             train_dataset=train_split,
+            eval_dataset=eval_split if evaluating else None,
             data_collator=collate,
             # Rank 0 alone tracks; a grid's rung stops at its step with a checkpoint to continue from.
-            callbacks=[*([stream] if rank == 0 else []), guard, *([StopAtStep(stop_at)] if stop_at else [])],
+            callbacks=[
+                *([stream] if rank == 0 else []),
+                guard,
+                *([StopAtStep(stop_at)] if stop_at else []),
+                *periodic_eval.callbacks(settings),
+            ],
         )
         if not get_objective(tokenized.task).token_loss:
             # The Trainer takes any forward with **kwargs for one that divides by the global batch's label count and
@@ -447,11 +481,21 @@ def train_loaded(
             "lower train.learning_rate or check the data"
         )
     folder = Path(run.run_dir) / "adapter"
+    best = best_checkpoint(state, checkpoints) if settings.best_tracking() else None
+    if best is not None and state.best_global_step != state.global_step:  # train.best: register the best step's
+        log.info("the best evaluation was at step %s: its checkpoint is the trained model", state.best_global_step)
+        model = load_adapted(adapted, best)
     if finished is None and trainer.is_fsdp_enabled:
         trainer.save_model(str(folder))  # every rank takes part in gathering the shards; rank 0 writes
     elif rank == 0:
         method.save(model, folder)
         remember(folder, model)
+    periodic = periodic_eval.summary(state, settings)
+    since = int(resume_from.name.split("-")[1]) if resume_from else 0
+    in_this_call = sum(
+        m.get(periodic_eval.RUNTIME_KEY, 0.0) for step, m in periodic_eval.eval_history(state) if step > since
+    )
+    seconds = max(seconds - in_this_call, 0.0)  # evaluating is reported as eval_seconds, not as training
     training_only = seconds - checkpoint_seconds
     return TrainedRef(
         adapted=adapted,
@@ -467,6 +511,8 @@ def train_loaded(
         tracking_failures=failures,
         world_size=world_size(settings),
         global_batch_size=settings.batch_size * settings.grad_accum * world_size(settings),
+        periodic=periodic,
+        eval_history=periodic_eval.eval_history(state),
     )
 
 

@@ -87,7 +87,7 @@ def loss_only(config: RunConfig) -> tuple[str, ...]:
     return ("eval_loss",)
 
 
-def no_hint(metric: str) -> str:
+def no_hint(metric: str, key: str) -> str:
     return ""
 
 
@@ -127,7 +127,8 @@ class Objective:
     `check_comparable(tokenized, served_label_names)` says why a registered model's scores would not compare.
     `metric_names(config)` names what `metrics` will report for this config and `report_metrics` what `report` adds:
     known before training, so that a promotion or grid metric no run reports is refused at once;
-    `metric_hint(metric)` what to set for a metric it could report but this config does not.
+    `metric_hint(metric, key)` what to set for a metric it could report but this config does not (`key`: the
+    config key that asks for it).
     Checks: `check(config)` what is wrong with the files its settings name (each problem naming its key), before
     any run opens.
     Identity: `files(config)` the files its settings name, config key -> content fingerprint: part of the
@@ -173,7 +174,7 @@ class Objective:
     settings: type[Section] | None = None
     row_layout: type[RowLayout] | None = None
     packing_problem: str | None = None
-    metric_hint: Callable[[str], str] = no_hint
+    metric_hint: Callable[[str, str], str] = no_hint
     token_loss: bool = True
     metric_names: Callable[[RunConfig], tuple[str, ...]] = loss_only
     report_metrics: tuple[str, ...] = ()

@@ -79,9 +79,10 @@ def metric_names(config: RunConfig) -> tuple[str, ...]:
     return ("eval_loss", "eval_perplexity", "eval_token_accuracy", *scored)
 
 
-def metric_hint(metric: str) -> str:
+def metric_hint(metric: str, key: str) -> str:
     if metric in ("eval_rouge_l", "eval_exact_match"):
-        return " (ROUGE-L and exact match need instruction.eval_generations above 0)"
+        generations = "train" if key == "train.best.metric" else "instruction"  # while training, or after it
+        return f" (ROUGE-L and exact match need {generations}.eval_generations above 0)"
     return ""
 
 
