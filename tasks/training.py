@@ -430,15 +430,24 @@ def train_loaded(
         train_split, eval_split = tokenized.splits()
         stream = MlflowStreamCallback(run)
         guard = _StopOnNonFinite()
+        # -- an objective with a loss of its own (preference tuning) trains through its Trainer mixin and collator
+        trainer_class: Any = MethodTrainer
+        collate, own_kwargs = make_collator(tokenizer, tokenized.task, settings.packing), {}
+        if (own := get_objective(tokenized.task).training) is not None:
+            custom = own(tokenized.options, model, tokenizer, lambda: load_adapted(adapted, adapted.adapter_dir))
+            trainer_class = type(f"{custom.mixin.__name__}Trainer", (custom.mixin, MethodTrainer), {})
+            collate, own_kwargs = custom.collator, dict(custom.kwargs)
+        # -- end of the objective's own loss
         evaluating = settings.eval_steps is not None
-        trainer = MethodTrainer(
+        trainer = trainer_class(
+            **own_kwargs,
             model=model,
             save_method=method.save,
             periodic=PeriodicEval(tokenizer, tokenized, settings) if evaluating else None,
             args=training_arguments(settings, checkpoints, model),
             train_dataset=train_split,
             eval_dataset=eval_split if evaluating else None,
-            data_collator=make_collator(tokenizer, tokenized.task, settings.packing),
+            data_collator=collate,
             # Rank 0 alone tracks; a grid's rung stops at its step with a checkpoint to continue from.
             callbacks=[
                 *([stream] if rank == 0 else []),

@@ -51,7 +51,7 @@ def config(**sections: object) -> RunConfig:
 def test_instruction_settings_are_refused_for_other_tasks_and_packing_where_it_cannot_work() -> None:
     assert config(task="instruction").task_options()["template"] == "tokenizer"
     cases = {
-        "data.format: only task instruction reads it": {"data": {"train": "x.jsonl", "format": "alpaca"}},
+        "data.format: only task instruction or preference reads it": {"data": {"train": "x.jsonl", "format": "alpaca"}},
         "instruction: only task instruction reads this section": {"instruction": {"loss_on": "last"}},
         "train.packing: not supported with method prefix": {
             "task": "instruction",

@@ -38,15 +38,22 @@ def source(tiny_model: str) -> ModelSource:
 
 @pytest.fixture(scope="module")
 def tokenized(source: ModelSource, tmp_path_factory: pytest.TempPathFactory) -> dict[str, TokenizedRef]:
-    """Every objective's data, tokenized once for the module (instruction rows: alpaca format, plain template)."""
+    """Every objective's data, tokenized once for the module (instruction rows: alpaca format, plain template;
+    preference rows: prompt, chosen, rejected, batched as their chosen then their rejected rows)."""
     folder = tmp_path_factory.mktemp("matrix")
     samples = Path(__file__).resolve().parent.parent / "tasks" / "builtin"
     refs = {}
-    for task, name in [("causal_lm", "stories"), ("classification", "reviews"), ("instruction", "instructions")]:
+    chats = {"instruction": {"template": "tokenizer", "loss_on": "assistant"}, "preference": {"template": "tokenizer"}}
+    for task, name in [
+        ("causal_lm", "stories"),
+        ("classification", "reviews"),
+        ("instruction", "instructions"),
+        ("preference", "preferences"),
+    ]:
         file = folder / f"{name}.jsonl"
         file.write_text("\n".join((samples / f"sample_{name}.jsonl").read_text().splitlines()[:40]) + "\n")
         data = load_data(DataSettings(train=str(file)), OBJECTIVES[task], folder / "data")
-        options = {"template": "tokenizer", "loss_on": "assistant"} if task == "instruction" else None
+        options = chats.get(task)
         refs[task] = tokenize_dataset(data, source, task, 32, folder / "tok", options)
     return refs
 

@@ -58,6 +58,18 @@ def instruction(rng: random.Random) -> dict[str, str]:
     }
 
 
+def preference_pairs(rows: list[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
+    """Preference pairs (explicit format) from instruction rows: the right answer chosen, the answer to another
+    question of the same kind rejected."""
+    pairs = []
+    for row in rows[:200]:
+        others = [o for o in rows if o["instruction"] == row["instruction"] and o["output"] != row["output"]]
+        wrong = rng.choice(others or [o for o in rows if o["output"] != row["output"]])
+        prompt = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
+        pairs.append({"prompt": prompt, "chosen": row["output"], "rejected": wrong["output"]})
+    return pairs
+
+
 def main() -> None:
     rng = random.Random(0)
     stories = [story(rng) for _ in range(400)]
@@ -69,6 +81,8 @@ def main() -> None:
     (HERE / "sample_reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
     rows = [instruction(rng) for _ in range(300)]
     (HERE / "sample_instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = preference_pairs(rows, random.Random(1))
+    (HERE / "sample_preferences.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
 
 
 if __name__ == "__main__":

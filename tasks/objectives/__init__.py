@@ -12,6 +12,7 @@ from adapters_impl import Method
 from tasks.objectives import causal_lm, classification
 from tasks.objectives.base import IGNORE_INDEX, Objective, ReportInput
 from tasks.objectives.instruction import objective as instruction
+from tasks.objectives.preference import objective as preference
 
 PLUGIN_GROUP = "adaptflow.objectives"
 
@@ -28,6 +29,7 @@ OBJECTIVES: dict[str, Objective] = {
         causal_lm.OBJECTIVE,
         classification.OBJECTIVE,
         instruction.OBJECTIVE,
+        preference.OBJECTIVE,
         *installed_objectives(),
     )
 }

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the stages and the run config import this package: at run t
     from tasks.settings import DataSettings, ProbeSettings
     from tasks.tokenization import TokenizedRef
 
-__all__ = ["IGNORE_INDEX", "Encode", "Objective", "ReportInput", "text_rows"]
+__all__ = ["IGNORE_INDEX", "Encode", "Objective", "OwnTraining", "ReportInput", "text_rows"]
 
 Encode = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
 
@@ -50,6 +50,17 @@ class ReportInput:
     label_names: list[str] | None
     folder: Path
     batch_size: int
+
+
+@dataclass(frozen=True)
+class OwnTraining:
+    """An objective's own training loss (`Objective.training`), for the Trainer the train stage builds: `mixin` is
+    put before the stage's Trainer class (it overrides `compute_loss` and whatever else it needs) and `kwargs` are
+    its constructor's; `collator` pads the rows that loss reads, in place of `Objective.collator`."""
+
+    mixin: type
+    kwargs: Mapping[str, Any]
+    collator: Callable[[list[dict[str, Any]]], Any]
 
 
 def no_base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
@@ -130,6 +141,9 @@ class Objective:
     Training: `token_loss` whether the model's loss divides by the Trainer's count of label tokens over the whole
     global batch (`num_items_in_batch`, as transformers' causal LMs do); False: a mean over each batch's rows, which
     the Trainer must neither pass that count to nor scale up by the world size and gradient accumulation.
+    `training(options, model, tokenizer, starting)`: a loss of its own (None: the model's), given the tokenized
+    options, the model about to train, its tokenizer and a loader of the model as training starts from it (a frozen
+    reference, say); see `OwnTraining`.
     What a registered model's predict accepts and returns is in tasks/pyfunc_model.py: it runs where only
     adapters_impl is installed.
     """
@@ -166,6 +180,7 @@ class Objective:
     report_metrics: tuple[str, ...] = ()
     files: Callable[[RunConfig], dict[str, str]] = no_files
     check: Callable[[RunConfig], list[str]] = no_problems
+    training: Callable[[Mapping[str, Any], nn.Module, Any, Callable[[], nn.Module]], OwnTraining] | None = None
 
     def supports(self, method: Method) -> bool:
         return self.head.kind not in method.unsupported

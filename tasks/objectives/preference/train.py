@@ -85,6 +85,9 @@ class Reference:
     def model(self, policy: nn.Module) -> Iterator[nn.Module]:
         """The reference model to run (under no_grad, in eval mode: no dropout)."""
         if self.frozen is not None:
+            device = next(policy.parameters()).device  # the Trainer moved the policy, not this copy
+            if next(self.frozen.parameters()).device != device:
+                self.frozen.to(device)
             with torch.no_grad():
                 yield self.frozen
             return
