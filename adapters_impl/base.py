@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
@@ -104,7 +104,9 @@ class Method:
     the wrong positions); `fsdp`: it can train with its weights sharded (`train.distributed.strategy: fsdp`), and
     `fsdp_problem` says why not where that is known; `checkpointing_problem`: why activation checkpointing cannot
     work with it (None: it can); `lighter`: settings changes that need less memory, most useful first (the memory
-    plan's suggestions beyond batch size and checkpointing).
+    plan's suggestions beyond batch size and checkpointing); `lora_weights`: its saved weights are a peft LoRA
+    adapter ("lora": plain, what llama.cpp and vLLM load as an adapter; "dora": LoRA with a magnitude; None:
+    another kind); `quantized_base`: it trains on a quantized base (an export's base is the full-precision one).
     """
 
     name: str
@@ -124,6 +126,8 @@ class Method:
     fsdp_problem: str | None = None
     checkpointing_problem: str | None = None
     lighter: tuple[Mapping[str, Any], ...] = ()
+    lora_weights: Literal["lora", "dora"] | None = None
+    quantized_base: bool = False
 
     @property
     def mergeable(self) -> bool:

@@ -30,5 +30,6 @@ METHOD = Method(
     load=load_peft,
     merge=merge_peft,
     trains_new_tokens=True,
+    lora_weights="dora",
     lighter=({"method.name": "qlora"},),
 )

@@ -60,6 +60,7 @@ METHOD = Method(
     merge=merge_peft,
     trains_new_tokens=True,
     fsdp=True,
+    lora_weights="lora",
     lighter=({"method.name": "qlora"},),
 )
 

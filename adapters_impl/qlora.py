@@ -96,6 +96,8 @@ METHOD = Method(
     merge=merge,
     base_loading=quantized_loading,
     lossy_merge=True,
+    lora_weights="lora",
+    quantized_base=True,
     trains_new_tokens=True,
     fsdp_problem=(
         "its 4-bit base would need bitsandbytes' quant storage in the training dtype on CUDA, which adaptflow does "

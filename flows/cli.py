@@ -335,8 +335,8 @@ def cmd_serve_model(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.config import load_config
     from tasks.distributed import check_device
-    from tasks.grid import expand_grid
     from tasks.memory import Device, gib, parse_bytes, plan, this_device
+    from tasks.trials import expand_grid
 
     config = load_config(args.config, args.set)
     device = this_device()

@@ -20,7 +20,11 @@ from flows.pipeline import register_and_promote, tracked_run
 from tasks import sequence
 from tasks.config import GridSettings, RunConfig
 from tasks.errors import RunFailed, UserInputError
-from tasks.grid import (
+from tasks.identity import run_identity
+from tasks.modeling import ModelSource
+from tasks.tokenization import TokenizedRef
+from tasks.tracking import RunRef, run_title
+from tasks.trials import (
     TrialResult,
     TrialSpec,
     at_rung,
@@ -38,10 +42,6 @@ from tasks.grid import (
     steps_saved,
     survivors,
 )
-from tasks.identity import run_identity
-from tasks.modeling import ModelSource
-from tasks.tokenization import TokenizedRef
-from tasks.tracking import RunRef, run_title
 
 # Progress goes to the terminal (stderr) whatever Prefect's log level; the Prefect UI shows each trial's state.
 progress = logging.getLogger("adaptflow.grid")
@@ -101,7 +101,7 @@ def trial_runner(grid: GridSettings) -> tuple[TaskRunner[Any], int | None]:
 def workers_ended_on_interrupt(runner: TaskRunner[Any], parent: RunRef) -> Iterator[None]:
     """Ctrl-C or SIGTERM while trials train: end the worker processes at once (the runner's exit would wait for
     every trial to finish its rung, and workers interrupted by a terminal's Ctrl-C hang on their pipes) and mark
-    the trials' runs KILLED, as the grid's run is. Workers ignore SIGINT (`tasks.grid.become_trial_worker`)."""
+    the trials' runs KILLED, as the grid's run is. Workers ignore SIGINT (`tasks.trials.become_trial_worker`)."""
     try:
         yield
     except BaseException:

@@ -117,11 +117,11 @@ def preflight(config: RunConfig) -> None:
         UserInputError: naming the key and the missing file or unwritable folder.
     """
     from tasks.distributed import check_device
-    from tasks.grid import check_grid_fits
     from tasks.load import check_source
     from tasks.memory import check_fits
     from tasks.modeling import check_context, resolve_model
     from tasks.objectives import get_objective
+    from tasks.trials import check_grid_fits
 
     check_writable(Path(config.train.output_dir), "train.output_dir")
     problems = get_objective(config.task).check(config)

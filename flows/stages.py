@@ -18,7 +18,6 @@ from tasks import (
     adapting,
     evaluation,
     generation,
-    grid,
     grid_report,
     load,
     merging,
@@ -28,6 +27,7 @@ from tasks import (
     tokenization,
     tracking,
     training,
+    trials,
 )
 from tasks.config import RunConfig
 from tasks.errors import UserInputError, disk_error
@@ -180,7 +180,7 @@ def promote(
 
 
 # A trial is the unit of fan-out and of failure isolation; it records its own failure instead of raising.
-run_trial = task(name="trial", cache_policy=NO_CACHE)(grid.run_trial)
+run_trial = task(name="trial", cache_policy=NO_CACHE)(trials.run_trial)
 report_grid = task(name="compare", cache_policy=NO_CACHE)(grid_report.report_grid)
 log_metrics = task(name="log-metrics", cache_policy=NO_CACHE)(tracking.log_metrics)
 log_params = task(name="log-params", cache_policy=NO_CACHE)(tracking.log_params)

@@ -10,9 +10,9 @@ from typing import Any
 import pandas as pd
 
 from tasks.config import SelectSettings
-from tasks.grid import TrialResult, pareto_front, selection_score, targets_label
 from tasks.periodic_eval import plot_trial_curves
 from tasks.tracking import RunRef, client_for
+from tasks.trials import TrialResult, pareto_front, selection_score, targets_label
 
 
 def results_table(results: list[TrialResult], select: SelectSettings) -> pd.DataFrame:

@@ -20,12 +20,12 @@ from mlflow.tracking import MlflowClient
 
 from flows.cli import main
 from tasks.config import PruneSettings, RunConfig, SelectSettings, resolve_paths
-from tasks.grid import TrialResult, expand_grid, pareto_front, run_trial, rung_steps, select_best, survivors
 from tasks.grid_report import markdown_table, results_table
 from tasks.load import load_data
 from tasks.modeling import resolve_model
 from tasks.tokenization import tokenize_dataset
 from tasks.tracking import start_run
+from tasks.trials import TrialResult, expand_grid, pareto_front, run_trial, rung_steps, select_best, survivors
 
 
 def last_json(text: str) -> dict:
@@ -450,7 +450,7 @@ def test_a_sigkilled_grid_takes_its_trial_workers_with_it(tmp_path: Path, tiny_m
 
 def test_a_resume_refuses_to_train_beside_a_live_worker_of_the_grid(tmp_path: Path) -> None:
     from tasks.errors import UserInputError
-    from tasks.grid import TRIAL_LOCK, check_no_live_trials
+    from tasks.trials import TRIAL_LOCK, check_no_live_trials
 
     folder = tmp_path / "trial-run"
     folder.mkdir()

@@ -23,7 +23,6 @@ import tasks.generation
 from adapters_impl import METHODS, get_method
 from tasks.adapting import apply_method, forget, load_adapted, load_full_precision_base
 from tasks.config import RunConfig, resolve_paths
-from tasks.grid import expand_grid, run_trial
 from tasks.load import DataRef, load_data
 from tasks.modeling import ModelSource, load_tokenizer, resize_for_tokens, resolve_model
 from tasks.objectives import OBJECTIVES, ReportInput, get_objective
@@ -32,6 +31,7 @@ from tasks.objectives.instruction.objective import answer_scores, base_model
 from tasks.settings import DataSettings, ModelSettings
 from tasks.tokenization import TokenizedRef, make_collator, tokenize_dataset
 from tasks.tracking import start_run
+from tasks.trials import expand_grid, run_trial
 
 BIN = Path(sys.executable).parent
 PETS = [("Lily", "cat"), ("Tom", "dog"), ("Mia", "bird"), ("Ben", "fish"), ("Sara", "cat"), ("Max", "dog")]

@@ -14,10 +14,10 @@ from conftest import write_config
 from adapters_impl import METHODS, ApplyContext, count_parameters, get_method
 from benchmarks.memory_plan import build_model, measured_peak
 from tasks.config import RunConfig, apply_overrides, validate_config
-from tasks.grid import expand_grid, split_fitting
 from tasks.memory import Device, optimizer_state_bytes, parse_bytes, plan
 from tasks.modeling import load_base_model, load_tokenizer, resolve_model
 from tasks.objectives import OBJECTIVES, tasks_of
+from tasks.trials import expand_grid, split_fitting
 
 CPU = Device("cpu", "cpu", 2**40, False)
 

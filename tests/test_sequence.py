@@ -10,8 +10,8 @@ from typing import Any
 
 from flows import grid as grid_flow
 from flows import pipeline
-from tasks import grid as grid_trials
 from tasks import sequence
+from tasks import trials as grid_trials
 from tasks.config import validate_config
 
 STAGE_FUNCTIONS = {"load_data", "tokenize_dataset", "apply_method", "train_model", "evaluate_model"}

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters_impl import get_method
 from tasks.errors import UserInputError
 from tasks.export.gguf_model import (
     DEFAULT_QUANT,
@@ -31,7 +32,6 @@ from tasks.export.gguf_model import (
 from tasks.export.source import ExportSource, adapter_config
 
 ADAPTER_FILE, BASE_FILE = "adapter.gguf", "base.gguf"
-LORA_METHODS = ("lora", "qlora")
 # Weight rebuild tolerance, as a fraction of the largest |merged weight|: the adapter's storage type's rounding.
 WEIGHT_TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2, "q8_0": 1e-2}
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
@@ -45,7 +45,7 @@ def check_lora(source: ExportSource) -> dict[str, Any]:
             `--format gguf` of the merged model as what works).
     """
     merged_instead = "use --format gguf (the merged model) instead"
-    if source.method not in LORA_METHODS:
+    if get_method(source.method).lora_weights != "lora":
         raise UserInputError(
             f"--format gguf-lora: method {source.method!r} is not a LoRA adapter llama.cpp can load (it loads LoRA "
             f"only: not DoRA, IA3, prefix, prompt, bottleneck adapters or full fine-tuning); {merged_instead}"
@@ -201,6 +201,8 @@ def write_gguf_lora(source: ExportSource, staging: Path, quant: str | None) -> t
     checks |= {f"base_{key}": value for key, value in base_checks.items()}
     checks["quant"] = quant
     notes = [f"llama.cpp: llama-cli -m {BASE_FILE} --lora {ADAPTER_FILE}"]
-    if source.method == "qlora":
-        notes.append("qlora: base.gguf is the full-precision base; the adapter was trained on its 4-bit form")
+    if get_method(source.method).quantized_base:
+        notes.append(
+            f"{source.method}: base.gguf is the full-precision base; the adapter was trained on its 4-bit form"
+        )
     return checks, notes

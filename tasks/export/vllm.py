@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from adapters_impl import get_method
 from tasks.export.source import ExportSource, adapter_config
 from tasks.export.verify import compare_logits, encoded
 
@@ -94,7 +95,7 @@ def write_vllm_check(source: ExportSource, staging: Path, quant: str | None) -> 
     report: dict[str, Any] = {"method": source.method}
     checks: dict[str, Any] = {}
     notes: list[str] = []
-    if source.method in ("lora", "qlora", "dora"):
+    if get_method(source.method).lora_weights is not None:
         config = adapter_config(source)
         blocking, different, facts = lora_problems(source, config)
         report |= facts
