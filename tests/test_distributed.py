@@ -74,7 +74,12 @@ def test_the_launcher_runs_one_node_standalone_and_nodes_at_a_static_rendezvous(
 SAMPLE_OF_TASK = {"causal_lm": "stories", "classification": "reviews", "instruction": "instructions"}
 
 
-@pytest.mark.parametrize(("name", "task"), [(n, t) for n, m in METHODS.items() for t in tasks_of(m) if n != "qlora"])
+# Objectives with a loss of their own (`Objective.training`: preference) reach every trainable parameter through it;
+# tests/test_preference_core.py checks that per method.
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [(n, t) for n, m in METHODS.items() for t in tasks_of(m) if n != "qlora" and OBJECTIVES[t].training is None],
+)
 def test_every_trainable_parameter_gets_a_gradient(name: str, task: str, tiny_model: str, tmp_path: Path) -> None:
     """What lets DDP skip its per-step search for parameters without a gradient (find_unused_parameters off):
     one step of every method x task reaches all of its trainable parameters. (QLoRA trains LoRA's.)"""
