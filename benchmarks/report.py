@@ -424,6 +424,33 @@ def _real_throughput(results: dict[str, Any]) -> str:
 
 
 # (results key, heading, renderer), in page order.
+def _periodic_eval(results: dict[str, Any]) -> str:
+    section = results["periodic_eval"]
+    rows = [
+        [
+            r["config"],
+            f"{100 * r['eval_share_of_train']:.1f} % ({r['periodic_eval_seconds']:.1f} s of {r['train_seconds']:.1f} s)",
+            f"{r['steps_early_stopping']:.0f} of {r['max_steps']}"
+            + (" (never stopped)" if r["steps_early_stopping"] >= r["max_steps"] else ""),
+            f"{r['steps_saved']:.0f}",
+            f"{r['best_step']:.0f}",
+            f"{r['best_eval_loss']:.3f}",
+            f"{r['last_eval_loss']:.3f} (step {r['last_step']})",
+        ]
+        for r in section["rows"]
+    ]
+    header = ["config", "periodic eval share of train time", "steps with early stopping", "steps saved"]
+    table = _table([*header, "best step", "best eval loss", "last-step eval loss"], rows)
+    return f"{section['method']}\n\n{section['note']}\n\n{table}"
+
+
+def _preference_rows(results: dict[str, Any]) -> str:
+    section = results["preference_rows"]
+    rows = [[r["file"], r["tokenizer"], *r["kept"]] for r in section["rows"]]
+    table = _table(["file", "tokenizer, template", *(str(n) for n in section["max_lengths"])], rows)
+    return f"{section['method']}\n\n{table}\n\n{section['note']}"
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("throughput", "Training throughput and MFU", _throughput),
     ("control", "A/A control", _control),
@@ -442,6 +469,12 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("real_throughput", "Real model: training throughput and peak memory vs the plain script", _real_throughput),
     ("memory", "Memory: full vs LoRA vs QLoRA", _memory),
     ("memory_plan", "Memory plan vs measured peak", _memory_plan),
+    (
+        "periodic_eval",
+        "Evaluation while training: cost, steps saved by early stopping, best vs last step",
+        _periodic_eval,
+    ),
+    ("preference_rows", "Preference data: rows kept per `data.max_length`", _preference_rows),
 ]
 
 

@@ -458,6 +458,8 @@ SECTIONS = (
     "real_throughput",
     "memory",
     "memory_plan",
+    "periodic_eval",  # python -m benchmarks.periodic_eval
+    "preference_rows",  # python benchmarks/preference_rows.py
 )
 # Keys that belong to a section and travel with it when a later run skips that section.
 SECTION_KEYS = {"throughput": ("throughput", "mfu", "control", "settings", "bench_model_params")}
