@@ -45,31 +45,13 @@ def options(config: RunConfig) -> dict[str, Any]:
 
 
 def files(config: RunConfig) -> dict[str, str]:
-    """`instruction.template`'s content fingerprint when it names a file (a missing file is checked elsewhere)."""
-    import hashlib
-    from pathlib import Path
-
-    template = section(config).template
-    path = Path(template)
-    if not template.endswith(".jinja") or not path.is_file():
-        return {}
-    return {"instruction.template": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+    """`instruction.template`'s content fingerprint when it names a file."""
+    return section(config).template_file("instruction.template")
 
 
 def check(config: RunConfig) -> list[str]:
     """A template file that is missing or empty, named before anything opens."""
-    from pathlib import Path
-
-    template = section(config).template
-    if not template.endswith(".jinja"):
-        return []
-    path = Path(template).expanduser()
-    if not path.is_file():
-        return [f"instruction.template: file not found: {template} (looked up from the working directory, then "
-                "beside the config)"]  # fmt: skip
-    if not path.read_text(errors="replace").strip():
-        return [f"instruction.template: {template} is empty; it must be a Jinja chat template"]
-    return []
+    return section(config).template_problems("instruction.template")
 
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator
@@ -22,16 +24,14 @@ CANONICAL = sorted({c for cols in (*REQUIRED.values(), *OPTIONAL.values()) for c
 LossOn = Literal["assistant", "last", "all"]
 
 
-class InstructionSettings(Section):
-    """The `instruction:` section (task instruction)."""
+class ChatTemplateChoice(Section):
+    """The chat template a chat objective renders its rows with (its section's `template`), shared by every
+    objective that reads conversations (instruction, preference)."""
 
     template: str = Field(
         "tokenizer",
         description="tokenizer (its chat template, else plain) | plain | chatml | a path to a .jinja file",
     )
-    loss_on: LossOn = Field("assistant", description="assistant: every assistant turn; last: the last one; all")
-    eval_generations: int = Field(64, ge=0, description="held-out prompts answered greedily for ROUGE-L/exact match")
-    max_new_tokens: int = Field(128, gt=0, description="longest answer generated in evaluation and by predict")
 
     @field_validator("template")
     @classmethod
@@ -45,6 +45,34 @@ class InstructionSettings(Section):
         if not self.template.endswith(".jinja"):
             return self
         return self.model_copy(update={"template": resolve(self.template)})
+
+    def template_file(self, key: str) -> dict[str, str]:
+        """`key` -> the template file's content fingerprint when `template` names a file (a missing file is
+        `template_problems`' to report): an edited file tokenizes, evaluates and registers anew."""
+        path = Path(self.template)
+        if not self.template.endswith(".jinja") or not path.is_file():
+            return {}
+        return {key: hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+    def template_problems(self, key: str) -> list[str]:
+        """A template file that is missing or empty, named by its config `key` before anything opens."""
+        if not self.template.endswith(".jinja"):
+            return []
+        path = Path(self.template).expanduser()
+        if not path.is_file():
+            return [f"{key}: file not found: {self.template} (looked up from the working directory, then beside the "
+                    "config)"]  # fmt: skip
+        if not path.read_text(errors="replace").strip():
+            return [f"{key}: {self.template} is empty; it must be a Jinja chat template"]
+        return []
+
+
+class InstructionSettings(ChatTemplateChoice):
+    """The `instruction:` section (task instruction)."""
+
+    loss_on: LossOn = Field("assistant", description="assistant: every assistant turn; last: the last one; all")
+    eval_generations: int = Field(64, ge=0, description="held-out prompts answered greedily for ROUGE-L/exact match")
+    max_new_tokens: int = Field(128, gt=0, description="longest answer generated in evaluation and by predict")
 
 
 class InstructionDataSettings(RowLayout):

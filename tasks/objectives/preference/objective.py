@@ -54,23 +54,14 @@ def options(config: RunConfig) -> dict[str, Any]:
 
 def files(config: RunConfig) -> dict[str, str]:
     """`preference.template`'s content fingerprint when it names a file."""
-    import hashlib
-
-    template = section(config).template
-    path = Path(template)
-    if not template.endswith(".jinja") or not path.is_file():
-        return {}
-    return {"preference.template": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+    return section(config).template_file("preference.template")
 
 
 def check(config: RunConfig) -> list[str]:
     """A missing template file; KTO with one row per batch (its reference point comes from the batch's other rows);
     methods whose reference model cannot be had."""
     settings = section(config)
-    problems = []
-    template = settings.template
-    if template.endswith(".jinja") and not Path(template).expanduser().is_file():
-        problems.append(f"preference.template: file not found: {template}")
+    problems = settings.template_problems("preference.template")
     if settings.loss == "kto" and config.train.batch_size < 2:
         problems.append(
             "train.batch_size: loss kto estimates its reference point from each row's prompt with another row's "
