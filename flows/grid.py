@@ -19,7 +19,8 @@ from flows import stages
 from flows.pipeline import register_and_promote, tracked_run
 from tasks import sequence
 from tasks.config import GridSettings, RunConfig
-from tasks.errors import RunFailed, UserInputError
+from tasks.errors import RunFailed
+from tasks.halving import TrialSchedule
 from tasks.identity import run_identity
 from tasks.modeling import ModelSource
 from tasks.tokenization import TokenizedRef
@@ -27,20 +28,14 @@ from tasks.tracking import RunRef, run_title
 from tasks.trials import (
     TrialResult,
     TrialSpec,
-    at_rung,
-    before_rung,
     check_no_live_trials,
     end_live_trials,
     expand_grid,
-    mark_pruned,
     recorded_trials,
-    replay_rung,
     rung_ranking,
-    rung_steps,
     select_best,
     split_fitting,
     steps_saved,
-    survivors,
 )
 
 # Progress goes to the terminal (stderr) whatever Prefect's log level; the Prefect UI shows each trial's state.
@@ -157,58 +152,6 @@ def fan_out(
     return sorted(results, key=lambda r: r.index)
 
 
-def successive_halving(
-    runner: TaskRunner[Any],
-    threads: int | None,
-    specs: list[TrialSpec],
-    context: dict[str, Any],
-    grid: GridSettings,
-    max_steps: int,
-    recorded: dict[int, TrialResult],
-) -> list[TrialResult]:
-    """Train every trial to the first rung, keep the best 1/eta, continue those from their checkpoints to the
-    next rung, and so on to max_steps; returns every trial's last result (ok, failed or pruned).
-
-    A resumed grid takes the rungs its trials had logged (`recorded`) as they were and trains the others on from
-    the trials' checkpoints, so it ranks exactly as the interrupted grid would have.
-
-    Raises:
-        UserInputError: no trial reports the metric that ranks them (naming its key).
-    """
-    assert grid.prune is not None
-    ranking = rung_ranking(grid)
-    rungs = rung_steps(max_steps, grid.prune, len(specs))
-    first = rungs[0]
-    work = [(spec, before_rung(recorded[spec.index], first) if spec.index in recorded else None) for spec in specs]
-    final: list[TrialResult] = []
-    for number, steps in enumerate(rungs, 1):
-        stage = f"rung {number}/{len(rungs)}, step {steps}: "
-        # The last rung is always run: finishing needs the trained model (a trial already there only evaluates).
-        replayed = {
-            spec.index: done
-            for spec, _ in work
-            if steps < max_steps and spec.index in recorded and (done := replay_rung(recorded[spec.index], steps))
-        }
-        to_train = [(spec, previous) for spec, previous in work if spec.index not in replayed]
-        trained = [at_rung(r, ranking) for r in fan_out(runner, threads, to_train, context, grid, steps, stage)]
-        results = sorted([*trained, *replayed.values()], key=lambda r: r.index)
-        finished = [r for r in results if r.status == "ok"]
-        if finished and not any(ranking.metric in r.metrics for r in finished):
-            key = "grid.prune.metric" if grid.prune.metric else "grid.select.metric"
-            reported = ", ".join(sorted(finished[0].metrics))
-            raise UserInputError(f"{key}: no trial reports {ranking.metric!r}; the trials report: {reported}")
-        if steps == max_steps:
-            return sorted([*final, *results], key=lambda r: r.index)
-        going_on = set(survivors(results, ranking, grid.prune.eta))
-        final += [r for r in results if r.status == "failed"]
-        final += [mark_pruned(r, context["parent"]) for r in finished if r.index not in going_on]
-        by_index = {spec.index: spec for spec in specs}
-        work = [(by_index[r.index], r) for r in results if r.index in going_on]
-        going = "1 trial goes on" if len(work) == 1 else f"{len(work)} trials go on"
-        progress.info("[rung %d/%d] %s to step %d", number, len(rungs), going, rungs[number])
-    raise AssertionError("the last rung is max_steps")
-
-
 def run_trials(
     specs: list[TrialSpec],
     source: ModelSource,
@@ -217,7 +160,8 @@ def run_trials(
     grid: GridSettings,
     max_steps: int | None,
 ) -> list[TrialResult]:
-    """Fan the trials out on the configured runner: once each to the end, or in rungs under `grid.prune`."""
+    """Fan the trials out on the configured runner as the schedule says: once each to the end, or in rungs under
+    `grid.prune`."""
     runner, threads = trial_runner(grid)
     # Workers on this machine (processes, a local Dask cluster) end with this process; a cluster's do not.
     grid_pid = None if grid.dask_address else os.getpid()
@@ -226,11 +170,11 @@ def run_trials(
     # A resumed grid continues each trial it had started in that trial's run, from its own checkpoint.
     recorded = recorded_trials(parent, specs, metric) if parent.resumed else {}
     check_no_live_trials(recorded)
+    schedule = TrialSchedule(specs, grid, max_steps, recorded, parent)
     with runner, workers_ended_on_interrupt(runner, parent):
-        if grid.prune is None:
-            return fan_out(runner, threads, [(spec, recorded.get(spec.index)) for spec in specs], context, grid)
-        assert max_steps is not None  # the config's validation asks for it
-        return successive_halving(runner, threads, specs, context, grid, max_steps, recorded)
+        while (rung := schedule.next_rung()) is not None:
+            schedule.record(fan_out(runner, threads, rung.work, context, grid, rung.stop_at, rung.label))
+    return schedule.results()
 
 
 def _grid_run_name() -> str:

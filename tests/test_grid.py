@@ -21,10 +21,11 @@ from mlflow.tracking import MlflowClient
 from flows.cli import main
 from tasks.config import PruneSettings, RunConfig, SelectSettings, resolve_paths
 from tasks.grid_report import markdown_table, results_table
+from tasks.halving import TrialSchedule
 from tasks.load import load_data
 from tasks.modeling import resolve_model
 from tasks.tokenization import tokenize_dataset
-from tasks.tracking import start_run
+from tasks.tracking import RunRef, start_run
 from tasks.trials import TrialResult, expand_grid, pareto_front, run_trial, rung_steps, select_best, survivors
 
 
@@ -272,6 +273,73 @@ def test_survivors_are_the_best_third_of_those_that_finished_the_rung() -> None:
     assert survivors(results, SelectSettings(mode="max"), eta=2) == [0, 3, 6]  # 3.0, 2.0, then the tie
     assert survivors([trial(0, None, 1)], SelectSettings(), eta=3) == []
     assert survivors([trial(0, 1.0, 1)], SelectSettings(), eta=3) == [0]
+
+
+def test_the_schedule_halves_by_eta_each_rung_and_a_resumed_one_replays_the_logged_rungs(tmp_path: Path) -> None:
+    """The rung loop the grid flow drives: 8 trials, eta 2, max_steps 8 -> rungs at 1, 2, 4, 8 steps with 8, 4,
+    2, 1 trials; the pruned ones are tagged in their MLflow runs. A resumed schedule whose trials had logged the
+    first rung trains nothing at that rung and ranks as the interrupted one did."""
+    config = RunConfig.model_validate(
+        {
+            "data": {"train": "x.jsonl"},
+            "method": {"name": "lora"},
+            "train": {"max_steps": 8},
+            "grid": {"r": [1, 2, 4, 8], "alpha": [8, 16], "target_modules": [["q_proj"]], "prune": {"eta": 2}},
+        }
+    )
+    specs = expand_grid(config)
+    assert config.grid is not None and config.grid.prune is not None and len(specs) == 8
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("schedule", artifact_location=str(tmp_path / "artifacts"))
+    run_ids = [client.create_run(experiment).info.run_id for _ in specs]
+    parent = RunRef(run_id=run_ids[0], experiment_id=experiment, tracking_uri=client.tracking_uri, run_dir="")
+    loss = {spec.index: 1.0 + ((spec.index * 5) % 8) / 10 for spec in specs}  # distinct, not in index order
+
+    def train(work: list, stop_at: int | None) -> list[TrialResult]:
+        return [
+            spec.outcome(
+                "ok",
+                steps=stop_at or 8,
+                run_id=run_ids[spec.index],
+                run_dir=str(tmp_path),
+                metrics={"eval_loss": loss[spec.index]},
+                rungs=previous.rungs if previous else [],  # a trial goes on from its previous result
+            )
+            for spec, previous in work
+        ]
+
+    def drive(schedule: TrialSchedule) -> list[tuple[int | None, list[int]]]:
+        trained = []
+        while (rung := schedule.next_rung()) is not None:
+            trained.append((rung.stop_at, [spec.index for spec, _ in rung.work]))
+            schedule.record(train(rung.work, rung.stop_at))
+        return trained
+
+    schedule = TrialSchedule(specs, config.grid, 8, {}, parent)
+    best_first = sorted(loss, key=loss.__getitem__)
+    assert drive(schedule) == [
+        (1, list(range(8))),
+        (2, sorted(best_first[:4])),
+        (4, sorted(best_first[:2])),
+        (8, best_first[:1]),
+    ]
+    results = schedule.results()
+    assert [r.index for r in results] == list(range(8))
+    assert [r.status for r in results].count("ok") == 1 and results[best_first[0]].status == "ok"
+    assert [len(r.rungs) for r in results] == [
+        1 + best_first[:4].count(i) + best_first[:2].count(i) + best_first[:1].count(i) for i in range(8)
+    ]
+    tags = {i: client.get_run(run_ids[i]).data.tags.get("adaptflow.grid_status") for i in range(8)}
+    assert {i for i, tag in tags.items() if tag == "pruned"} == set(best_first[1:])
+
+    # Resumed after the first rung: every trial had logged it, so rung 1 trains nothing.
+    recorded = {r.index: r.model_copy(update={"rungs": r.rungs[:1], "steps": 1}) for r in results}
+    resumed = TrialSchedule(specs, config.grid, 8, recorded, parent)
+    assert drive(resumed)[0] == (1, [])
+    assert [r.status for r in resumed.results()] == [r.status for r in results]
+
+    without_pruning = TrialSchedule(specs, config.grid.model_copy(update={"prune": None}), 8, {}, parent)
+    assert drive(without_pruning) == [(None, list(range(8)))]
 
 
 def test_a_trial_continued_across_rungs_ends_where_the_same_trial_unpruned_ends(
