@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from adapters_impl import adapter, dora, full, head, ia3, lora, prefix, prompt, qlora
 from adapters_impl._token_rows import with_token_rows
-from adapters_impl.base import ApplyContext, Method, MethodSettings, MethodSettingsError, TaskName, count_parameters
+from adapters_impl.base import ApplyContext, Method, MethodSettings, MethodSettingsError, count_parameters
 
 # Methods that cannot train the embedding rows of tokens a chat template added get adaptflow's own (_token_rows).
 METHODS: dict[str, Method] = {
@@ -34,7 +34,6 @@ __all__ = [
     "Method",
     "MethodSettings",
     "MethodSettingsError",
-    "TaskName",
     "count_parameters",
     "get_method",
 ]

@@ -10,11 +10,6 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
-# An objective's name (config `task:`). The objectives are registered above this layer (tasks/objectives), which
-# adapters_impl never imports: it is shipped alone with registered models. What a method needs of the objective is
-# the model's output head, and the model itself says which it has (`_weights.is_classifier`).
-TaskName = str
-
 
 class MethodSettingsError(ValueError):
     """A method's settings do not fit the model (e.g. a target module it lacks). The message names the key;
@@ -59,7 +54,10 @@ class ApplyContext:
     lives, and the embedding rows a chat template added (`new_token_rows`: token ids by module name, the input
     embedding and the output layer unless tied), which the method must train."""
 
-    task: TaskName
+    # The objective's name (config `task:`; its type, `tasks.config.TaskName`, is defined above this layer, which
+    # is shipped alone with registered models). Methods only record it: what they need of the objective is the
+    # model's output head, and the model itself says which it has (`_weights.is_classifier`).
+    task: str
     model_path: str
     new_token_rows: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 

@@ -195,7 +195,7 @@ class TextCutter:
         found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if found:
             self.pending, self.done = self.pending[: min(found)], True
-            return self.finish()
+            return self.flush()
         held = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
         ready = self.pending[: len(self.pending) - held]
         if self.strip:
@@ -203,7 +203,7 @@ class TextCutter:
         self.pending = self.pending[len(ready) :]
         return ready
 
-    def finish(self) -> str:
+    def flush(self) -> str:
         ready, self.pending = (self.pending.rstrip() if self.strip else self.pending), ""
         return ready
 
@@ -241,7 +241,7 @@ class Choice:
     tokens: int = 0
     finish_reason: str = "length"
     stop_seen: bool = False
-    finished: threading.Event = field(default_factory=threading.Event)
+    generated: threading.Event = field(default_factory=threading.Event)  # set once generation has ended
 
 
 class Job:
@@ -292,9 +292,9 @@ class Job:
             if held:
                 lock.release()
             for choice in self.choices:
-                if not choice.finished.is_set():  # never generated (cancelled, failed): end its stream for the reader
+                if not choice.generated.is_set():  # never generated (cancelled, failed): end its stream for the reader
                     choice.streamer.end()
-                    choice.finished.set()
+                    choice.generated.set()
             self.done.set()
 
     def _generate(self, choice: Choice) -> None:
@@ -341,7 +341,7 @@ class Job:
                 "%s choice %d: %d tokens in %.2f s (%s)",
                 self.request_id, choice.index, choice.tokens, seconds, choice.finish_reason,
             )  # fmt: skip
-        choice.finished.set()
+        choice.generated.set()
 
 
 @dataclass
@@ -583,9 +583,9 @@ async def _pieces(job: Job, choice: Choice, request: Request | None = None) -> A
         choice.stop_seen = choice.stop_seen or choice.cutter.done
         if text:
             yield text
-    if tail := choice.cutter.finish():
+    if tail := choice.cutter.flush():
         yield tail
-    await _wait(choice.finished)
+    await _wait(choice.generated)
 
 
 def _usage(job: Job) -> dict[str, int]:

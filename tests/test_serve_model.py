@@ -51,7 +51,7 @@ def test_streamed_pieces_join_to_the_text_cut_before_its_first_stop(
     expected = expected.strip() if strip else expected
     cutter = TextCutter(stops, strip)
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    out = "".join(cutter.feed(text[a:b]) for a, b in itertools.pairwise(bounds)) + cutter.finish()
+    out = "".join(cutter.feed(text[a:b]) for a, b in itertools.pairwise(bounds)) + cutter.flush()
     assert out == expected
     assert cutter.done == bool(found)
 
