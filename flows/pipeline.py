@@ -15,8 +15,7 @@ from pydantic import BaseModel
 
 from flows import stages
 from flows.promote import promote_pending
-from tasks import sequence
-from tasks.adapting import forget as forget_live_model
+from tasks import process_cache, sequence
 from tasks.config import RunConfig
 from tasks.errors import UserInputError, disk_error, disk_failure
 from tasks.identity import run_identity
@@ -59,22 +58,22 @@ last_result: list[RunResult] = []
 @contextmanager
 def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = False) -> Iterator[RunRef]:
     """One MLflow run around the pipeline, marked FAILED if any stage raises (KILLED on Ctrl-C or SIGTERM).
-    The live model its stages handed on is dropped at the end, however it ends."""
+    The process's caches (the live model its stages handed on among them) are dropped at the end, however it ends."""
     run = stages.start_run(config, run_name, None, resume)
     try:
         yield run
     except ResumeChanged:
-        forget_live_model()
+        process_cache.drop_all()
         restore_status(run)  # a refused resume changes nothing: the run stays as it was found
         raise
     except BaseException as exc:
-        forget_live_model()
+        process_cache.drop_all()
         # Not an Exception: KeyboardInterrupt, or Prefect's TerminationSignal for a SIGTERM inside a flow.
         stopped = not isinstance(exc, Exception)
         stages.end_run(run, "KILLED" if stopped else "FAILED", repr(exc)[:5000])
         with named_disk_errors(config):
             raise
-    forget_live_model()
+    process_cache.drop_all()
     stages.end_run(run, "FINISHED")
 
 

@@ -11,7 +11,10 @@
   compiles, so dynamo is off unless TORCHDYNAMO_DISABLE says otherwise (bitsandbytes then runs those
   fallbacks eagerly; its native CPU and CUDA kernels are unaffected).
 
-Child processes (grid workers, Dask workers) inherit both through the environment.
+- The services' defaults (`SERVICES`): what Prefect and MLflow default to is tuned for a server room, not for a
+  busy 2-core machine or an offline one.
+
+Child processes (grid workers, Dask workers, torchrun's ranks) inherit them all through the environment.
 """
 
 from __future__ import annotations
@@ -29,11 +32,23 @@ ALLOCATOR = {
     "MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 256 << 20),
 }
 
+SERVICES = {
+    # Offline, Prefect's server would log a telemetry error on every start.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary server migrates a fresh SQLite database on first start: 20 s (Prefect's default) is too little
+    # on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # MLflow's HTTP client retries a dead server for minutes by default; fail (and buffer, and retry) sooner.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
 
 def tune_process() -> dict[str, str]:
     """Apply the settings to this process and its future children; what the caller had set wins.
     Returns the settings applied here (empty where there is no glibc and nothing to change)."""
-    applied: dict[str, str] = {}
+    applied = {variable: value for variable, value in SERVICES.items() if variable not in os.environ}
+    os.environ.update(applied)
     if "TORCHDYNAMO_DISABLE" not in os.environ:
         os.environ["TORCHDYNAMO_DISABLE"] = "1"
         applied["TORCHDYNAMO_DISABLE"] = "1"

@@ -22,6 +22,7 @@ from tasks.modeling import (
     upcast_trainable,
 )
 from tasks.objectives import get_objective
+from tasks.process_cache import on_drop
 from tasks.tokenization import TokenizedRef
 
 # Written instead of weights into the untrained adapter's folder of a whole-model method that initialised nothing.
@@ -39,7 +40,8 @@ class LiveModel:
     - The key is the folder and a stamp of its files (name, inode, size, modification time), taken when it is
       remembered: a folder written again since (a retry, a resumed run, another process) does not match, and
       its model is loaded from disk instead.
-    - Dropped when taken, when another model is remembered, and by `forget()` at the end of a pipeline run.
+    - Dropped when taken, when another model is remembered, and with the other process caches at the end of a
+      pipeline run (`tasks.process_cache.drop_all`).
     In another process (Dask worker, Prefect retry in a fresh process) the cache is empty: stages load from disk.
     """
 
@@ -80,6 +82,7 @@ def _stamp(folder: str | Path) -> tuple[tuple[str, int, int, int], ...]:
 
 
 _LIVE = LiveModel()
+on_drop(_LIVE.forget)
 remember, take, forget = _LIVE.remember, _LIVE.take, _LIVE.forget
 
 

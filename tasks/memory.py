@@ -34,6 +34,7 @@ from adapters_impl.base import ApplyContext, MethodSettingsError
 from tasks.config import RunConfig, apply_overrides, validate_config
 from tasks.errors import UserInputError
 from tasks.modeling import ModelSource, base_load_dtype, compute_dtype, resolve_model
+from tasks.process_cache import ProcessCache
 
 log = logging.getLogger("adaptflow")
 # Planned peak against free memory: the allocator's fragmentation, the CUDA context and the process's own
@@ -482,7 +483,7 @@ def preflight_plan(config: RunConfig) -> MemoryPlan | None:
 
 
 # The meta pass of each config already planned in this process (the grid's pre-flight, then its flow).
-_PROFILES: dict[tuple[str, str, bool], Profile] = {}
+_PROFILES: ProcessCache[tuple[str, str, bool], Profile] = ProcessCache()
 
 
 def check_fits(config: RunConfig) -> None:

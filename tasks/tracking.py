@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from tasks.config import RunConfig, TrackingSettings
 from tasks.errors import RunFailed, UserInputError
+from tasks.process_cache import ProcessCache
 
 log = logging.getLogger("adaptflow")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -56,12 +57,13 @@ def use_tracking(settings: TrackingSettings) -> MlflowClient:
         with _sqlite_migration_lock(Path(uri.removeprefix("sqlite:///"))):
             client = MlflowClient(uri, uri)  # opening the stores creates and migrates their tables
             client.search_registered_models(max_results=1)
-        _MIGRATED_SQLITE.add(uri)
+        _MIGRATED_SQLITE[uri] = True
         return client
     return MlflowClient(uri, uri)
 
 
-_MIGRATED_SQLITE: set[str] = set()
+# The SQLite stores this process has already brought to MLflow's current schema (a check costs a query and a lock).
+_MIGRATED_SQLITE: ProcessCache[str, bool] = ProcessCache()
 
 
 def _sqlite_migration_lock(database: Path) -> contextlib.AbstractContextManager[object]:

@@ -16,6 +16,7 @@ import tasks.objectives.causal_lm as causal_lm
 from adapters_impl.model_heads import CAUSAL_LM
 from tasks.objectives.base import Encode, Objective, ReportInput
 from tasks.objectives.instruction.settings import InstructionDataSettings, InstructionSettings, section
+from tasks.process_cache import ProcessCache
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -161,7 +162,7 @@ def base_model(source: ModelSource, tokenized: TokenizedRef) -> tuple[nn.Module,
 
 # The base answers the last base evaluation in this process scored, by base, eval split and prompts: the report's
 # base answers (`base_generations`) are those, not generated again (both stages are cached across processes).
-_BASE_ANSWERS: dict[str, list[str]] = {}
+_BASE_ANSWERS: ProcessCache[str, list[str]] = ProcessCache()
 
 
 def _base_key(source: ModelSource, tokenized: TokenizedRef, prompts: list[str]) -> str:
