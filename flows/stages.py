@@ -59,12 +59,18 @@ def _model_fingerprint(source: modeling.ModelSource) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+# The shape of the cached TokenizedRef: a result stored by a version with other fields is never read back.
+_TOKENIZED_SHAPE = hashlib.sha256(
+    json.dumps(tokenization.TokenizedRef.model_json_schema(), sort_keys=True).encode()
+).hexdigest()[:8]
+
+
 def _tokenized_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Tokenization is keyed on data fingerprint + tokenizer files + settings."""
+    """Tokenization is keyed on data fingerprint + tokenizer files + settings, and the result's shape."""
     key = tokenization.tokenize_key(
         parameters["data"], parameters["source"], parameters["task"], parameters["max_length"], parameters["options"]
     )
-    return f"tokenize-{key}"
+    return f"tokenize-{_TOKENIZED_SHAPE}-{key}"
 
 
 def _base_eval_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -125,7 +131,7 @@ def _base_generations_key(context: TaskRunContext, parameters: dict[str, Any]) -
     data: load.DataRef = parameters["data"]
     tokenized: tokenization.TokenizedRef = parameters["tokenized"]
     settings = f"{generation.PROMPTS}-{generation.PROMPT_WORDS}-{generation.GREEDY.model_dump_json()}"
-    options = json.dumps(tokenized.options, sort_keys=True, default=str)
+    options = json.dumps([tokenized.options, tokenized.encoding.model_dump()], sort_keys=True, default=str)
     text = f"{_model_fingerprint(parameters['source'])}|{data.fingerprint}|{tokenized.task}|{settings}|{options}"
     return "base-generations-" + hashlib.sha256(text.encode()).hexdigest()[:20]
 

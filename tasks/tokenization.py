@@ -16,6 +16,7 @@ from tasks.labels import IGNORE_INDEX
 from tasks.load import DataRef, publish
 from tasks.modeling import ModelSource, load_tokenizer
 from tasks.objectives import get_objective
+from tasks.objectives.base import Encoding
 
 __all__ = ["IGNORE_INDEX", "TokenizedRef", "make_collator", "tokenize_dataset", "tokenize_key"]
 
@@ -29,28 +30,29 @@ class TokenizedRef(BaseModel):
     label_names: list[str] | None = None
     train_tokens: int
     eval_tokens: int
-    options: dict[str, Any] = {}  # the objective's settings and what its encoder resolved (see Objective)
+    options: dict[str, Any] = {}  # the objective's settings, and what its encoder resolved for its own stages
+    encoding: Encoding = Encoding()  # what the encoder resolved that every stage reads
 
     def splits(self) -> tuple[Dataset, Dataset]:
         return load_from_disk(self.train_dir), load_from_disk(self.eval_dir)
 
     def metrics(self) -> dict[str, float]:
         """Numbers the encoding found that the run logs (e.g. instruction rows dropped as too long)."""
-        return dict(self.options.get("metrics", {}))
+        return dict(self.encoding.metrics)
 
     def params(self) -> dict[str, str]:
         """Run params the encoding resolved (e.g. the instruction template used)."""
-        return dict(self.options.get("params", {}))
+        return dict(self.encoding.params)
 
     def model_source(self, source: ModelSource) -> ModelSource:
         """The base as these rows need it: with the tokens the encoder added to the tokenizer (a chat template's,
-        in options["added_tokens"]), which every later load adds again, growing the embeddings to match."""
-        added = list(self.options.get("added_tokens", []))
+        in `encoding.added_tokens`), which every later load adds again, growing the embeddings to match."""
+        added = list(self.encoding.added_tokens)
         return source.model_copy(update={"added_tokens": added}) if added else source
 
     def package(self) -> dict[str, Any]:
         """What a registered model's package records for serving (e.g. its chat template)."""
-        return dict(self.options.get("package", {}))
+        return dict(self.encoding.package)
 
 
 def tokenize_key(
@@ -81,7 +83,8 @@ def tokenize_dataset(
     train, eval_ = data.splits()
     key = tokenize_key(data, source, task, max_length, options)
     resolved = json.loads(json.dumps(options or {}))  # a copy the encoder adds to
-    encode, names = objective.encoder(tokenizer, data, train, eval_, max_length, resolved)
+    encoding = Encoding()
+    encode, names = objective.encoder(tokenizer, data, train, eval_, max_length, resolved, encoding)
     folder = cache_dir / key
     encoded = {}
     for split, table in (("train", train), ("eval", eval_)):
@@ -114,6 +117,7 @@ def tokenize_dataset(
         train_tokens=sum(len(ids) for ids in encoded["train"]["input_ids"]),
         eval_tokens=sum(len(ids) for ids in encoded["eval"]["input_ids"]),
         options=resolved,
+        encoding=encoding,
     )
 
 

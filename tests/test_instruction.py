@@ -20,6 +20,7 @@ from tasks.config import validate_config
 from tasks.errors import UserInputError
 from tasks.labels import IGNORE_INDEX as IGNORE
 from tasks.modeling import resize_for_tokens
+from tasks.objectives.base import Encoding
 from tasks.objectives.instruction.chat import (
     ChatTemplate,
     encode_conversation,
@@ -125,10 +126,11 @@ def _encode(
     rows and how many were dropped (`sft_dropped_rows`)."""
     chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
     settings: dict[str, Any] = {"chat": chat, "loss_on": "assistant"}
-    encode, _ = OBJECTIVE.encoder(tok, SimpleNamespace(eval_dir=""), None, None, max_length, settings)  # type: ignore[arg-type]
+    encoding = Encoding()
+    encode, _ = OBJECTIVE.encoder(tok, SimpleNamespace(eval_dir=""), None, None, max_length, settings, encoding)  # type: ignore[arg-type]
     out = encode({"messages": conversations})
     rows = [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
-    return rows, settings["metrics"]["sft_dropped_rows"]
+    return rows, int(encoding.metrics["sft_dropped_rows"])
 
 
 def _response_tokens(labels: torch.Tensor) -> int:

@@ -89,7 +89,7 @@ def test_chatml_rows_are_added_trained_saved_and_loaded_once(
     name: str, chat: tuple[ModelSource, DataRef, TokenizedRef], tmp_path: Path
 ) -> None:
     source, _, tokenized = chat
-    assert tokenized.options["added_tokens"] == list(CHATML_TOKENS)
+    assert tokenized.encoding.added_tokens == list(CHATML_TOKENS)
     adapted = apply_method(source, METHODS[name].settings(name=name), "instruction", tokenized, str(tmp_path), 0)
     assert adapted.source.added_tokens == list(CHATML_TOKENS)  # every later load adds the same tokens
     tokenizer = load_tokenizer(adapted.source)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from adapters_impl.model_heads import ModelHead
 from tasks.labels import IGNORE_INDEX
 from tasks.load import text_rows
@@ -32,9 +34,20 @@ if TYPE_CHECKING:  # the stages and the run config import this package: at run t
     from tasks.settings import DataSettings, ProbeSettings
     from tasks.tokenization import TokenizedRef
 
-__all__ = ["IGNORE_INDEX", "Encode", "Objective", "OwnTraining", "ReportInput", "text_rows"]
+__all__ = ["IGNORE_INDEX", "Encode", "Encoding", "Objective", "OwnTraining", "ReportInput", "text_rows"]
 
 Encode = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
+
+
+class Encoding(BaseModel):
+    """What an objective's encoder resolved that every stage reads (the token ids aside); the encoder fills it."""
+
+    metrics: dict[str, float] = {}  # logged with the run (e.g. rows dropped as too long)
+    params: dict[str, str] = {}  # run params (e.g. the resolved template)
+    package: dict[str, Any] = {}  # what a registered model's package records for serving (e.g. its chat template)
+    # Tokens the encoder added to the tokenizer: every later load adds them again and trains their rows
+    # (`TokenizedRef.model_source`).
+    added_tokens: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -109,12 +122,10 @@ class Objective:
     when it names one (else `data.text_column`); `data_key(data_settings)` the data settings that change those rows
     (part of the data's fingerprint).
     Encoding: `options(config)` picks the objective's settings from the run config (part of the tokenization cache
-    key); `encoder(tokenizer, data, train, eval, max_length, options)` returns the batched row encoder (ids and
-    labels) and the label names, if any. The encoder gets a copy of `options` and may add to it what later stages
-    need; TokenizedRef.options carries it, and four keys have a meaning for every stage: "metrics" (numbers
-    logged with the run, e.g. rows dropped), "params" (run params, e.g. the resolved template), "package" (what
-    a registered model's package records for serving, e.g. its chat template) and "added_tokens" (tokens it added
-    to the tokenizer, which every later load adds and trains: `TokenizedRef.model_source`). Rows with fewer than
+    key); `encoder(tokenizer, data, train, eval, max_length, options, encoding)` returns the batched row encoder
+    (ids and labels) and the label names, if any, and fills `encoding` (an `Encoding`: metrics, params, package,
+    added tokens) with what every stage reads. It gets a copy of `options` and may add to it what its own later
+    stages need (e.g. the resolved chat template); TokenizedRef.options carries that copy. Rows with fewer than
     `min_tokens` tokens are dropped; `collator(tokenizer)` pads a batch.
     Settings: `section` names its own config section (`instruction:`) and `settings` its model (`None`: none);
     `row_layout` the model that checks the `data:` keys of structured rows it reads (format, columns, role_map;
@@ -150,7 +161,7 @@ class Objective:
 
     name: str
     summary: str
-    encoder: Callable[[Any, DataRef, Dataset, Dataset, int, dict[str, Any]], tuple[Encode, list[str] | None]]
+    encoder: Callable[[Any, DataRef, Dataset, Dataset, int, dict[str, Any], Encoding], tuple[Encode, list[str] | None]]
     collator: Callable[[Any], Any]
     head: ModelHead
     metrics: Callable[[nn.Module, Any, TokenizedRef, int, Path | None], dict[str, float]]

@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from adapters_impl.model_heads import CAUSAL_LM
-from tasks.objectives.base import IGNORE_INDEX, Encode, Objective, ReportInput
+from tasks.objectives.base import IGNORE_INDEX, Encode, Encoding, Objective, ReportInput
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -29,7 +29,13 @@ log = logging.getLogger("adaptflow.probe")
 
 
 def encoder(
-    tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int, options: dict[str, Any]
+    tokenizer: Any,
+    data: DataRef,
+    train: Dataset,
+    eval_: Dataset,
+    max_length: int,
+    options: dict[str, Any],
+    encoding: Encoding,
 ) -> tuple[Encode, None]:
     """Ids with an eos at the end; the labels are the ids (the model shifts them)."""
     eos = tokenizer.eos_token_id

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters_impl.model_heads import SEQUENCE_CLASSIFICATION
 from tasks.errors import UserInputError, capped
-from tasks.objectives.base import Encode, Objective, ReportInput
+from tasks.objectives.base import Encode, Encoding, Objective, ReportInput
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -50,7 +50,13 @@ def label_names_of(train: Dataset, eval_: Dataset, column: str) -> list[str]:
 
 
 def encoder(
-    tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int, options: dict[str, Any]
+    tokenizer: Any,
+    data: DataRef,
+    train: Dataset,
+    eval_: Dataset,
+    max_length: int,
+    options: dict[str, Any],
+    encoding: Encoding,
 ) -> tuple[Encode, list[str]]:
     """Ids, and the label's index among the label names as the one label."""
     assert data.label_column, "load_data keeps the label column for classification"

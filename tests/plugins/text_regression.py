@@ -22,7 +22,7 @@ from transformers import DataCollatorWithPadding
 from adapters_impl.model_heads import ModelHead
 from tasks.errors import UserInputError
 from tasks.measuring import model_device
-from tasks.objectives.base import Encode, Objective, ReportInput
+from tasks.objectives.base import Encode, Encoding, Objective, ReportInput
 from tasks.settings import DataSettings, Section
 
 HEAD = ModelHead(
@@ -55,12 +55,18 @@ def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | Non
 
 
 def encoder(
-    tokenizer: Any, data: Any, train: Dataset, eval_: Dataset, max_length: int, settings: dict[str, Any]
+    tokenizer: Any,
+    data: Any,
+    train: Dataset,
+    eval_: Dataset,
+    max_length: int,
+    settings: dict[str, Any],
+    encoding: Encoding,
 ) -> tuple[Encode, None]:
     target, scale = settings["target_column"], settings["scale"]
     if target not in train.column_names:
         raise UserInputError(f"regression.target_column: the data has no column {target!r}")
-    settings["package"] = {"score_scale": scale}
+    encoding.package = {"score_scale": scale}
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         encoded = tokenizer(batch[data.text_column], truncation=True, max_length=max_length)

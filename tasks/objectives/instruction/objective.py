@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import tasks.objectives.causal_lm as causal_lm
 from adapters_impl.model_heads import CAUSAL_LM
-from tasks.objectives.base import Encode, Objective, ReportInput
+from tasks.objectives.base import Encode, Encoding, Objective, ReportInput
 from tasks.objectives.instruction.settings import InstructionDataSettings, InstructionSettings, section
 from tasks.process_cache import ProcessCache
 
@@ -98,7 +98,13 @@ def template_of(tokenizer: Any, settings: dict[str, Any]) -> ChatTemplate:
 
 
 def encoder(
-    tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int, settings: dict[str, Any]
+    tokenizer: Any,
+    data: DataRef,
+    train: Dataset,
+    eval_: Dataset,
+    max_length: int,
+    settings: dict[str, Any],
+    encoding: Encoding,
 ) -> tuple[Encode, None]:
     """Conversations rendered with the template, labels on the responses; rows whose last response does not fit
     are dropped and counted (`sft_dropped_rows`). Records the template for the later stages and the package, and
@@ -110,14 +116,14 @@ def encoder(
     template = template_of(tokenizer, settings)
     added = [t for t in template.added_tokens if tokenizer.convert_tokens_to_ids(t) >= size]
     if added:  # new to this tokenizer: every later stage adds them again and trains their rows
-        settings["added_tokens"] = added
+        encoding.added_tokens = added
     chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
     settings["chat"] = chat
     settings["held_out"] = data.eval_dir  # the eval conversations, answered in evaluation
     settings["max_length"] = max_length  # held-out prompts are cut (or dropped) as training cuts its rows
-    settings["params"] = {"sft.template": template.name}
-    settings["package"] = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
-    counts = settings["metrics"] = {"sft_dropped_rows": 0}
+    encoding.params = {"sft.template": template.name}
+    encoding.package = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
+    counts = encoding.metrics = {"sft_dropped_rows": 0}
     loss_on = settings.get("loss_on", "assistant")
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:

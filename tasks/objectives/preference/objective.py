@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import tasks.objectives.causal_lm as causal_lm
 from adapters_impl.model_heads import CAUSAL_LM
-from tasks.objectives.base import Encode, Objective, OwnTraining, ReportInput
+from tasks.objectives.base import Encode, Encoding, Objective, OwnTraining, ReportInput
 from tasks.objectives.instruction import objective as instruction
 from tasks.objectives.preference.settings import PreferenceDataSettings, PreferenceSection, loss_settings, section
 
@@ -98,7 +98,13 @@ def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | Non
 
 
 def encoder(
-    tokenizer: Any, data: DataRef, train: Dataset, eval_: Dataset, max_length: int, settings: dict[str, Any]
+    tokenizer: Any,
+    data: DataRef,
+    train: Dataset,
+    eval_: Dataset,
+    max_length: int,
+    settings: dict[str, Any],
+    encoding: Encoding,
 ) -> tuple[Encode, None]:
     """Pairs (or labelled rows) rendered with the template, labels on the responses; rows whose response cannot fit
     are dropped and counted (`pref_dropped_rows`). Records the template for the later stages and the package.
@@ -119,12 +125,12 @@ def encoder(
     template = instruction.template_of(tokenizer, settings)
     added = [t for t in template.added_tokens if tokenizer.convert_tokens_to_ids(t) >= size]
     if added:
-        settings["added_tokens"] = added
+        encoding.added_tokens = added
     chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
     settings |= {"chat": chat, "max_length": max_length, "paired": paired}
-    settings["params"] = {"pref.template": template.name}
-    settings["package"] = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
-    counts = settings["metrics"] = {"pref_dropped_rows": 0}
+    encoding.params = {"pref.template": template.name}
+    encoding.package = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
+    counts = encoding.metrics = {"pref_dropped_rows": 0}
     encode_rows = PreferenceEncoder(tokenizer, template, max_length, paired)
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
