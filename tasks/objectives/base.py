@@ -10,6 +10,7 @@ its name. An objective imports nothing above it. Which methods can train it stay
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,12 @@ def no_options(config: RunConfig) -> dict[str, Any]:
 
 def no_data_key(settings: DataSettings) -> str:
     return ""
+
+
+def row_layout_key(settings: DataSettings) -> str:
+    """The data key of an objective that reads structured rows: the `RowLayout` keys (format, columns, role_map)
+    that change how rows are read."""
+    return json.dumps(settings.layout(), sort_keys=True)
 
 
 def no_files(config: RunConfig) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import tasks.objectives.causal_lm as causal_lm
 from adapters_impl.model_heads import CAUSAL_LM
-from tasks.objectives.base import Encode, Encoding, Objective, ReportInput
+from tasks.objectives.base import Encode, Encoding, Objective, ReportInput, row_layout_key
 from tasks.objectives.instruction.settings import InstructionDataSettings, InstructionSettings, section
 from tasks.process_cache import ProcessCache
 
@@ -67,13 +67,6 @@ def metric_hint(metric: str, key: str) -> str:
         generations = "train" if key == "train.best.metric" else "instruction"  # while training, or after it
         return f" (ROUGE-L and exact match need {generations}.eval_generations above 0)"
     return ""
-
-
-def data_key(settings: DataSettings) -> str:
-    """The data keys that change how rows become messages."""
-    return json.dumps(
-        {"format": settings.format, "columns": settings.columns, "role_map": settings.role_map}, sort_keys=True
-    )
 
 
 def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> Dataset:
@@ -389,7 +382,7 @@ OBJECTIVE = Objective(
     probes_base=True,
     options=options,
     row_column="messages",
-    data_key=data_key,
+    data_key=row_layout_key,
     metric_names=metric_names,
     files=files,
     check=check,

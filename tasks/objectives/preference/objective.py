@@ -14,7 +14,6 @@ copy of the model training starts from (full, the bottleneck adapter), in evalua
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import tasks.objectives.causal_lm as causal_lm
 from adapters_impl.model_heads import CAUSAL_LM
-from tasks.objectives.base import Encode, Encoding, Objective, OwnTraining, ReportInput
+from tasks.objectives.base import Encode, Encoding, Objective, OwnTraining, ReportInput, row_layout_key
 from tasks.objectives.instruction import objective as instruction
 from tasks.objectives.preference.settings import PreferenceDataSettings, PreferenceSection, loss_settings, section
 
@@ -74,13 +73,6 @@ def metric_names(config: RunConfig) -> tuple[str, ...]:
     from tasks.objectives.preference.train import metric_names as names
 
     return names(section(config).loss)
-
-
-def data_key(settings: DataSettings) -> str:
-    """The data keys that change how rows become pairs."""
-    return json.dumps(
-        {"format": settings.format, "columns": settings.columns, "role_map": settings.role_map}, sort_keys=True
-    )
 
 
 def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> Dataset:
@@ -399,7 +391,7 @@ OBJECTIVE = Objective(
     base_generations=base_generations,
     options=options,
     row_column="prompt",
-    data_key=data_key,
+    data_key=row_layout_key,
     metric_names=metric_names,
     files=files,
     check=check,
