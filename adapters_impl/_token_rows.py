@@ -8,12 +8,12 @@ input rows when the two are tied). Nothing else in the model changes, so whoever
 prompt learning keeps its own reference to it) gets the trained rows. They are saved beside the adapter
 (`ROWS_FILE`, a few KB) and written into the weights when a mergeable method merges.
 
-`with_token_rows(method)` gives a method these four steps around its own apply, save, load and merge.
+`with_token_rows(method)` (adapters_impl/__init__.py) gives a method this module's four steps around its own apply,
+save, load and merge.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional
 
-from adapters_impl.base import ApplyContext, MergeFn, Method
+from adapters_impl.base import ApplyContext, ApplyFn, LoadFn, MergeFn, SaveFn
 
 ROWS_FILE = "new_token_rows.safetensors"
 MODULE_NAME = "new_token_rows"
@@ -95,58 +95,50 @@ def rows_of(model: nn.Module) -> TokenRows | None:
     return rows if isinstance(rows, TokenRows) else None
 
 
-def with_token_rows(method: Method) -> Method:
-    """`method` with trainable rows for added tokens around its own steps (see the module's docstring)."""
-    inner_save, inner_load, inner_merge = method.save, method.load, method.merge
+# The four steps around a method's own (`with_token_rows` in adapters_impl/__init__.py puts them in place).
+def apply(inner: ApplyFn, model: nn.Module, settings: Any, context: ApplyContext) -> nn.Module:
+    adapted = inner(model, settings, context)
+    token_ids = sorted({i for ids in context.new_token_rows.values() for i in ids})
+    if token_ids:
+        attach(adapted, token_ids)
+    return adapted
 
-    def apply(model: nn.Module, settings: Any, context: ApplyContext) -> nn.Module:
-        adapted = method.apply(model, settings, context)
-        token_ids = sorted({i for ids in context.new_token_rows.values() for i in ids})
-        if token_ids:
-            attach(adapted, token_ids)
-        return adapted
 
-    def save(model: nn.Module, directory: Path) -> None:
-        rows = rows_of(model)
-        if rows is None:
-            inner_save(model, directory)
-            return
-        del model._modules[MODULE_NAME]  # the method saves its own weights only
-        try:
-            inner_save(model, directory)
-        finally:
-            model.add_module(MODULE_NAME, rows)
-        tensors = {"token_ids": rows.token_ids, "input_rows": rows.input_rows}
-        if rows.output_rows is not None:
-            tensors["output_rows"] = rows.output_rows
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / ROWS_FILE))
+def save(inner: SaveFn, model: nn.Module, directory: Path) -> None:
+    rows = rows_of(model)
+    if rows is None:
+        inner(model, directory)
+        return
+    del model._modules[MODULE_NAME]  # the method saves its own weights only
+    try:
+        inner(model, directory)
+    finally:
+        model.add_module(MODULE_NAME, rows)
+    tensors = {"token_ids": rows.token_ids, "input_rows": rows.input_rows}
+    if rows.output_rows is not None:
+        tensors["output_rows"] = rows.output_rows
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / ROWS_FILE))
 
-    def load(base: nn.Module, directory: Path, trainable: bool) -> nn.Module:
-        model = inner_load(base, directory, trainable)
-        if (directory / ROWS_FILE).is_file():
-            saved = load_file(str(directory / ROWS_FILE))
-            rows = attach(model, saved["token_ids"].tolist())
-            with torch.no_grad():
-                rows.input_rows.copy_(saved["input_rows"])
-                if rows.output_rows is not None and "output_rows" in saved:
-                    rows.output_rows.copy_(saved["output_rows"])
-            rows.requires_grad_(trainable)
-        return model
 
-    merge: MergeFn | None = None
-    if inner_merge is not None:
-        merge_inner = inner_merge
+def load(inner: LoadFn, base: nn.Module, directory: Path, trainable: bool) -> nn.Module:
+    model = inner(base, directory, trainable)
+    if (directory / ROWS_FILE).is_file():
+        saved = load_file(str(directory / ROWS_FILE))
+        rows = attach(model, saved["token_ids"].tolist())
+        with torch.no_grad():
+            rows.input_rows.copy_(saved["input_rows"])
+            if rows.output_rows is not None and "output_rows" in saved:
+                rows.output_rows.copy_(saved["output_rows"])
+        rows.requires_grad_(trainable)
+    return model
 
-        def merge_with_rows(model: nn.Module, full_precision_base: Callable[[], nn.Module]) -> nn.Module:
-            rows = rows_of(model)
-            if rows is not None:
-                rows.remove_hooks()
-                del model._modules[MODULE_NAME]
-            merged = merge_inner(model, full_precision_base)
-            if rows is not None:
-                rows.write_into(merged)
-            return merged
 
-        merge = merge_with_rows
-
-    return dataclasses.replace(method, apply=apply, save=save, load=load, merge=merge, trains_new_tokens=True)
+def merge(inner: MergeFn, model: nn.Module, full_precision_base: Callable[[], nn.Module]) -> nn.Module:
+    rows = rows_of(model)
+    if rows is not None:
+        rows.remove_hooks()
+        del model._modules[MODULE_NAME]
+    merged = inner(model, full_precision_base)
+    if rows is not None:
+        rows.write_into(merged)
+    return merged

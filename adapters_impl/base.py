@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, model_validator
-from torch import nn
+
+if TYPE_CHECKING:  # the settings and rules import without torch: the config is checked before it loads (~2 s)
+    from torch import nn
 
 
 class MethodSettingsError(ValueError):
@@ -78,6 +81,19 @@ class MergeFn(Protocol):
     """Fold the trained weights into a plain model; `full_precision_base` loads a fresh unquantized base."""
 
     def __call__(self, model: nn.Module, full_precision_base: Callable[[], nn.Module]) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """The function `name` of `module`, imported when first called: a method's settings and rules (its module)
+    import without torch or peft, so a config is checked before they load; its implementation (`_<method>.py`)
+    loads when a model is adapted."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
 
 
 def no_extra_loading(settings: Any) -> dict[str, Any]:

@@ -1,15 +1,13 @@
-"""LoRA: trainable low-rank updates on chosen linear layers (peft). DoRA and QLoRA reuse this module."""
+"""LoRA: trainable low-rank updates on chosen linear layers (peft). DoRA and QLoRA reuse its settings. (What it
+does: _lora.py.)"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from peft import LoraConfig, get_peft_model
 from pydantic import Field
-from torch import nn
 
-from adapters_impl._peft import ALL_LINEAR, load_peft, merge_peft, peft_task, resolve_target_modules, save_peft
-from adapters_impl.base import ApplyContext, Method, MethodSettings
+from adapters_impl.base import Deferred, Method, MethodSettings
 
 
 class LowRankSettings(MethodSettings):
@@ -28,40 +26,20 @@ class LoraSettings(LowRankSettings):
     name: Literal["lora"] = "lora"
 
 
-def lora_config(settings: LowRankSettings, model: nn.Module, context: ApplyContext, use_dora: bool) -> LoraConfig:
-    """The peft LoraConfig for these settings, with target modules checked against the model; the rows a chat
-    template added train as peft's trainable tokens (only those rows are trained and saved; peft ties them into a
-    tied output layer)."""
-    targets = resolve_target_modules(model, settings.target_modules, "method.target_modules")
-    rows = {name: list(ids) for name, ids in context.new_token_rows.items()}
-    return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
-        lora_dropout=settings.dropout,
-        target_modules=targets,
-        task_type=peft_task(model),
-        use_dora=use_dora,
-        trainable_token_indices=rows or None,
-    )
-
-
-def apply(model: nn.Module, settings: LoraSettings, context: ApplyContext) -> nn.Module:
-    """Wrap the model with LoRA; only the LoRA matrices (and a classification head) train."""
-    return get_peft_model(model, lora_config(settings, model, context, use_dora=False))  # type: ignore[arg-type]
-
+apply = Deferred("adapters_impl._lora", "apply")
 
 METHOD = Method(
     name="lora",
     summary="LoRA: low-rank updates on linear layers; merges exactly into the base",
     settings=LoraSettings,
     apply=apply,
-    save=save_peft,
-    load=load_peft,
-    merge=merge_peft,
+    save=Deferred("adapters_impl._peft", "save_peft"),
+    load=Deferred("adapters_impl._peft", "load_peft"),
+    merge=Deferred("adapters_impl._peft", "merge_peft"),
     trains_new_tokens=True,
     fsdp=True,
     lora_weights="lora",
     lighter=({"method.name": "qlora"},),
 )
 
-__all__ = ["ALL_LINEAR", "METHOD", "LoraSettings", "LowRankSettings", "apply", "lora_config"]
+__all__ = ["METHOD", "LoraSettings", "LowRankSettings", "apply"]

@@ -1,15 +1,13 @@
-"""Prefix tuning: trained key/value prefixes in every attention layer (peft); adapter-only, not mergeable."""
+"""Prefix tuning: trained key/value prefixes in every attention layer (peft); adapter-only, not mergeable. (What it
+does: _prefix.py.)"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from peft import PrefixTuningConfig, TaskType
 from pydantic import Field
-from torch import nn
 
-from adapters_impl._peft import apply_prompt_learning, load_peft, save_peft
-from adapters_impl.base import ApplyContext, Method, MethodSettings
+from adapters_impl.base import Deferred, Method, MethodSettings
 
 
 class PrefixSettings(MethodSettings):
@@ -19,25 +17,13 @@ class PrefixSettings(MethodSettings):
     projection_hidden_size: int = Field(128, gt=0, description="hidden size of that MLP")
 
 
-def apply(model: nn.Module, settings: PrefixSettings, context: ApplyContext) -> nn.Module:
-    def config(task_type: TaskType) -> PrefixTuningConfig:
-        return PrefixTuningConfig(
-            num_virtual_tokens=settings.num_virtual_tokens,
-            prefix_projection=settings.projection,
-            encoder_hidden_size=settings.projection_hidden_size,
-            task_type=task_type,
-        )
-
-    return apply_prompt_learning(model, config, context)
-
-
 METHOD = Method(
     name="prefix",
     summary="Prefix tuning: trained key/value prefixes in every layer; adapter-only (not mergeable)",
     settings=PrefixSettings,
-    apply=apply,
-    save=save_peft,
-    load=load_peft,
+    apply=Deferred("adapters_impl._prefix", "apply"),
+    save=Deferred("adapters_impl._peft", "save_peft"),
+    load=Deferred("adapters_impl._peft", "load_peft"),
     merge=None,
     virtual_tokens=True,
     checkpointing_problem=(

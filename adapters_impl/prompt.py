@@ -1,15 +1,13 @@
-"""Prompt tuning: trained virtual token embeddings before the input (peft); adapter-only, not mergeable."""
+"""Prompt tuning: trained virtual token embeddings before the input (peft); adapter-only, not mergeable. (What it
+does: _prompt.py.)"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from pydantic import Field
-from torch import nn
 
-from adapters_impl._peft import apply_prompt_learning, load_peft, save_peft
-from adapters_impl.base import ApplyContext, Method, MethodSettings
+from adapters_impl.base import Deferred, Method, MethodSettings
 
 
 class PromptSettings(MethodSettings):
@@ -20,28 +18,13 @@ class PromptSettings(MethodSettings):
     )
 
 
-def apply(model: nn.Module, settings: PromptSettings, context: ApplyContext) -> nn.Module:
-    def config(task_type: TaskType) -> PromptTuningConfig:
-        if settings.init_text:
-            return PromptTuningConfig(
-                num_virtual_tokens=settings.num_virtual_tokens,
-                prompt_tuning_init=PromptTuningInit.TEXT,
-                prompt_tuning_init_text=settings.init_text,
-                tokenizer_name_or_path=context.model_path,
-                task_type=task_type,
-            )
-        return PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)
-
-    return apply_prompt_learning(model, config, context)
-
-
 METHOD = Method(
     name="prompt",
     summary="Prompt tuning: trained virtual tokens before the input, random or text-initialised; adapter-only",
     settings=PromptSettings,
-    apply=apply,
-    save=save_peft,
-    load=load_peft,
+    apply=Deferred("adapters_impl._prompt", "apply"),
+    save=Deferred("adapters_impl._peft", "save_peft"),
+    load=Deferred("adapters_impl._peft", "load_peft"),
     merge=None,
     virtual_tokens=True,
 )

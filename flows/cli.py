@@ -18,6 +18,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+from flows import process_tuning
 from flows.startup import connect, session
 from tasks.errors import UserInputError
 from tasks.yaml_files import config_file_problem
@@ -598,15 +599,34 @@ def main(argv: list[str] | None = None) -> int:
     hint = ""
     if args.command in ("run", "grid"):
         hint = f"; the run is marked KILLED: `{resume_command(args)}` continues it"
-    # A missing or unreadable config is named at once, before a server starts or torch is imported.
-    problem = config_file_problem(Path(args.config)) if isinstance(getattr(args, "config", None), str) else None
+    problem = config_problem(args)
     with session(
         args.command, runs_flows=args.runs_flows and not problem, json_output=args.json, resume_hint=hint
     ) as outcome:
         if problem:
-            raise UserInputError(problem)
+            raise problem
         outcome.result = args.handler(args)
     return outcome.code
+
+
+def config_problem(args: argparse.Namespace) -> UserInputError | None:
+    """What is wrong with the command's config file, named at once, before a server starts or torch is imported:
+    missing, unreadable, not YAML, or (with its --set overrides) an unknown key or a bad value. The config's schema
+    imports neither (the methods' and objectives' settings live apart from their implementations)."""
+    path = getattr(args, "config", None)
+    if not isinstance(path, str):
+        return None
+    problem = config_file_problem(Path(path))
+    if problem:
+        return UserInputError(problem)
+    from tasks.config import load_config
+
+    process_tuning.tune_process()  # first: `train.optim` is checked against transformers' names (imports torch)
+    try:
+        load_config(path, getattr(args, "set", []))
+    except UserInputError as exc:
+        return exc
+    return None
 
 
 def entry() -> None:

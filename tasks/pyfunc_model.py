@@ -4,10 +4,12 @@ Logged as "models from code": MLflow stores this file's source, not a pickle, an
 It loads the package through `adapters_impl.packaged`; `adapters_impl` is logged with the model (`code_paths`),
 so adapter-only versions (bottleneck adapters, prefix, prompt) load where adaptflow is not installed.
 
-Inputs: a string, a list of strings, or a DataFrame (`text` or `prompt` column; `messages` for instruction
-models). An instruction model also takes one conversation (a list of `{role, content}`) and an OpenAI-style chat
-request (`{"messages": [...], "max_tokens": N}`, what `mlflow models serve` passes on for a JSON body with
-`messages`), which it answers with a `chat.completion` object.
+Inputs: a string, a list of strings, or a DataFrame (`text` or `prompt` column). A chat model (instruction,
+preference) also takes one conversation (a list of `{role, content}`, answered with a list of one answer) and
+OpenAI-style chat requests (`{"messages": [...], "max_tokens": N}`), answered with a `chat.completion` object. Its
+registered signature (`tasks/registry.py`'s `model_signature`) declares `messages`, `prompt` and `max_tokens`:
+MLflow then hands a request over as a one-row DataFrame (what `mlflow models serve` makes of a JSON body with
+`messages`), so each DataFrame row with `messages` is a chat request too (one row: its object; several: a list).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def _texts(model_input: Any) -> list[str]:
     if isinstance(model_input, str):
         return [model_input]
     if hasattr(model_input, "columns"):  # a pandas DataFrame: the text or prompt column, else the first one
+        if not len(model_input.columns):  # what the signature's enforcement leaves of inputs it does not declare
+            raise BadRequest("no input the model reads: give `messages` or `prompt` (see the model's signature)")
         column = next((c for c in ("text", "prompt") if c in model_input.columns), model_input.columns[0])
         return [str(t) for t in model_input[column]]
     return [str(t) for t in model_input]
@@ -75,10 +79,27 @@ def _conversation(value: Any) -> Conversation:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def _plain(value: Any) -> Any:
+    """A DataFrame cell as a plain Python value: numpy scalars and arrays unwrapped, a missing value None."""
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        value = value.tolist()
+    if isinstance(value, float) and value != value:  # NaN: a row without this column's value
+        return None
+    return value
+
+
+def _chat_requests(model_input: Any) -> list[dict[str, Any]] | None:
+    """The chat requests in `model_input` (a dict, or DataFrame rows with `messages`); None when it holds none."""
+    if isinstance(model_input, dict) and "messages" in model_input:
+        return [model_input]
+    if hasattr(model_input, "columns") and "messages" in model_input.columns:
+        rows = model_input.to_dict(orient="records")
+        return [{k: _plain(v) for k, v in row.items() if _plain(v) is not None} for row in rows]
+    return None
+
+
 def _conversations(model_input: Any) -> list[Conversation]:
     """Every input as a conversation: texts become one user message each."""
-    if hasattr(model_input, "columns") and "messages" in model_input.columns:
-        return [_conversation(v) for v in model_input["messages"]]
     if isinstance(model_input, list) and model_input and isinstance(model_input[0], dict):
         return [_conversation(model_input)]  # one conversation
     return [[{"role": "user", "content": text}] for text in _texts(model_input)]
@@ -123,11 +144,15 @@ class AdaptflowModel(PythonModel):
                 names = self.info["label_names"]
                 return [names[i] for i in logits.argmax(-1).tolist()]
             if self.info.get("chat"):
-                if isinstance(model_input, dict) and "messages" in model_input:  # an OpenAI-style chat request
-                    request = {k: v for k, v in model_input.items() if k != "messages"}
-                    asked = request.get("max_tokens")
-                    limit = _token_limit(params.get("max_new_tokens", 128) if asked is None else asked, "max_tokens")
-                    return self._chat_completion(_conversation(model_input["messages"]), limit)
+                requests = _chat_requests(model_input)
+                if requests is not None:  # OpenAI-style chat requests
+                    completions = []
+                    for request in requests:
+                        asked = request.get("max_tokens")
+                        default = params.get("max_new_tokens", 128)
+                        limit = _token_limit(default if asked is None else asked, "max_tokens")
+                        completions.append(self._chat_completion(_conversation(request["messages"]), limit))
+                    return completions[0] if len(completions) == 1 else completions
                 limit = _token_limit(params.get("max_new_tokens", 128), "max_new_tokens")
                 return [self._answer(c, limit)[0] for c in _conversations(model_input)]
             limit = _token_limit(params.get("max_new_tokens", 40), "max_new_tokens")

@@ -11,10 +11,13 @@ from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 from pydantic import BaseModel
 
 from adapters_impl import get_method
+from adapters_impl.model_heads import head_of_package
 from adapters_impl.packaged import INFO_FILE, folder_fingerprint, model_files
 from tasks.config import RunConfig, dump_config
 from tasks.identity import EVAL_SETTINGS_TAG, IDENTITY_TAG, eval_settings, recorded, run_identity
@@ -162,6 +165,31 @@ def pin_base(client: MlflowClient, source: ModelSource) -> dict[str, Any]:
         "logged_from": source.display_name,
         "local_path": str(folder.resolve()),  # used instead of a download while it still holds the same content
     }
+
+
+def model_signature(info: dict[str, Any]) -> tuple[ModelSignature, Any]:
+    """The signature and input example of a version's pyfunc (tasks/pyfunc_model.py), from its package's info:
+    what `mlflow.pyfunc.load_model(...).predict` and `mlflow models serve` accept once MLflow enforces it, and
+    what the MLflow UI shows. Chat models: `messages` (OpenAI-style, with an optional `max_tokens`) or `prompt`;
+    others: texts. Generating models take the param `max_new_tokens` (default: the registered length)."""
+    output = head_of_package(info).output
+    texts = Schema([ColSpec("string")])  # unnamed: a list of strings, or a DataFrame's text column
+    if output in ("label", "score"):
+        outputs = Schema([ColSpec("string")]) if output == "label" else None
+        return ModelSignature(texts, outputs), ["The food was great."]
+    length = int(info.get("generation", {}).get("max_new_tokens", 40))
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", length)])
+    if not info.get("chat"):
+        return ModelSignature(texts, Schema([ColSpec("string")]), params), (["Once upon a time"], {"max_new_tokens": 4})
+    message = Object([Property("role", "string"), Property("content", "string")])
+    inputs = Schema(
+        [
+            ColSpec(Array(message), "messages", required=False),
+            ColSpec("string", "prompt", required=False),
+            ColSpec("long", "max_tokens", required=False),
+        ]
+    )
+    return ModelSignature(inputs, None, params), {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4}
 
 
 def package_model(
@@ -345,6 +373,7 @@ def register_model(
     method = get_method(config.method.name)
     base = None if method.whole_model else pin_base(client, trained.adapted.source)
     package = package_model(trained, merged, run_dir / "package", {"max_new_tokens": 40}, serving or {}, base)
+    signature, example = model_signature(json.loads((package / INFO_FILE).read_text()))
     tags = creation_tags(config, data, run, metrics, extra_tags, identity)
     client.set_tag(run.run_id, "adaptflow.data_fingerprint", data.fingerprint)
     if base is not None:
@@ -359,6 +388,8 @@ def register_model(
             artifacts={"model": str(package)},
             code_paths=CODE_PATHS,
             pip_requirements=serving_requirements(),
+            signature=signature,
+            input_example=example,  # MLflow predicts it once here: a signature the pyfunc does not fit warns
         )
     # Registered only now, after every artifact is stored.
     registered = mlflow.register_model(info.model_uri, config.registry.name, tags=tags)

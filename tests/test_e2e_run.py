@@ -103,8 +103,13 @@ def test_run_registers_a_loadable_champion_and_a_worse_run_stays_challenger(
     assert {"reports/metrics.json", "reports/loss_curve.png"} <= reports
     assert (tmp_path / "artifacts").is_dir() and not (tmp_path / "mlruns").exists(), "artifacts beside the store"
 
-    predictions = mlflow.pyfunc.load_model("models:/e2e@champion").predict(["Once upon a time", "The cat"])
+    pyfunc = mlflow.pyfunc.load_model("models:/e2e@champion")
+    predictions = pyfunc.predict(["Once upon a time", "The cat"])
     assert len(predictions) == 2 and all(isinstance(p, str) and p for p in predictions)
+    signature = pyfunc.metadata.signature  # texts in, text out, predict's length a param; with an input example
+    assert signature.inputs.to_dict() == [{"type": "string", "required": True}] == signature.outputs.to_dict()
+    assert [(p.name, p.default) for p in signature.params.params] == [("max_new_tokens", 40)]
+    assert pyfunc.metadata.saved_input_example_info is not None
     # The version ships only what loading needs (adapters_impl), and the public loader reads the same package.
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/e2e@champion"))
     assert sorted(p.name for p in (local / "code").iterdir()) == ["adapters_impl"]
@@ -210,6 +215,7 @@ def test_classification_with_string_labels_predicts_label_names(
     assert metrics["eval_accuracy"] > metrics["base_eval_accuracy"]
     assert result["aliases"] == ["champion"]
     model = mlflow.pyfunc.load_model("models:/reviews@champion")
+    assert model.metadata.signature.outputs.to_dict() == [{"type": "string", "required": True}]  # label names
     assert set(model.predict(["The movie was wonderful. Everyone smiled.", "The meal was awful. Never again."])) <= {
         "negative",
         "positive",

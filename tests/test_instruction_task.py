@@ -218,6 +218,21 @@ def test_messages_data_trains_registers_predicts_and_serves_chat(
     printed = shown.stdout.strip().splitlines()  # the answer as text (2 tokens may be blank), not a repr
     assert printed[0] == f"> {json.loads(question)[-1]['content']}" and " -> " not in shown.stdout
 
+    # The logged model's signature (shown in MLflow's UI) takes what the README documents, through MLflow's
+    # enforcement of it: a chat request, a DataFrame of prompts; predict's length is its param's default.
+    import mlflow
+    import pandas as pd
+    from mlflow.models import Model
+
+    signature = Model.load("models:/chat@champion").signature
+    assert signature.inputs.input_names() == ["messages", "prompt", "max_tokens"]
+    assert [(p.name, p.default) for p in signature.params.params] == [("max_new_tokens", 12)]
+    pyfunc = mlflow.pyfunc.load_model("models:/chat@champion")
+    completion = pyfunc.predict({"messages": CONVERSATIONS[0][:2]})
+    assert completion["object"] == "chat.completion" and completion["choices"][0]["message"]["content"] == answer
+    prompts = pyfunc.predict(pd.DataFrame({"prompt": [CONVERSATIONS[0][1]["content"]]}), {"max_new_tokens": 2})
+    assert isinstance(prompts, list) and len(prompts) == 1 and isinstance(prompts[0], str)
+
     port, log = free_port(), (tmp_path / "serve.log").open("w")
     # The server starts uvicorn from PATH, as in an activated environment.
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -246,7 +261,7 @@ def test_messages_data_trains_registers_predicts_and_serves_chat(
         refusals = [
             served(port, {"messages": CONVERSATIONS[0][:2], "max_tokens": 0}),
             served(port, {"messages": CONVERSATIONS[0][:2], "max_tokens": -3}),
-            served(port, {"messages": "not a conversation"}),
+            served(port, {"messages": "not a conversation"}),  # refused by MLflow's enforcement of the signature
             served(port, {"messages": [{"role": "assistant", "content": "Hi"}]}),
         ]
     finally:
@@ -256,7 +271,7 @@ def test_messages_data_trains_registers_predicts_and_serves_chat(
     assert bounded[0] == 200 and json.loads(bounded[1])["usage"]["completion_tokens"] <= 16
     for (status, body), reason in zip(
         refusals,
-        ["max_tokens must be a positive integer, got 0", "got -3", "messages: not JSON", "no user turn"],
+        ["max_tokens must be a positive integer, got 0", "got -3", "Expected data to be list", "no user turn"],
         strict=True,
     ):
         assert status == 400 and reason in body, body[:500]

@@ -266,6 +266,30 @@ def test_a_missing_or_unreadable_config_is_named_before_anything_heavy_starts(tm
     assert "nonexist.yaml: config file not found" in done.stderr and "bad.yaml: not valid YAML" in done.stderr
 
 
+def test_a_typo_in_a_config_key_is_named_before_torch_or_the_server_starts(tmp_path: Path) -> None:
+    """A misspelt key, an unknown section or a bad value (with --set too) exits 2 naming the key, from the config's
+    schema alone: neither torch, peft, trl, transformers, datasets nor Prefect (its server) was imported."""
+    import subprocess
+    import sys
+
+    (tmp_path / "typo.yaml").write_text("data: {train: x.jsonl}\ntrain: {lerning_rate: 1e-4}\n")
+    (tmp_path / "section.yaml").write_text("data: {train: x.jsonl}\ntask: instruction\nmodl: {}\n")
+    (tmp_path / "ok.yaml").write_text("data: {train: x.jsonl}\ntask: preference\nmethod: {name: qlora}\n")
+    probe = (
+        "import json, sys; from flows.cli import main;"
+        "codes = [main(['run', 'typo.yaml']), main(['grid', 'section.yaml']),"
+        " main(['run', 'ok.yaml', '--set', 'preference.beta=0', '--set', 'method.r=0'])];"
+        "heavy = {'torch', 'peft', 'trl', 'transformers', 'datasets', 'prefect', 'mlflow'};"
+        "print(json.dumps([codes, sorted(heavy & {m.split('.')[0] for m in sys.modules})]))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[2, 2, 2], []], done.stdout + done.stderr
+    assert "train.lerning_rate: unknown key; allowed: max_steps" in done.stderr
+    assert "modl: unknown key" in done.stderr
+    assert "preference.beta: Input should be greater than 0" in done.stderr
+    assert "method.r: Input should be greater than 0" in done.stderr
+
+
 @pytest.mark.slow
 def test_a_run_says_what_each_stage_did_and_nothing_users_cannot_act_on(tmp_path: Path, tiny_model: str) -> None:
     """Instead of 18 lines of "Finished in state Completed()", a bytecode disassembly (datasets hashing a function,

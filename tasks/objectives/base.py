@@ -20,7 +20,6 @@ from pydantic import BaseModel
 
 from adapters_impl.model_heads import ModelHead
 from tasks.labels import IGNORE_INDEX
-from tasks.load import text_rows
 from tasks.settings import RowLayout, Section
 
 if TYPE_CHECKING:  # the stages and the run config import this package: at run time these would be import cycles
@@ -75,6 +74,14 @@ class OwnTraining:
     mixin: type
     kwargs: Mapping[str, Any]
     collator: Callable[[list[dict[str, Any]]], Any]
+
+
+def text_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, source: str) -> Dataset:
+    """The text and label columns, rows without either dropped (tasks/load.py's; datasets loads when this runs, not
+    when the objectives are read to check a config)."""
+    from tasks.load import text_rows as rows
+
+    return rows(table, settings, label_column, key, source)
 
 
 def no_base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:

@@ -1,4 +1,5 @@
 """Preference tuning (issue 27): the self-contained core that the `preference` objective wires into the pipeline.
+Its names below load (torch, trl) when first used: the objective's settings (settings.py) are read without them.
 
 Modules
     formats  rows in any preference format -> the normal form (`normalize`, `DataOptions`, `loss_format_problem`)
@@ -32,16 +33,21 @@ What the objective record needs
         eval_logps_rejected. Prunable: eval_reward_accuracy (max) or eval_loss (min).
 """
 
-from tasks.objectives.preference.encode import PreferenceEncoder, collator, encode_all
-from tasks.objectives.preference.formats import DataOptions, Normalized, loss_format_problem, normalize
-from tasks.objectives.preference.losses import PreferenceSettings, kto_loss, pair_loss
-from tasks.objectives.preference.train import (
-    PreferenceLoss,
-    PreferenceTrainerMixin,
-    Reference,
-    evaluate_preferences,
-    metric_names,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tasks.objectives.preference.encode import PreferenceEncoder, collator, encode_all
+    from tasks.objectives.preference.formats import DataOptions, Normalized, loss_format_problem, normalize
+    from tasks.objectives.preference.losses import PreferenceSettings, kto_loss, pair_loss
+    from tasks.objectives.preference.train import (
+        PreferenceLoss,
+        PreferenceTrainerMixin,
+        Reference,
+        evaluate_preferences,
+        metric_names,
+    )
 
 __all__ = [
     "DataOptions",
@@ -60,3 +66,12 @@ __all__ = [
     "normalize",
     "pair_loss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The core's names, imported on first use (PEP 562); any other name is a submodule or missing."""
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from tasks.objectives.preference import encode, formats, losses, train
+
+    return next(getattr(m, name) for m in (encode, formats, losses, train) if hasattr(m, name))

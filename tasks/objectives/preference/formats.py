@@ -27,6 +27,7 @@ from trl.data_utils import extract_prompt, maybe_extract_prompt
 
 from tasks.errors import UserInputError, capped
 from tasks.objectives.instruction.chat import _turns, validate_messages
+from tasks.objectives.preference.settings import CANONICAL
 from tasks.settings import DEFAULT_ROLE_MAP
 
 Message = dict[str, str]
@@ -41,7 +42,6 @@ REQUIRED: dict[Format, tuple[str, ...]] = {
     "implicit": ("chosen", "rejected"),
     "unpaired": ("label",),  # plus `messages`, or `prompt` and `completion`
 }
-CANONICAL = ("prompt", "chosen", "rejected", "conversations", "messages", "completion", "label")
 DESCRIBED = (
     "explicit (prompt, chosen, rejected), implicit (chosen, rejected: whole dialogues sharing their prompt), "
     "sharegpt (conversations, chosen, rejected), unpaired for KTO (messages, or prompt and completion, plus a "

@@ -19,33 +19,11 @@ batch's KL estimate from mismatched (prompt, completion) pairs, clamped at 0 and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field
 
-from adapters_impl.base import ConfigSection
-
-LossName = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"]
-REFERENCE_FREE: tuple[str, ...] = ("simpo", "orpo")
-
-
-class PreferenceSettings(ConfigSection):
-    """The `preference:` section: the loss and its knobs."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    loss: LossName = Field("sigmoid", description="sigmoid (DPO) | ipo | hinge | simpo | orpo | kto (unpaired rows)")
-    beta: float = Field(0.1, gt=0, description="strength of the preference (DPO's β; SimPO's β; KTO's β)")
-    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin γ")
-    lambda_: float = Field(0.1, gt=0, alias="lambda", description="orpo: weight λ of the odds-ratio term")
-    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of rows labelled true")
-    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of rows labelled false")
-
-    @property
-    def uses_reference(self) -> bool:
-        return self.loss not in REFERENCE_FREE
+from tasks.objectives.preference.settings import REFERENCE_FREE, PreferenceSettings
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,38 @@
 """Task preference's settings: the `preference:` section (the loss, its knobs, the chat template) and the row
-formats its `data:` keys name."""
+formats its `data:` keys name. Imports neither torch nor trl: the config is checked before they load."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from adapters_impl.base import ConfigSection
 from tasks.objectives.instruction.settings import ChatTemplateChoice
-from tasks.objectives.preference.formats import CANONICAL
-from tasks.objectives.preference.losses import PreferenceSettings
 from tasks.settings import RowLayout
+
+# The canonical columns of the preference row formats (formats.py; data.columns renames them).
+CANONICAL = ("prompt", "chosen", "rejected", "conversations", "messages", "completion", "label")
+
+LossName = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"]
+REFERENCE_FREE: tuple[str, ...] = ("simpo", "orpo")
+
+
+class PreferenceSettings(ConfigSection):
+    """The `preference:` section: the loss and its knobs."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    loss: LossName = Field("sigmoid", description="sigmoid (DPO) | ipo | hinge | simpo | orpo | kto (unpaired rows)")
+    beta: float = Field(0.1, gt=0, description="strength of the preference (DPO's β; SimPO's β; KTO's β)")
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin γ")
+    lambda_: float = Field(0.1, gt=0, alias="lambda", description="orpo: weight λ of the odds-ratio term")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of rows labelled true")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of rows labelled false")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss not in REFERENCE_FREE
 
 
 class PreferenceSection(PreferenceSettings, ChatTemplateChoice):
