@@ -428,6 +428,16 @@ def test_a_registered_run_exports_in_the_pipeline_and_the_gate_holds_back_a_fail
     assert main(["run", str(config), "--json"]) == 0
     result = last_json(capsys.readouterr().out)
     assert result["aliases"] == [] and "export verification failed" in result["promotion"]
+    # The run's JSON lists the exports as `adaptflow export --json` does, with the verdict.
+    listed = result["export"]
+    assert listed["status"] == "failed" and listed["gate"] is True and "gguf" in listed["reason"]
+    assert [e["format"] for e in listed["exports"]] == ["gguf", "ollama"]
+    gguf_entry = listed["exports"][0]
+    assert gguf_entry["verified"] is False and gguf_entry["failed"] == ["logits_within_tolerance"]
+    assert (
+        gguf_entry["quant"] == "q8_0" and Path(gguf_entry["path"], "model.gguf").stat().st_size == gguf_entry["bytes"]
+    )
+    assert listed["exports"][1]["verified"] is False and Path(listed["exports"][1]["path"], "Modelfile").is_file()
     version = MlflowClient().get_model_version("exported", result["model_version"])
     assert version.tags["export.status"] == "failed" and version.tags["export.gguf.verified"] == "false"
     assert float(version.tags["export.gguf.max_abs_logit_diff"]) > 0
