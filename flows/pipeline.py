@@ -186,8 +186,11 @@ def register_and_promote(
     registered = stages.register_model(config, data, run, trained, merged, metrics, tags, tokenized.package(), force)
     exported = stages.export_version(config, registered, run)
     decision = stages.promote(registered, run, config, data, probe_report, exported)
+    from tasks.export.pipeline import ExportVerdict
+
+    export = exported.public() if isinstance(exported, ExportVerdict) else None
     return Outcome(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision,
-                   export=exported.public() if exported is not None else None)  # fmt: skip
+                   export=export)  # fmt: skip
 
 
 def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = False, force: bool = False) -> RunResult:
