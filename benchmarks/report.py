@@ -23,7 +23,8 @@ METHOD = """\
 `make bench` (`python -m benchmarks.run`) runs every section below, prints its tables, writes the numbers to
 `benchmarks/results.json` and regenerates this page from them (`python -m benchmarks.report` does only the
 last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid,
-grid-pruning, instruction, real-model (all four) and memory sections; `--skip`, `--repeats`, `--methods` and
+grid-pruning, instruction, real-model (all four), export, serving and memory sections; `--only` runs only the
+sections named, `--skip`, `--repeats`, `--methods` and
 `--prune-seeds`, `--prune-dask-seeds`, `--prune-etas` narrow a full run. Sections on the team's models and data read `../shared`
 beside the checkout, or `ADAPTFLOW_BENCH_SHARED`. Benchmarks measure; no test asserts on their numbers.
 
@@ -456,9 +457,9 @@ def _export(results: dict[str, Any]) -> str:
     load = section["load"]
     return (
         f"{section['model']}; {section['prompts']} chat prompts, {section['tokens']} greedy tokens each; "
-        f"{section['torch_threads']} torch threads. Load average (1, 5, 15 min) {load['before']} before, "
-        f"{load['after']} after: a shared machine, so the seconds are noisy; the differences and agreements are "
-        f"not. The largest |logit| of the reference is {section['rows'][0]['max_abs_logit']:.1f}. "
+        f"torch threads: {section['torch_threads']}. Load average (1, 5, 15 min) {load['before']} before, "
+        f"{load['after']} after: a shared machine, so the seconds are noisy (the first row also pays one-off imports "
+        f"and caches); the differences and agreements are not. The largest |logit| of the reference is {section['rows'][0]['max_abs_logit']:.1f}. "
         f"llama.cpp: {section['llama_cpp']}.\n\n{table}"
     )
 
@@ -477,7 +478,7 @@ def _serving(results: dict[str, Any]) -> str:
     )  # fmt: skip
     load = s["load"]
     return (
-        f"{s['model']}, {s['torch_threads']} torch threads; prompt {s['prompt_tokens']} tokens, {s['tokens']} "
+        f"{s['model']}, torch threads: {s['torch_threads']}; prompt {s['prompt_tokens']} tokens, {s['tokens']} "
         f"generated per request, {s['repeats']} requests after a warm-up. Load average (1, 5, 15 min) "
         f"{load['before']} before, {load['after']} after: on a shared 2-core machine these numbers are noisy; "
         f"compare the server with `generate` alone, measured in the same minutes.\n\n{table}"
