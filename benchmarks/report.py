@@ -23,7 +23,8 @@ METHOD = """\
 `make bench` (`python -m benchmarks.run`) runs every section below, prints its tables, writes the numbers to
 `benchmarks/results.json` and regenerates this page from them (`python -m benchmarks.report` does only the
 last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid,
-grid-pruning, instruction, real-model (all four) and memory sections; `--skip`, `--repeats`, `--methods` and
+grid-pruning, instruction, real-model (all four), export, serving and memory sections; `--only` runs only the
+sections named, `--skip`, `--repeats`, `--methods` and
 `--prune-seeds`, `--prune-dask-seeds`, `--prune-etas` narrow a full run. Sections on the team's models and data read `../shared`
 beside the checkout, or `ADAPTFLOW_BENCH_SHARED`. Benchmarks measure; no test asserts on their numbers.
 
@@ -75,6 +76,14 @@ What each section measures:
   against the plain HF Trainer + PEFT script (`benchmarks/plain_classifier.py`) on the same split, and training
   tokens/s and peak memory against `benchmarks/plain_trainer.py`, alternated, with the A/A control. The load
   average is recorded with each measurement.
+- **Export** (`benchmarks/export.py`): on `builtin:smollm2-135m-instruct` with a LoRA made by peft with a fixed
+  seed, each format and quantization through `export_source` (writing plus its own verification; writing the
+  merged GGUF alone is timed apart), the files' size, and the artifact read back by another reader than its
+  writer against the merged HF model: max |logit difference| teacher-forced on the reference's greedy sequences,
+  and greedy agreement over N chat prompts (prompts continued identically; tokens before the first difference).
+- **Serving** (`benchmarks/serving.py`): `adaptflow serve-model`'s app on the same model over HTTP through the
+  OpenAI client: time to the first streamed token and decode tokens per second (greedy, `ignore_eos`, a fixed
+  number of tokens), next to `model.generate` alone on the same prompt.
 - **Memory**: `python -m benchmarks.memory`: full fine-tuning vs LoRA vs QLoRA on a ~70M-parameter Llama built
   from a config (hidden 640, 10 layers, vocab 32000), AdamW, all linear layers adapted, each method in its own
   process. Tensors = weights + gradients + optimizer state + saved activations (exact); the process peak is
@@ -423,6 +432,63 @@ def _real_throughput(results: dict[str, Any]) -> str:
     )
 
 
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f}"
+
+
+def _export(results: dict[str, Any]) -> str:
+    section = results["export"]
+    rows = []
+    for r in section["rows"]:
+        files = ", ".join(
+            f"{name} {_mb(size)}" for name, size in r["files"].items() if name.endswith((".gguf", ".safetensors"))
+        )
+        rows.append([
+            r["format"], r["quant"] or "-", f"{r['export_seconds']:.1f}",
+            f"{r['write_seconds']:.1f}" if "write_seconds" in r else "-", f"{_mb(r['bytes'])} ({files})",
+            f"{r['max_abs_logit_diff']:.4f}", f"{r['greedy_identical_prompts']} / {section['prompts']}",
+            f"{r['greedy_token_agreement']:.3f}", "yes" if r["verified"] else f"no: {', '.join(r['failed'])}",
+        ])  # fmt: skip
+    table = _table(
+        ["format", "quant", "export s (write + verify)", "write alone s", "MB (weight files)", "max abs logit diff",
+         "greedy identical", "tokens before first difference", "verified"],
+        rows,
+    )  # fmt: skip
+    load = section["load"]
+    return (
+        f"{section['model']}; {section['prompts']} chat prompts, {section['tokens']} greedy tokens each; "
+        f"torch threads: {section['torch_threads']}. Load average (1, 5, 15 min) {load['before']} before, "
+        f"{load['after']} after: a shared machine, so the seconds are noisy (the first row also pays one-off imports "
+        f"and caches); the differences and agreements are not. The largest |logit| of the reference is {section['rows'][0]['max_abs_logit']:.1f}. "
+        f"llama.cpp: {section['llama_cpp']}.\n\n{table}"
+    )
+
+
+def _serving(results: dict[str, Any]) -> str:
+    s = results["serving"]
+    table = _table(
+        ["", "median", "runs"],
+        [
+            ["first streamed token, s", f"{s['first_token_seconds_median']:.3f}", _list(s["first_token_seconds"], 3)],
+            ["stream decode, tokens/s", f"{s['stream_tokens_per_second_median']:.1f}", _seconds(s["stream_tokens_per_second"])],
+            ["`model.generate` alone, tokens/s", f"{s['generate_alone_tokens_per_second_median']:.1f}",
+             _seconds(s["generate_alone_tokens_per_second"])],
+            ["non-streamed request, s", f"{s['non_streamed_request_seconds_median']:.2f}", "-"],
+        ],
+    )  # fmt: skip
+    load = s["load"]
+    return (
+        f"{s['model']}, torch threads: {s['torch_threads']}; prompt {s['prompt_tokens']} tokens, {s['tokens']} "
+        f"generated per request, {s['repeats']} requests after a warm-up. Load average (1, 5, 15 min) "
+        f"{load['before']} before, {load['after']} after: on a shared 2-core machine these numbers are noisy; "
+        f"compare the server with `generate` alone, measured in the same minutes.\n\n{table}"
+    )
+
+
+def _list(values: Sequence[float], digits: int) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
 # (results key, heading, renderer), in page order.
 def _periodic_eval(results: dict[str, Any]) -> str:
     section = results["periodic_eval"]
@@ -467,6 +533,8 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ),
     ("real_classification", "Real model: classification LoRA on SMS spam vs the plain script", _real_classification),
     ("real_throughput", "Real model: training throughput and peak memory vs the plain script", _real_throughput),
+    ("export", "Export: time, size, logits and greedy agreement per format and quantization", _export),
+    ("serving", "Serving: first token and tokens/s through the OpenAI client", _serving),
     ("memory", "Memory: full vs LoRA vs QLoRA", _memory),
     ("memory_plan", "Memory plan vs measured peak", _memory_plan),
     (

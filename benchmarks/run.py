@@ -2,7 +2,7 @@
 memory per method and model FLOPs utilisation. Prints a table; the last stdout line is one JSON object, also
 written to benchmarks/results.json and rendered into benchmarks/README.md (benchmarks/report.py).
 
-    python -m benchmarks.run [--quick] [--skip grid,memory] [--repeats 3] [--methods lora,full]
+    python -m benchmarks.run [--quick] [--skip grid,memory] [--only export,serving] [--repeats 3] [--methods lora,full]
 """
 
 from __future__ import annotations
@@ -365,11 +365,17 @@ def main() -> None:
         default="",
         help="comma-separated sections to skip: " + ",".join(SECTIONS),
     )
+    parser.add_argument("--only", default="", help="comma-separated sections to run, the others skipped")
     parser.add_argument("--prune-seeds", default="0,1,2", help="grid_pruning: train.seed values, local runner")
     parser.add_argument("--prune-dask-seeds", default="0", help="grid_pruning: train.seed values, dask runner")
     parser.add_argument("--prune-etas", default="3,2", help="grid_pruning: grid.prune eta values")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
+    if only - set(SECTIONS):
+        parser.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}; sections: {', '.join(SECTIONS)}")
+    if only:
+        skip |= set(SECTIONS) - only
     import torch
 
     results: dict[str, Any] = {
@@ -429,6 +435,16 @@ def main() -> None:
                 for key in real:
                     log(f"{key}: on {real_quality.NAME}")
                     results[key] = parts[key](work)
+        if "export" not in skip and not args.quick:
+            from benchmarks import export
+
+            log("export: every format and quantization of builtin:smollm2-135m-instruct + a LoRA, read back")
+            results["export"] = export.run(work / "export")
+        if "serving" not in skip and not args.quick:
+            from benchmarks import serving
+
+            log("serving: adaptflow serve-model's app on builtin:smollm2-135m-instruct through the OpenAI client")
+            results["serving"] = serving.run()
         if "memory" not in skip and not args.quick:
             from benchmarks import memory
 
@@ -456,6 +472,8 @@ SECTIONS = (
     "real_instruction",
     "real_classification",
     "real_throughput",
+    "export",
+    "serving",
     "memory",
     "memory_plan",
     "periodic_eval",  # python -m benchmarks.periodic_eval

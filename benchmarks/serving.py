@@ -35,12 +35,10 @@ from tasks.openai_server import Engine, ServedVersion, build_app
 QUESTION = [{"role": "user", "content": "Give three tips for staying healthy."}]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=64)
-    args = parser.parse_args()
-
+def run(repeats: int = 5, tokens: int = 64) -> dict[str, Any]:
+    """The section of benchmarks/results.json: `repeats` requests of `tokens` tokens each way, after a warm-up."""
+    args = argparse.Namespace(repeats=repeats, tokens=tokens)
+    load_before = os.getloadavg()
     folder = builtin_model_path("smollm2-135m-instruct")
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(folder))
     template = resolve_template(tokenizer, InstructionSettings(template="tokenizer"))
@@ -102,9 +100,20 @@ def main() -> None:
         "stream_tokens_per_second_median": round(statistics.median(rates), 1),
         "non_streamed_request_seconds_median": round(statistics.median(whole), 3),
         "generate_alone_tokens_per_second_median": round(statistics.median(direct[1:]), 1),
-        "load_average": os.getloadavg(),
+        "first_token_seconds": [round(v, 4) for v in first],
+        "stream_tokens_per_second": [round(v, 1) for v in rates],
+        "generate_alone_tokens_per_second": [round(v, 1) for v in direct[1:]],
+        "load": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in os.getloadavg()]},
     }
-    print(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    print(json.dumps(run(args.repeats, args.tokens), indent=2))
 
 
 if __name__ == "__main__":

@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         required=True,
         action="append",
-        choices=["hf-merged", "gguf", "gguf-lora", "ollama", "vllm-check"],
+        choices=["hf-merged", "gguf", "gguf-lora", "ollama", "ollama-lora", "vllm-check"],
         help="serving format (repeatable: each to its own subfolder of --out)",
     )
     export.add_argument(

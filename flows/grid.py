@@ -66,6 +66,7 @@ class GridResult(BaseModel):
     table: str
     steps_total: int = 0  # training steps of all trials together
     steps_saved: int = 0  # steps the pruned trials did not take (0 without grid.prune)
+    export: dict[str, Any] | None = None  # the best version's `export:` verdict and artifacts (None: none configured)
 
 
 def trial_runner(grid: GridSettings) -> tuple[TaskRunner[Any], int | None]:
@@ -245,4 +246,5 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
         table=table,
         steps_total=sum(r.steps for r in results),
         steps_saved=steps_saved(results, config.train.max_steps),
+        export=done.export,
     )

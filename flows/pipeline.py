@@ -48,6 +48,8 @@ class RunResult(BaseModel):
     run_dir: str
     resumed_from_step: int | None = None
     warnings: list[str] = []
+    # The `export:` section's verdict and artifacts (None: no export configured).
+    export: dict[str, Any] | None = None
 
 
 # The result of the pipeline this process completed last, a process cache reset by each `finetune` call: the
@@ -144,6 +146,7 @@ class Outcome(BaseModel):
     probe_report: ProbeReport
     registered: RegisteredRef
     decision: Decision
+    export: dict[str, Any] | None = None
 
 
 def register_and_promote(
@@ -182,7 +185,11 @@ def register_and_promote(
     registered = stages.register_model(config, data, run, trained, merged, metrics, tags, tokenized.package(), force)
     exported = stages.export_version(config, registered, run)
     decision = stages.promote(registered, run, config, data, probe_report, exported)
-    return Outcome(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision)
+    from tasks.export.pipeline import ExportVerdict
+
+    export = exported.public() if isinstance(exported, ExportVerdict) else None
+    return Outcome(metrics=metrics, probe_report=probe_report, registered=registered, decision=decision,
+                   export=export)  # fmt: skip
 
 
 def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = False, force: bool = False) -> RunResult:
@@ -233,6 +240,7 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
             bias_probe=outcome.probe_report.public(),
             resumed_from_step=done.trained.resumed_from_step,
             warnings=warnings,
+            export=outcome.export,
         )
     )
 
@@ -289,6 +297,7 @@ def run_result(
     mergeable: bool | None = None,
     resumed_from_step: int | None = None,
     warnings: list[str] | None = None,
+    export: dict[str, Any] | None = None,
 ) -> RunResult:
     """The one place a run's result is assembled: a run that trained, a worker node, or a version reported
     without training (`version`: its registered name and number)."""
@@ -310,6 +319,7 @@ def run_result(
         run_dir=run_dir,
         resumed_from_step=resumed_from_step,
         warnings=warnings or [],
+        export=export,
     )
 
 

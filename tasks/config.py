@@ -230,7 +230,7 @@ class RegistrySettings(Section):
         return name
 
 
-ExportFormat = Literal["hf-merged", "gguf", "gguf-lora", "ollama", "vllm-check"]
+ExportFormat = Literal["hf-merged", "gguf", "gguf-lora", "ollama", "ollama-lora", "vllm-check"]
 
 
 class ExportSettings(Section):

@@ -60,6 +60,45 @@ RESULTS = {
             ]
         ],
     },
+    "export": {
+        "model": "builtin:smollm2-135m-instruct + a seeded peft LoRA",
+        "prompts": 8,
+        "tokens": 24,
+        "torch_threads": 2,
+        "load": {"before": [1.5, 1.2, 1.0], "after": [1.9, 1.4, 1.1]},
+        "llama_cpp": "not run",
+        "rows": [
+            {
+                "format": "gguf",
+                "quant": "q8_0",
+                "export_seconds": 61.23,
+                "write_seconds": 9.87,
+                "bytes": 144_800_000,
+                "files": {"model.gguf": 144_800_000},
+                "verified": True,
+                "failed": [],
+                "max_abs_logit_diff": 0.4321,
+                "max_abs_logit": 38.5,
+                "greedy_identical_prompts": 7,
+                "greedy_token_agreement": 0.9583,
+            }
+        ],
+    },
+    "serving": {
+        "model": "builtin:smollm2-135m-instruct (fp32, CPU)",
+        "torch_threads": 2,
+        "prompt_tokens": 40,
+        "tokens": 64,
+        "repeats": 2,
+        "first_token_seconds_median": 0.1234,
+        "stream_tokens_per_second_median": 31.5,
+        "non_streamed_request_seconds_median": 2.1,
+        "generate_alone_tokens_per_second_median": 33.3,
+        "first_token_seconds": [0.12, 0.13],
+        "stream_tokens_per_second": [31.0, 32.0],
+        "generate_alone_tokens_per_second": [33.0, 33.6],
+        "load": {"before": [1.5, 1.2, 1.0], "after": [1.9, 1.4, 1.1]},
+    },
     "overhead": {
         "runs": [
             {
@@ -119,6 +158,10 @@ def test_report_renders_present_sections_with_date_and_machine_and_leaves_out_ab
         and "eta 3: the full grid's winner in 0 of 1" in pruning
     )
     assert "19.6" in sections["Fixed overhead of `adaptflow run deployments/demo.yaml`"]
+    exported = sections["Export: time, size, logits and greedy agreement per format and quantization"]
+    assert "| gguf | q8_0 | 61.2 | 9.9 | 144.8 (model.gguf 144.8) | 0.4321 | 7 / 8 | 0.958 | yes |" in exported
+    serving = sections["Serving: first token and tokens/s through the OpenAI client"]
+    assert "0.123" in serving and "31.5" in serving and "33.3" in serving and "noisy" in serving
     real = sections["Real model: first use and cached load"]
     assert "28.7" in real and "+0.10 s" in real and "+0.20 s" in real
 

@@ -33,6 +33,21 @@ LLAMA2_TEMPLATE = (
     "{% else %}{% set c = m['content'] %}{% endif %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + c + "
     "' [/INST]' }}{% else %}{{ ' ' + c + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
+# meta-llama/Llama-2-13b-chat-hf's tokenizer_config.json chat template (system folded into the first user turn).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+# Position-dependent: numbers the turns, which no fixed prefix per role can write.
+NUMBERED_TEMPLATE = "{% for m in messages %}{{ loop.index }}. {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+# Ollama's documented Modelfile instructions (docs/modelfile.md); the format is not case sensitive.
+MODELFILE_INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE")
 
 
 def last_json(text: str) -> dict[str, Any]:
@@ -122,6 +137,25 @@ def chatml_package(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) ->
 def export(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
     code = main(["export", *args, "--json"])
     return code, last_json(capsys.readouterr().out)
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, value) pairs as Ollama's docs/modelfile.md defines the format: `# comment` lines, one
+    `INSTRUCTION arguments` per line, a value in triple quotes spanning lines; an unknown instruction fails."""
+    pairs: list[tuple[str, str]] = []
+    lines = iter(text.splitlines())
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        instruction, _, value = line.partition(" ")
+        assert instruction.upper() in MODELFILE_INSTRUCTIONS, f"not a Modelfile instruction: {line!r}"
+        if value.startswith('"""'):
+            value = value[3:]
+            while not value.endswith('"""'):
+                value += "\n" + next(lines)
+            value = value[:-3]
+        pairs.append((instruction.upper(), value))
+    return pairs
 
 
 def gguf_fields(path: Path) -> dict[str, Any]:
@@ -220,10 +254,13 @@ def test_gguf_lora_of_a_dora_version_and_an_untranslatable_template_exit_2(
     dora = make_package(tmp_path / "dora", spm_base, None, method="dora")
     code, result = export([str(dora), "--format", "gguf-lora", "--out", str(tmp_path / "a")], capsys)
     assert code == 2 and "'dora'" in result["error"] and "--format gguf (the merged model)" in result["error"]
-    chat = {"name": "llama2", "source": LLAMA2_TEMPLATE, "end_of_turn": "</s>"}
-    llama2 = make_package(tmp_path / "llama2", spm_base, chat)
-    code, result = export([str(llama2), "--format", "ollama", "--out", str(tmp_path / "b")], capsys)
-    assert code == 2 and "'llama2'" in result["error"] and "write TEMPLATE by hand" in result["error"]
+    code, result = export([str(dora), "--format", "ollama-lora", "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "--format ollama-lora: method 'dora'" in result["error"]
+    assert "--format ollama (the merged model)" in result["error"] and not (tmp_path / "a").exists()
+    chat = {"name": "numbered", "source": NUMBERED_TEMPLATE, "end_of_turn": "</s>"}
+    numbered = make_package(tmp_path / "numbered", spm_base, chat)
+    code, result = export([str(numbered), "--format", "ollama", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "'numbered'" in result["error"] and "write TEMPLATE by hand" in result["error"]
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b-*"))
 
 
@@ -280,7 +317,58 @@ def test_role_wise_templates_translate_to_go_templates_that_render_the_same(tiny
         found = render_go(template, {"Messages": ollama_messages(conversation, model.default_system)})
         assert found == render(conversation, asks)
     with pytest.raises(Untranslatable):
-        analyse(lambda m, g: tokenizer.apply_chat_template(m, chat_template=LLAMA2_TEMPLATE, tokenize=False), "l2")
+        analyse(lambda m, g: tokenizer.apply_chat_template(m, chat_template=NUMBERED_TEMPLATE, tokenize=False), "n")
+
+
+@pytest.mark.parametrize("source", [LLAMA2_CHAT_TEMPLATE, LLAMA2_TEMPLATE], ids=["llama-2-chat", "llama-2-like"])
+def test_llama2_templates_fold_the_system_message_into_the_first_user_turn(tiny_model: str, source: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def render(messages: list[dict[str, str]], generation: bool) -> str:
+        return str(tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                                 add_generation_prompt=generation))  # fmt: skip
+
+    model = analyse(render, "llama2")
+    assert model.folded_system == ("<<SYS>>\n", "\n<</SYS>>\n\n") and model.default_system is None
+    assert model.prefix["user"] == "<s>[INST] " and model.suffix["assistant"] == " </s>"
+    template = go_template(model)
+    system_led = [{"role": "system", "content": "Answer in French."}]
+    system_led += [{"role": r, "content": c} for r, c in [("user", "Hi"), ("assistant", "Salut"), ("user", "Bye?")]]
+    for conversation in [*SAMPLE_CONVERSATIONS, system_led]:
+        asks = conversation[-1]["role"] != "assistant"
+        found = render_go(template, {"Messages": ollama_messages(conversation, model.default_system)})
+        assert found == render(conversation, asks)
+    # Only the first user turn carries it: "[INST] <<SYS>>" once, whatever the length.
+    assert render_go(template, {"Messages": system_led}).count("<<SYS>>") == 1
+
+
+def test_ollama_lora_writes_from_base_and_adapter_in_ollamas_modelfile_syntax(
+    spm_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The LoRA-only Ollama form on a Llama-2-chat version: FROM the base GGUF, ADAPTER the LoRA GGUF (paths
+    relative to the Modelfile, as Ollama's docs define ADAPTER), the Llama-2 TEMPLATE, stops; all verified."""
+    chat = {"name": "llama-2-chat", "source": LLAMA2_CHAT_TEMPLATE, "end_of_turn": "</s>"}
+    package = make_package(tmp_path / "pkg", spm_base, chat)
+    out = tmp_path / "out"
+    code, result = export([str(package), "--format", "ollama-lora", "--out", str(out)], capsys)
+    assert code == 0, result
+    checks = result["exports"][0]["checks"]
+    assert checks["weights_rebuilt"] and checks["adapter_layout"] and checks["template_renders_same"]
+    assert checks["base_greedy_match"] and checks["base_same_token_ids"]
+    pairs = parse_modelfile((out / "Modelfile").read_text())
+    instructions = [name for name, _ in pairs]
+    assert instructions[:3] == ["FROM", "ADAPTER", "TEMPLATE"] and "SYSTEM" not in instructions
+    values = dict(pairs[:3])
+    base, adapter = out / values["FROM"], out / values["ADAPTER"]
+    assert values["FROM"] == "./base.gguf" and values["ADAPTER"] == "./adapter.gguf"
+    assert gguf_fields(adapter)["general.type"] == "adapter" and "adapter.type" not in gguf_fields(base)
+    assert ("PARAMETER", 'stop "</s>"') in pairs
+    conversation = SAMPLE_CONVERSATIONS[1]
+    rendered = render_go(values["TEMPLATE"], {"Messages": conversation})
+    tokenizer = AutoTokenizer.from_pretrained(package / "tokenizer")
+    expected = tokenizer.apply_chat_template(conversation, chat_template=LLAMA2_CHAT_TEMPLATE, tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    assert rendered == expected and "<<SYS>>\nYou answer briefly.\n<</SYS>>\n\nName a colour." in rendered
 
 
 def test_real_model_exports_verify(
@@ -340,6 +428,16 @@ def test_a_registered_run_exports_in_the_pipeline_and_the_gate_holds_back_a_fail
     assert main(["run", str(config), "--json"]) == 0
     result = last_json(capsys.readouterr().out)
     assert result["aliases"] == [] and "export verification failed" in result["promotion"]
+    # The run's JSON lists the exports as `adaptflow export --json` does, with the verdict.
+    listed = result["export"]
+    assert listed["status"] == "failed" and listed["gate"] is True and "gguf" in listed["reason"]
+    assert [e["format"] for e in listed["exports"]] == ["gguf", "ollama"]
+    gguf_entry = listed["exports"][0]
+    assert gguf_entry["verified"] is False and gguf_entry["failed"] == ["logits_within_tolerance"]
+    assert (
+        gguf_entry["quant"] == "q8_0" and Path(gguf_entry["path"], "model.gguf").stat().st_size == gguf_entry["bytes"]
+    )
+    assert listed["exports"][1]["verified"] is False and Path(listed["exports"][1]["path"], "Modelfile").is_file()
     version = MlflowClient().get_model_version("exported", result["model_version"])
     assert version.tags["export.status"] == "failed" and version.tags["export.gguf.verified"] == "false"
     assert float(version.tags["export.gguf.max_abs_logit_diff"]) > 0

@@ -1,6 +1,6 @@
 """Export a registered version in a serving format, verified against the model it came from.
 
-One module per format (`hf_merged`, `gguf_model`, `gguf_lora`, `ollama`, `vllm`) and `verify` for the checks;
+One module per format (`hf_merged`, `gguf_model`, `gguf_lora`, `ollama` (both Ollama forms), `vllm`) and `verify` for the checks;
 `export_package` writes one format into a temporary folder beside `--out`, verifies it, records the verdict in
 `verification.json` and only then moves the folder into place: nothing half-written is ever at `--out`.
 """
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from tasks.errors import RunFailed, UserInputError
 from tasks.export.source import ExportSource, load_source
 
-FORMATS = ("hf-merged", "gguf", "gguf-lora", "ollama", "vllm-check")
+FORMATS = ("hf-merged", "gguf", "gguf-lora", "ollama", "ollama-lora", "vllm-check")
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 VERIFICATION_FILE = "verification.json"
 
@@ -70,6 +70,10 @@ def _writer(fmt: str) -> Writer:
         from tasks.export.ollama import write_ollama
 
         return write_ollama
+    if fmt == "ollama-lora":
+        from tasks.export.ollama import write_ollama_lora
+
+        return write_ollama_lora
     from tasks.export.vllm import write_vllm_check
 
     return write_vllm_check

@@ -1,12 +1,18 @@
-"""`--format ollama`: a Modelfile beside the merged GGUF, its TEMPLATE translated from the training chat template.
+"""`--format ollama`: a Modelfile beside the merged GGUF, its TEMPLATE translated from the training chat template;
+`--format ollama-lora`: the LoRA-only form, `FROM ./base.gguf` + `ADAPTER ./adapter.gguf` (the files of `gguf-lora`).
 
-Translation works on what the Jinja template renders, not on its source: rendered on probe conversations it must
-be role-wise — every message written as `prefix(role) + content + suffix(role)`, then a generation prompt when the
-model is to answer, and at most a default system message written when the conversation has none (SmolLM2's). That
-covers chatml, the plain `### Instruction` template, Zephyr- or Llama-3-style headers and the templates in
-tasks/objectives/instruction/chat.py. Such a template becomes a Go template over `.Messages`, its default system message the
-Modelfile's SYSTEM (Ollama puts SYSTEM first when a request has no system message). Anything else (Llama-2's
-`[INST] <<SYS>>` folds the system message into the first user turn) is refused with exit 2: write TEMPLATE by hand.
+Translation works on what the Jinja template renders, not on its source. Two shapes are recognised:
+
+- role-wise: every message written as `prefix(role) + content + suffix(role)`, then a generation prompt when the
+  model is to answer, and at most a default system message written when the conversation has none (SmolLM2's).
+  That covers chatml, the plain `### Instruction` template, Zephyr- or Llama-3-style headers and the templates in
+  tasks/objectives/instruction/chat.py. Its default system message becomes the Modelfile's SYSTEM (Ollama puts
+  SYSTEM first when a request has no system message).
+- system folded into the first user turn (Llama-2's `<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]`): user
+  and assistant messages role-wise, and a leading system message written inside the first user message, between a
+  fixed opening and closing.
+
+Either becomes a Go template over `.Messages`. Anything else is refused with exit 2: write TEMPLATE by hand.
 
 The emitted Go template is checked by rendering it with `render_go` (the subset this module writes: range, if /
 else if, eq / ne, variables, string literals, `.Role` / `.Content`) against the Jinja template on sample
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import UserInputError
+from tasks.export.gguf_lora import ADAPTER_FILE, BASE_FILE, write_gguf_lora
 from tasks.export.gguf_model import FILE_NAME, write_gguf
 from tasks.export.source import SAMPLE_CONVERSATIONS, ExportSource
 
@@ -40,17 +47,26 @@ class Untranslatable(UserInputError):
 
 @dataclass(frozen=True)
 class RoleWise:
-    """A chat template as per-role prefixes and suffixes, a generation prompt and an optional default system."""
+    """A chat template as per-role prefixes and suffixes, a generation prompt and an optional default system; with
+    `folded_system` (opening, closing), a leading system message is written inside the first user message instead
+    (Llama-2), and `prefix`/`suffix` have no "system" entry."""
 
     prefix: dict[str, str]
     suffix: dict[str, str]
     generation: str
     default_system: str | None
+    folded_system: tuple[str, str] | None = None
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         """What this model of the template renders (used to check that the model explains the Jinja)."""
         if messages and messages[0]["role"] != "system" and self.default_system is not None:
             messages = [{"role": "system", "content": self.default_system}, *messages]
+        if self.folded_system is not None and messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+            if not messages or messages[0]["role"] != "user":
+                raise ValueError("a folded system message needs a user message after it")
+            opening, closing = self.folded_system
+            messages = [{"role": "user", "content": opening + system + closing + messages[0]["content"]}, *messages[1:]]
         text = "".join(self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]] for m in messages)
         return text + (self.generation if add_generation_prompt else "")
 
@@ -62,16 +78,74 @@ def _between(text: str, start: str, end: str | None) -> str:
 
 
 def analyse(render: Any, name: str) -> RoleWise:
-    """Model a Jinja template (`render(messages, add_generation_prompt) -> str`) as role-wise.
+    """Model a Jinja template (`render(messages, add_generation_prompt) -> str`) as role-wise, else as role-wise
+    with the system message folded into the first user turn.
 
     Raises:
-        Untranslatable: it is not (naming the template and the way out).
+        Untranslatable: it is neither (naming the template and the way out).
     """
     refuse = Untranslatable(
         f"--format ollama: chat template {name!r} cannot be translated to an Ollama TEMPLATE (it does not write "
-        "each message as a fixed prefix, the content and a fixed suffix per role); write TEMPLATE by hand in the "
-        "Modelfile, or use --format gguf, which carries the Jinja template itself"
+        "each message as a fixed prefix, the content and a fixed suffix per role, nor fold the system message into "
+        "the first user turn as Llama-2's does); write TEMPLATE by hand in the Modelfile, or use --format gguf, "
+        "which carries the Jinja template itself"
     )
+    for shape in (_role_wise, _folded):
+        model = shape(render)
+        if model is not None and _explains(model, render):
+            return model
+    raise refuse
+
+
+def _explains(model: RoleWise, render: Any) -> bool:
+    """Whether the model renders every sample conversation as the template does (else the template does
+    something position-dependent that the model misses)."""
+    conversations = [*SAMPLE_CONVERSATIONS, _long_conversation(), _long_conversation(system=True)]
+    for conversation in conversations:
+        for generation in (True, False):
+            try:
+                expected = render(conversation, generation)
+            except Exception:
+                continue  # a conversation the template refuses is none of the model's business
+            try:
+                found = model.render(conversation, generation)
+            except ValueError:
+                return False
+            if found != expected:
+                return False
+    return True
+
+
+def _folded(render: Any) -> RoleWise | None:
+    """The template as user/assistant prefixes and suffixes, a leading system message written inside the first
+    user message between a fixed opening and closing (None: it is not that)."""
+    p = PROBE
+    try:
+        user_only = render([{"role": "user", "content": p["user"]}], False)
+        user_prompt = render([{"role": "user", "content": p["user"]}], True)
+        answered = render([{"role": "user", "content": p["user"]}, {"role": "assistant", "content": p["assistant"]}],
+                          False)  # fmt: skip
+        folded = render([{"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"]}], False)
+        user_head, user_tail = user_only.split(p["user"])
+        between = _between(answered, p["user"], p["assistant"])
+        assistant_tail = _between(answered, p["assistant"], None)
+    except Exception:  # the template refuses a probe, or a probe is missing or written twice: not this shape
+        return None
+    if not (user_prompt.startswith(user_only) and answered.startswith(user_only) and between.startswith(user_tail)):
+        return None
+    if not (folded.startswith(user_head) and folded.endswith(p["user"] + user_tail) and p["system"] in folded):
+        return None
+    inner = folded[len(user_head) : len(folded) - len(p["user"] + user_tail)]
+    if inner.count(p["system"]) != 1:
+        return None
+    opening, closing = inner.split(p["system"])
+    prefix = {"user": user_head, "assistant": between[len(user_tail) :]}
+    suffix = {"user": user_tail, "assistant": assistant_tail}
+    return RoleWise(prefix, suffix, user_prompt[len(user_only) :], None, (opening, closing))
+
+
+def _role_wise(render: Any) -> RoleWise | None:
+    """The template as per-role prefixes and suffixes (None: it is not role-wise)."""
     p = PROBE
     try:
         full = render(
@@ -86,9 +160,9 @@ def analyse(render: Any, name: str) -> RoleWise:
         user_prompt = render([{"role": "user", "content": p["user"]}], True)
         system_only = render([{"role": "system", "content": p["system"]}], False)
     except Exception:
-        raise refuse from None
+        return None
     if not all(p[r] in full for r in ROLES) or not user_prompt.startswith(user_only):
-        raise refuse
+        return None
     try:
         suffix = {
             "assistant": _between(full, p["assistant"], None),
@@ -99,9 +173,9 @@ def analyse(render: Any, name: str) -> RoleWise:
         between_su = _between(full, p["system"], p["user"])
         between_ua = _between(full, p["user"], p["assistant"])
     except ValueError:  # a probe's content is missing where a role-wise template writes it
-        raise refuse from None
+        return None
     if not (between_su.startswith(suffix["system"]) and between_ua.startswith(suffix["user"])):
-        raise refuse
+        return None
     prefix = {
         "system": system_head,
         "user": between_su[len(suffix["system"]) :],
@@ -109,28 +183,19 @@ def analyse(render: Any, name: str) -> RoleWise:
     }
     head = user_only[: user_only.index(p["user"])]
     if not head.endswith(prefix["user"]):
-        raise refuse
+        return None
     default = head[: len(head) - len(prefix["user"])]
     default_system = None
     if default:  # the template writes a system message of its own when there is none
         if not (default.startswith(prefix["system"]) and default.endswith(suffix["system"])):
-            raise refuse
+            return None
         default_system = default[len(prefix["system"]) : len(default) - len(suffix["system"])]
-    model = RoleWise(prefix, suffix, user_prompt[len(user_only) :], default_system)
-    # The model must explain every sample conversation, or the template does something else (position-dependent).
-    for conversation in [*SAMPLE_CONVERSATIONS, _long_conversation()]:
-        for generation in (True, False):
-            try:
-                expected = render(conversation, generation)
-            except Exception:
-                continue  # a conversation the template refuses is none of the model's business
-            if model.render(conversation, generation) != expected:
-                raise refuse
-    return model
+    return RoleWise(prefix, suffix, user_prompt[len(user_only) :], default_system)
 
 
-def _long_conversation() -> list[dict[str, str]]:
-    turns = [("user", "First question?"), ("assistant", "First answer."), ("user", "Second question?")]
+def _long_conversation(system: bool = False) -> list[dict[str, str]]:
+    turns = [("system", "Be kind.")] if system else []
+    turns += [("user", "First question?"), ("assistant", "First answer."), ("user", "Second question?")]
     turns += [("assistant", "Second answer."), ("user", "Third one.")]
     return [{"role": role, "content": content} for role, content in turns]
 
@@ -141,17 +206,37 @@ def go_string(text: str) -> str:
 
 
 def go_template(model: RoleWise) -> str:
-    """The Go template Ollama renders for a role-wise chat template. Every literal is a quoted action, so the
-    trim markers that lay the template out never eat a newline of the prompt."""
-    lines = ['{{- $role := "" }}', "{{- range .Messages }}"]
-    for index, role in enumerate(ROLES):
-        keyword = "if" if index == 0 else "else if"
-        lines.append(
-            f'{{{{- {keyword} eq .Role "{role}" }}}}{{{{ {go_string(model.prefix[role])} }}}}{{{{ .Content }}}}'
-            f"{{{{ {go_string(model.suffix[role])} }}}}"
+    """The Go template Ollama renders for a translated chat template. Every literal is a quoted action, so the
+    trim markers that lay the template out never eat a newline of the prompt. A folded system message is held in
+    `$system` and written inside the next user message."""
+
+    def literal(text: str) -> str:
+        return f"{{{{ {go_string(text)} }}}}"
+
+    def role_line(keyword: str, role: str) -> str:
+        return f'{{{{- {keyword} eq .Role "{role}" }}}}{literal(model.prefix[role])}{{{{ .Content }}}}' + literal(
+            model.suffix[role]
         )
+
+    lines = ['{{- $role := "" }}']
+    if model.folded_system is None:
+        lines.append("{{- range .Messages }}")
+        lines += [role_line("if" if index == 0 else "else if", role) for index, role in enumerate(ROLES)]
+    else:
+        opening, closing = model.folded_system
+        lines += [
+            '{{- $system := "" }}',
+            "{{- range .Messages }}",
+            '{{- if eq .Role "system" }}{{- $system = .Content }}',
+        ]
+        lines.append(
+            f'{{{{- else if eq .Role "user" }}}}{literal(model.prefix["user"])}{{{{- if $system }}}}{literal(opening)}'
+            f'{{{{ $system }}}}{literal(closing)}{{{{- $system = "" }}}}{{{{- end }}}}{{{{ .Content }}}}'
+            + literal(model.suffix["user"])
+        )
+        lines.append(role_line("else if", "assistant"))
     lines += ["{{- end }}", "{{- $role = .Role }}", "{{- end }}"]
-    lines.append(f'{{{{- if ne $role "assistant" }}}}{{{{ {go_string(model.generation)} }}}}{{{{- end }}}}')
+    lines.append(f'{{{{- if ne $role "assistant" }}}}{literal(model.generation)}{{{{- end }}}}')
     return "\n".join(lines)
 
 
@@ -357,4 +442,26 @@ def write_ollama(source: ExportSource, staging: Path, quant: str | None) -> tupl
     checks |= verify_template(source, template, model)
     checks["stop"] = stops
     notes.append(f"ollama create NAME -f {MODELFILE}   (run in this folder)")
+    return checks, notes
+
+
+def write_ollama_lora(source: ExportSource, staging: Path, quant: str | None) -> tuple[dict[str, Any], list[str]]:
+    """Modelfile (`FROM ./base.gguf`, `ADAPTER ./adapter.gguf`) + the two files of --format gguf-lora, verified as
+    gguf-lora's are; the TEMPLATE as --format ollama's."""
+    template, model = template_for(source)  # first: an untranslatable template writes nothing
+    system = model.default_system if model else None
+    stops = stop_tokens(source, model)
+    try:
+        checks, notes = write_gguf_lora(source, staging, quant)
+    except UserInputError as exc:  # gguf-lora's refusals, named for this format and its merged counterpart
+        said = (
+            str(exc).replace("--format gguf-lora", "--format ollama-lora").replace("--format gguf", "--format ollama")
+        )
+        raise UserInputError(said) from None
+    (staging / MODELFILE).write_text(modelfile(BASE_FILE, template, system, stops, adapter=ADAPTER_FILE))
+    checks |= verify_template(source, template, model)
+    checks["stop"] = stops
+    notes = [n for n in notes if not n.startswith("llama.cpp:")]
+    notes.append(f"ollama create NAME -f {MODELFILE}   (run in this folder; Ollama applies {ADAPTER_FILE} to "
+                 f"{BASE_FILE})")  # fmt: skip
     return checks, notes

@@ -40,6 +40,12 @@ class ExportVerdict(BaseModel):
     def holds_back(self) -> bool:
         return self.gate and not self.passed
 
+    def public(self) -> dict[str, Any]:
+        """The `export` object of the run and grid JSON: the verdict and each artifact as `adaptflow export --json`
+        lists it."""
+        status = "verified" if self.passed else "failed"
+        return {"status": status, "path": self.path, "reason": self.reason, "gate": self.gate, "exports": self.exports}
+
 
 def version_tags(records: list[ExportRecord]) -> dict[str, str]:
     tags: dict[str, str] = {}
