@@ -88,7 +88,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     assert main(["run", str(config), "--resume", "--json"]) == 2
     refused = capsys.readouterr().err
     assert "started on other content: data.train/data.eval" in refused and "--allow-changed" in refused
-    assert MlflowClient().get_run(killed[0]).info.status == "RUNNING"  # as --resume found it
+    # Its process was gone: the refused resume's start marked it FAILED, and the refusal left it as found then.
+    assert MlflowClient().get_run(killed[0]).info.status == "FAILED"
     stories_file.write_text(original)
 
     assert main(["run", str(config), "--resume", "--json"]) == 0
