@@ -6,7 +6,9 @@ import errno
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 # A full or read-only disk, or a file past the size the disk (or RLIMIT_FSIZE) allows: retrying cannot help.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
@@ -118,6 +120,36 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
 
     @staticmethod
-    def raise_on(signum: int, frame: object) -> None:
-        """A signal handler: raise in the main thread, like Python's own SIGINT handler."""
+    def raise_on(signum: int, frame: FrameType | None) -> None:
+        """A signal handler: raise in the main thread, like Python's own SIGINT handler.
+
+        Not while a module is being imported: raised inside a C extension's initialization (torch's, through
+        pybind11) the exception aborts the whole process ("terminate called after throwing an instance of
+        'pybind11::error_already_set'", SIGABRT and a C++ stack dump instead of exit 130). The signal is sent
+        again shortly, until it lands outside the import.
+        """
+        if _importing(frame):
+            if signum not in _RESENDING:  # a second Ctrl-C meanwhile is the same interruption
+                _RESENDING.add(signum)
+                timer = threading.Timer(0.05, _resend, (signum,))
+                timer.daemon = True
+                timer.start()
+            return
         raise Interrupted(signum)
+
+
+_RESENDING: set[int] = set()
+
+
+def _resend(signum: int) -> None:
+    _RESENDING.discard(signum)
+    os.kill(os.getpid(), signum)
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside an import (importlib's bootstrap is on the stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False

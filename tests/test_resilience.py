@@ -325,3 +325,29 @@ def test_a_run_that_loses_its_orchestrator_after_training_reports_what_it_regist
     (version,) = client.search_model_versions("name='safe'")
     assert version.status == "READY" and str(client.get_model_version_by_alias("safe", "champion").version) == "1"
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
+
+
+def test_ctrl_c_during_an_import_interrupts_after_it_instead_of_aborting_in_the_extension(tmp_path: Path) -> None:
+    """Seen for real: SIGINT while `import torch` ran its pybind11 initialization aborted the process (SIGABRT,
+    a C++ stack dump). The interruption waits until the import is done, then ends the command as Ctrl-C does."""
+    (tmp_path / "slow_import.py").write_text(
+        "import os, signal, sys, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.5)  # still importing when the signal arrives\n"
+        "print('imported', file=sys.stderr)\n"
+    )
+    script = (
+        "import sys, time\n"
+        "from flows.startup import session\n"
+        "with session('probe', runs_flows=False, json_output=False) as outcome:\n"
+        "    import slow_import\n"
+        "    time.sleep(5)\n"
+        "sys.exit(outcome.code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 130, done.stderr
+    assert "imported" in done.stderr and "adaptflow: interrupted (SIGINT)" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
