@@ -86,10 +86,11 @@ def disk_failure(
     places = [("train.output_dir", folder)]
     if store is not None:
         database = Path(store).resolve()
-        places = [("the MLflow store", database), ("the MLflow artifacts", database.parent / "artifacts"), *places]
+        # After train.output_dir: on one shared disk the output folder is named, as before the store was.
+        places += [("the MLflow store", database), ("the MLflow artifacts", database.parent / "artifacts")]
     written = Path(exc.filename) if isinstance(exc, OSError) and isinstance(exc.filename, str) else None
     if store is not None and SQLITE_FULL in str(exc):
-        written = places[0][1]  # SQLite's own writes: the database and its journal beside it
+        written = places[1][1]  # SQLite's own writes: the database and its journal beside it
     if written is not None:
         where = next(((key, path) for key, path in places if written.resolve().is_relative_to(path)), None)
         key, path = where or ("", written)
