@@ -17,7 +17,7 @@ from flows import stages
 from flows.promote import promote_pending
 from tasks import process_cache, sequence
 from tasks.config import RunConfig
-from tasks.errors import UserInputError, disk_error, disk_failure
+from tasks.errors import RunFailed, UserInputError, disk_error, disk_failure
 from tasks.identity import run_identity
 from tasks.load import DataRef
 from tasks.modeling import ModelSource
@@ -60,8 +60,11 @@ last_result: list[RunResult] = []
 @contextmanager
 def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = False) -> Iterator[RunRef]:
     """One MLflow run around the pipeline, marked FAILED if any stage raises (KILLED on Ctrl-C or SIGTERM).
-    The process's caches (the live model its stages handed on among them) are dropped at the end, however it ends."""
-    run = stages.start_run(config, run_name, None, resume)
+    The process's caches (the live model its stages handed on among them) are dropped at the end, however it ends.
+    A full disk is named by its path (`named_disk_errors`), also when it stops the store from marking the run (the
+    next run's start marks it)."""
+    with named_disk_errors(config):
+        run = stages.start_run(config, run_name, None, resume)
     try:
         yield run
     except ResumeChanged:
@@ -72,22 +75,36 @@ def tracked_run(config: RunConfig, run_name: str | None = None, resume: bool = F
         process_cache.drop_all()
         # Not an Exception: KeyboardInterrupt, or Prefect's TerminationSignal for a SIGTERM inside a flow.
         stopped = not isinstance(exc, Exception)
-        stages.end_run(run, "KILLED" if stopped else "FAILED", repr(exc)[:5000])
+        try:
+            stages.end_run(run, "KILLED" if stopped else "FAILED", repr(exc)[:5000])
+        except Exception as unmarked:
+            if disk_error(unmarked) is None:
+                raise
+            raise full_disk(config, exc if disk_error(exc) else unmarked, unmarked=True) from None
         with named_disk_errors(config):
             raise
     process_cache.drop_all()
-    stages.end_run(run, "FINISHED")
+    with named_disk_errors(config):
+        stages.end_run(run, "FINISHED")
+
+
+def full_disk(config: RunConfig, exc: BaseException, unmarked: bool = False) -> RunFailed:
+    """The message naming the full place of a disk error (`disk_failure`): the output folder or the MLflow store."""
+    from tasks.tracking import sqlite_store, tracking_uri
+
+    reason = disk_error(exc) or str(exc)
+    return disk_failure(exc, config.train.output_dir, reason, sqlite_store(tracking_uri(config.tracking)), unmarked)
 
 
 @contextmanager
 def named_disk_errors(config: RunConfig) -> Iterator[None]:
-    """A full or read-only disk is named by its path and train.output_dir's free space, not a bare errno."""
+    """A full or read-only disk is named by its path (train.output_dir, the MLflow store or its artifacts) and
+    free space, not a bare errno or SQLite's "database or disk is full"."""
     try:
         yield
     except Exception as exc:
-        reason = disk_error(exc)
-        if reason is not None:
-            raise disk_failure(exc, config.train.output_dir, reason) from None
+        if disk_error(exc) is not None:
+            raise full_disk(config, exc) from None
         raise
 
 

@@ -26,10 +26,11 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flows import process_tuning, temporary_server
-from tasks.errors import Interrupted, RunFailed, UserInputError
+from tasks.errors import Interrupted, RunFailed, UserInputError, disk_error
 
 if TYPE_CHECKING:
     from tasks.config import TrackingSettings
@@ -40,19 +41,33 @@ PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 class QuietExplainedErrors(logging.Filter):
     """Prefect logs a task's or flow's exception with its traceback at ERROR; for a UserInputError or a RunFailed
-    (a grid whose trials all failed, a diverged loss) that reads as a crash before the one clean message the
-    session prints. Such records become DEBUG: shown (traceback and all) only when Prefect's run loggers are at
-    DEBUG (PREFECT_LOGGING_LEVEL=DEBUG), else dropped."""
+    (a grid whose trials all failed, a diverged loss), or a full disk (named once, by its path, at the end) that
+    reads as a crash before the one clean message the session prints. Such records, and the "Finished in state
+    Failed(...)" lines that repeat a full disk's raw error, become DEBUG: shown (traceback and all) only when
+    Prefect's run loggers are at DEBUG (PREFECT_LOGGING_LEVEL=DEBUG), else dropped."""
 
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__()
         self.logger = logger
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserInputError | RunFailed):
+        error = record.exc_info[1] if record.exc_info else None
+        explained = isinstance(error, UserInputError | RunFailed) or (error is not None and disk_error(error))
+        if explained or disk_error(Exception(record.getMessage())):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return self.logger.isEnabledFor(logging.DEBUG)
         return True
+
+
+# MLflow's SQLite store logs every failed statement with its traceback before raising it: on a full disk, one
+# per write (dozens in a run). The error itself still reaches the run, which names the full place once.
+MLFLOW_STORE_LOGGER = "mlflow.store.db.utils"
+
+
+class QuietFullStore(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and disk_error(error))
 
 
 @dataclass
@@ -101,12 +116,35 @@ def session(command: str, *, runs_flows: bool, json_output: bool, resume_hint: s
                 }
                 outcome.code = 1
             except Exception as exc:
-                traceback.print_exc(file=sys.stderr)
-                print(f"adaptflow: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-                outcome.result, outcome.code = {"command": command, "status": "failed", "error": str(exc)}, 1
+                if (reason := disk_error(exc)) is not None:  # a full disk is named, not a traceback
+                    message = full_disk_message(exc, reason)
+                else:
+                    traceback.print_exc(file=sys.stderr)
+                    message = f"{exc.__class__.__name__}: {exc}"
+                print(f"adaptflow: failed: {message}", file=sys.stderr)
+                outcome.result, outcome.code = {"command": command, "status": "failed", "error": message}, 1
         if json_output:
             stdout.write(json.dumps(outcome.result, default=str) + "\n")
             stdout.flush()
+
+
+def full_disk_message(exc: Exception, reason: str) -> str:
+    """A full disk that a command's own writes met (a run names its places itself, `flows.pipeline`): the file,
+    else the MLflow store's database when SQLite says it is full, with the free space there."""
+    from tasks.errors import SQLITE_FULL, free_mb
+
+    path: str | None = exc.filename if isinstance(exc, OSError) and isinstance(exc.filename, str) else None
+    if path is None and SQLITE_FULL in str(exc) and "mlflow" in sys.modules:
+        from mlflow import get_tracking_uri
+
+        from tasks.tracking import sqlite_store
+
+        path = str(sqlite_store(get_tracking_uri()) or "") or None
+    if path is None:
+        return f"{reason} ({exc.__class__.__name__}: {str(exc)[:300]}); free some space and try again"
+    free = free_mb(Path(path))
+    room = f"{free:.1f} MB free" if free is not None else "free space unknown"
+    return f"{reason} writing {path} ({room}); free some space on its disk and try again"
 
 
 def connect(tracking: TrackingSettings | None, while_waiting: Sequence[Callable[[], object]] = ()) -> None:
@@ -155,6 +193,9 @@ def _configure_logging() -> None:
         if not any(isinstance(f, QuietExplainedErrors) for f in logger.filters):  # once per process
             logger.addFilter(QuietExplainedErrors(logger))
             logger.addFilter(QuietCompletions())
+    store_logger = logging.getLogger(MLFLOW_STORE_LOGGER)
+    if not any(isinstance(f, QuietFullStore) for f in store_logger.filters):
+        store_logger.addFilter(QuietFullStore())
     for category, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", category=getattr(builtins, category), module=module)
     inherited = [f"ignore::{category}:{module}" for category, module in HARMLESS_WARNINGS]

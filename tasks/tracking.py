@@ -9,12 +9,14 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+import psutil
 from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -44,6 +46,11 @@ def tracking_uri(settings: TrackingSettings) -> str:
     store = embedded_store()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def sqlite_store(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI, None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def use_tracking(settings: TrackingSettings) -> MlflowClient:
@@ -196,6 +203,60 @@ def unfinished_run(client: MlflowClient, experiment: str, config: RunConfig) -> 
     return standalone[0].info.run_id if standalone else None
 
 
+OWNER_TAG = "adaptflow.process"  # host:pid:start time of the process a RUNNING run is live in
+
+
+def process_identity(pid: int | None = None) -> str:
+    """This host, a process id and that process's start time: a pid alone is reused after the process ends."""
+    process = psutil.Process(pid)
+    return f"{socket.gethostname()}:{process.pid}:{process.create_time():.2f}"
+
+
+def claim(client: MlflowClient, run_id: str) -> None:
+    """Record this process as the one a RUNNING run is live in (`sweep_dead_runs` checks it)."""
+    client.set_tag(run_id, OWNER_TAG, process_identity())
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the process an owner tag names still runs; a run of another host is taken as alive."""
+    host, pid, started = [*owner.rsplit(":", 2), "", ""][:3]
+    if host != socket.gethostname():
+        return True
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def sweep_dead_runs(client: MlflowClient, experiment: str) -> list[str]:
+    """Mark FAILED, with an error tag saying why, the experiment's runs still RUNNING whose process on this host
+    has ended: one that died without marking its run (SIGKILL, the out-of-memory killer, or a store so full
+    that even FAILED could not be written). `--resume` continues them as it does any unfinished run.
+
+    Returns:
+        The run ids marked.
+    """
+    runs = client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    marked = []
+    for run in runs:
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner is None or _owner_alive(owner):  # runs of other tools, or live ones
+            continue
+        why = (
+            f"the process running it (pid {owner.rsplit(':', 2)[1]} on {socket.gethostname()}) ended without "
+            "marking it (killed, out of memory, or its tracking store full); marked FAILED at the next start"
+        )
+        try:
+            client.set_tag(run.info.run_id, ERROR_TAG, why)
+            client.set_terminated(run.info.run_id, status="FAILED")
+        except Exception as exc:  # a run ending meanwhile, or a store still full: the next start tries again
+            log.warning("could not mark the dead run %s FAILED (%s)", run.info.run_id, exc.__class__.__name__)
+            continue
+        log.warning("run %s: %s", run.info.run_id, why)
+        marked.append(run.info.run_id)
+    return marked
+
+
 def check_reachable(uri: str) -> None:
     """Fail fast, naming the URI, when a tracking server does not answer (its client would retry for minutes).
 
@@ -227,10 +288,13 @@ def start_run(
     client = use_tracking(config.tracking)
     check_reachable(client.tracking_uri)
     exp = experiment_id(client, config.tracking.experiment)
+    if parent_run_id is None:  # a grid's trials start while their grid lives: it swept when it started
+        sweep_dead_runs(client, exp)
     previous = unfinished_run(client, exp, config) if resume else None
     if previous:
         previous_status = client.get_run(previous).info.status
         client.update_run(previous, status="RUNNING")
+        claim(client, previous)
         client.set_tag(previous, "adaptflow.resumed", "true")
         clear_error(client, previous)  # the interruption being resumed is no longer the run's state
         log.info("resuming run %s", previous)
@@ -257,6 +321,7 @@ def start_run(
         "adaptflow.task": config.task,
         "adaptflow.git_commit": git_commit(),
         "adaptflow.prefect_flow_run_id": prefect_flow_run_id(),
+        OWNER_TAG: process_identity(),
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id

@@ -122,7 +122,8 @@ class MlflowStreamCallback(TrainerCallback):
 
     Our own callback rather than transformers' MLflowCallback: that one opens its own run from env vars,
     while stages here log to an explicit run id (they may run in other threads or processes).
-    A failed log call is kept and retried at the next log instead of stopping training.
+    A failed log call is kept and retried at the next log instead of stopping training, unless the store's disk
+    is full.
     """
 
     def __init__(self, run: RunRef, prefix: str = "train_") -> None:
@@ -149,6 +150,8 @@ class MlflowStreamCallback(TrainerCallback):
             client_for(self.run).log_batch(self.run.run_id, metrics=self.pending[:1000])
             del self.pending[:1000]
         except Exception as exc:  # tracking hiccups must not kill training
+            if disk_error(exc) is not None:  # a full store is no hiccup: nothing of this run could be recorded
+                raise
             self.failures += 1
             log.warning("could not log metrics to MLflow (%s); will retry", exc.__class__.__name__)
 

@@ -27,7 +27,7 @@ from tasks.memory import preflight_plan
 from tasks.modeling import ModelSource
 from tasks.periodic_eval import RUNG_PREFIX, logged_metrics
 from tasks.tokenization import TokenizedRef
-from tasks.tracking import RunRef, clear_error, client_for, end_run, log_metrics, start_run
+from tasks.tracking import RunRef, claim, clear_error, client_for, end_run, log_metrics, start_run
 from tasks.trained import TrainedRef
 
 TrialStatus = Literal["ok", "failed", "pruned", "skipped"]
@@ -249,6 +249,7 @@ def run_trial(
         run = trial_run(previous, parent)
         client = client_for(run)
         client.update_run(run.run_id, status="RUNNING")
+        claim(client, run.run_id)  # live in this process now (the sweep of dead runs checks it)
         clear_error(client, run.run_id)  # a failure of an interrupted attempt is no longer the trial's state
     kept = {"steps": previous.steps, "rungs": previous.rungs} if previous else {}
     with trial_lock(run.run_dir):

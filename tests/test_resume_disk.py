@@ -8,12 +8,15 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from conftest import write_config
 from mlflow.tracking import MlflowClient
 
@@ -28,7 +31,7 @@ from tasks.modeling import resolve_model
 from tasks.objectives import OBJECTIVES
 from tasks.settings import DataSettings, ModelSettings
 from tasks.tokenization import tokenize_dataset
-from tasks.tracking import RunRef, end_run, start_run
+from tasks.tracking import OWNER_TAG, RunRef, end_run, process_identity, start_run
 from tasks.training import TrainedRef, train_model
 
 
@@ -221,3 +224,85 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_named_and_removed(
             trainer.train()
         assert failure.value.errno == errno.ENOSPC and "checkpoint-1" in str(failure.value.filename)
         assert not list((trainer.run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_a_tracking_store_filling_up_mid_run_is_named_once_and_its_run_marked_at_the_next_start(
+    tmp_path: Path, tiny_model: str, stories_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's disk fills once the run is open: SQLite's "database or disk is full" on every write, even
+    the one marking the run FAILED. A real `adaptflow run` process on a real full tmpfs."""
+    with mounted(tmp_path / "disk", "size=8m") as disk:
+        store = f"sqlite:///{disk / 'mlflow.db'}"
+        runs = tmp_path / "runs"
+        config = disk_config(tmp_path, tiny_model, stories_file, runs)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+        adaptflow = str(Path(sys.executable).with_name("adaptflow"))
+        child = subprocess.Popen(
+            [adaptflow, "run", str(config), "--set", "train.max_steps=200", "--set", "train.logging_steps=1"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 300
+        while child.poll() is None and time.monotonic() < deadline and not any(runs.glob("[0-9a-f]*")):
+            time.sleep(0.05)  # start_run made the run's folder: the run is open in the store
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * free)
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 1, err
+        assert "Traceback" not in err and "database or disk is full" not in err, err
+        assert err.count("adaptflow: failed:") == 1, err  # after the Trainer's progress bar, on its line
+        message = err.split("adaptflow: failed:")[1]
+        assert f"the MLflow store: {disk / 'mlflow.db'}, 0.0 MB free" in message
+        assert "could not be marked FAILED" in message and "--resume" in message
+        (run_dir,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+
+        (disk / "filler").unlink()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+        client = MlflowClient(store, store)
+        assert client.get_run(run_dir.name).info.status == "RUNNING"  # its process could not mark it
+        start_run(RunConfig.model_validate(yaml.safe_load(config.read_text())))  # the next start marks it
+        left = client.get_run(run_dir.name)
+    assert left.info.status == "FAILED"
+    assert "ended without marking it" in left.data.tags["adaptflow.error"]
+
+
+def test_full_mlflow_artifacts_are_named_by_their_folder(
+    tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Registration writes the model into the store's artifacts (beside its database): that disk is named, not
+    train.output_dir (whose disk has room)."""
+    with mounted(tmp_path / "artifacts", "size=64k") as folder:
+        config = disk_config(tmp_path, tiny_model, stories_file, tmp_path / "runs")
+        code = main(["run", str(config)])
+        captured = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" not in captured.err, captured.err
+    message = captured.err.strip().splitlines()[-1]
+    assert message.startswith("adaptflow: failed: No space left on device"), message
+    assert f"the MLflow artifacts: {folder}" in message and "train.output_dir" not in message
+    (run,) = [r for r in all_runs() if r.data.tags.get("adaptflow.method")]  # not the stored base's run
+    assert run.info.status == "FAILED"
+
+
+def test_the_next_start_marks_only_runs_whose_process_is_gone(tmp_path: Path) -> None:
+    """A run left RUNNING by a dead process is marked FAILED, saying why; a live process's run, another host's,
+    and a run no adaptflow process claimed are left as they are."""
+    config = RunConfig.model_validate({"data": {"train": "x.jsonl"}, "train": {"output_dir": str(tmp_path)}})
+    live = start_run(config)
+    client = MlflowClient()
+    dead = start_run(config)
+    gone = subprocess.Popen(["sleep", "0.1"])
+    client.set_tag(dead.run_id, OWNER_TAG, process_identity(gone.pid))
+    gone.wait()
+    elsewhere = start_run(config)
+    client.set_tag(elsewhere.run_id, OWNER_TAG, f"another-host:{gone.pid}:1.00")
+    unclaimed = client.create_run(live.experiment_id).info.run_id
+    start_run(config)
+    status = {run: client.get_run(run).info.status for run in (live.run_id, dead.run_id, elsewhere.run_id, unclaimed)}
+    assert status == {live.run_id: "RUNNING", dead.run_id: "FAILED", elsewhere.run_id: "RUNNING", unclaimed: "RUNNING"}
+    why = client.get_run(dead.run_id).data.tags["adaptflow.error"]
+    assert f"pid {gone.pid}" in why and "ended without marking it" in why
