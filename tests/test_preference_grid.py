@@ -108,10 +108,17 @@ def test_a_grid_over_beta_and_r_prunes_on_reward_accuracy_and_promotes_the_best(
     finished = [t for t in trials if t["status"] == "ok"]
     best = max(finished, key=lambda t: (t["metrics"]["eval_reward_accuracy"], -t["metrics"]["trainable_params"]))
     assert result["best"]["index"] == best["index"] and (result["steps_total"], result["steps_saved"]) == (12, 4)
-    # Each trial trained with its own beta (it is the trial run's param), and the best is registered and promoted.
+    # Each trial trained and was evaluated with its own beta: the reward margin is beta x how far the policy's
+    # log-probs moved from the reference's (the base's, on the same held-out pairs).
     client = MlflowClient()
+    base = client.get_run(best["run_id"]).data.metrics
     for t in trials:
         assert float(client.get_run(t["run_id"]).data.params["preference.beta"]) == t["params"]["beta"]
+        m = t["metrics"]
+        moved = (m["eval_logps_chosen"] - base["base_eval_logps_chosen"]) - (
+            m["eval_logps_rejected"] - base["base_eval_logps_rejected"]
+        )
+        assert m["eval_reward_margin"] / moved == pytest.approx(t["params"]["beta"], rel=0.05), t
     assert result["promoted"] and result["aliases"] == ["champion"]
     version = client.get_model_version("pref-grid", result["model_version"])
     assert version.run_id == best["run_id"] and float(version.tags["param.beta"]) == best["params"]["beta"]
