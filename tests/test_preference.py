@@ -94,7 +94,7 @@ def test_each_loss_and_method_trains_and_evaluates_through_the_stages(
 ) -> None:
     tokenized = tokenized_for(loss, source, folder)
     assert tokenized.options["paired"] == (loss != "kto")
-    assert tokenized.metrics() == {"pref_dropped_rows": 0}
+    assert tokenized.metrics() == {"pref_dropped_rows": 0, "pref_dropped_identical": 0}
     settings = METHODS[method].settings(name=method)
     adapted = apply_method(source, settings, "preference", tokenized, str(tmp_path), seed=0)
     lr = 3e-2 if method in ("prefix", "prompt", "ia3") else 5e-3
