@@ -36,6 +36,7 @@ from tasks.trials import (
     select_best,
     split_fitting,
     steps_saved,
+    trial_tokenized,
 )
 
 # Progress goes to the terminal (stderr) whatever Prefect's log level; the Prefect UI shows each trial's state.
@@ -225,8 +226,11 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
         lineage = {"grid_parent_run_id": parent.run_id, "grid_trial": str(best.index), **changed}
         lineage |= {f"param.{k}": str(v) for k, v in best.params.items()}
         best_config = specs[best.index].config
+        best_tokenized = trial_tokenized(tokenized, specs[best.index])  # its own loss settings (grid.beta, ...)
+        if best_tokenized is not tokenized:  # the base's loss under the best trial's loss settings
+            base_metrics = stages.evaluate_base(source, best_tokenized, config.train.eval_batch_size)
         metrics = {**best.metrics, **base_metrics}
-        done = register_and_promote(best_config, source, data, tokenized, best_run, best.trained, metrics, lineage)
+        done = register_and_promote(best_config, source, data, best_tokenized, best_run, best.trained, metrics, lineage)
         title = f"grid x{grid.size}: best trial {best.index} ({best.name})"
         stages.publish_summary(parent, title, done.registered, done.decision, done.metrics, table)
         stages.log_metrics(parent, {f"best_{k}": v for k, v in done.metrics.items()})

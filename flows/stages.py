@@ -75,7 +75,12 @@ def _tokenized_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 def _base_eval_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     tokenized: tokenization.TokenizedRef = parameters["tokenized"]
-    return f"base-eval-{tokenized.train_dir}-{_model_fingerprint(parameters['source'])}-{parameters['batch_size']}"
+    # With the objective's settings: a grid trial's own loss settings (grid.beta) change the base's loss.
+    options = hashlib.sha256(json.dumps(tokenized.options, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return (
+        f"base-eval-{tokenized.train_dir}-{_model_fingerprint(parameters['source'])}-{parameters['batch_size']}"
+        f"-{options}"
+    )
 
 
 resolve_model = task(name="resolve-model", cache_policy=NO_CACHE)(modeling.resolve_model)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
+from collections.abc import Callable, Mapping
+from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args
 
@@ -14,6 +17,7 @@ from adapters_impl import METHODS
 from adapters_impl.lora import LowRankSettings
 from tasks.errors import UserInputError
 from tasks.objectives import OBJECTIVES, Objective
+from tasks.objectives.base import GridDimension
 from tasks.settings import BUILTIN_PREFIX, DataSettings, ModelSettings, ProbeSettings, RowLayout, Section
 from tasks.yaml_files import config_file_problem, parse_yaml, read_yaml
 
@@ -273,8 +277,18 @@ class PruneSettings(Section):
     mode: Literal["min", "max"] | None = Field(None, description="min or max of `metric` is best (null: grid.select's)")
 
 
+# What the objectives add to the grid (`Objective.grid_dimensions`): `grid.<name>`, read by their tasks only.
+GRID_DIMENSIONS: dict[str, GridDimension] = {d.name: d for o in OBJECTIVES.values() for d in o.grid_dimensions}
+
+
+def dimension_readers(name: str) -> list[str]:
+    """The tasks whose objective declares grid dimension `name`."""
+    return [o.name for o in OBJECTIVES.values() if any(d.name == name for d in o.grid_dimensions)]
+
+
 class GridSettings(Section):
-    """The comparison grid: every combination of these, one trial each."""
+    """The comparison grid: every combination of these, one trial each (and of the objective's own dimensions,
+    e.g. grid.beta for task preference)."""
 
     r: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [4, 8, 16], min_length=1)
     alpha: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [8.0, 16.0, 32.0], min_length=1)
@@ -290,9 +304,32 @@ class GridSettings(Section):
         None, description="stop losing trials early (null: every trial runs to the end)"
     )
 
+    def objective_values(self) -> dict[str, list[Any]]:
+        """The objectives' dimensions this grid lists (`grid.beta: [0.1, 0.5]`), by name, in declaration order."""
+        return {name: list(values) for name in GRID_DIMENSIONS if (values := getattr(self, name, None))}
+
     @property
     def size(self) -> int:
-        return len(self.r) * len(self.alpha) * len(self.target_modules) * len(self.method or [None])
+        size = len(self.r) * len(self.alpha) * len(self.target_modules) * len(self.method or [None])
+        return math.prod((len(v) for v in self.objective_values().values()), start=size)
+
+
+if not TYPE_CHECKING:  # the objectives' dimensions as optional lists (`grid.beta`), declared by the objectives
+    GridSettings = create_model(
+        "GridSettings",
+        __base__=GridSettings,
+        __module__=__name__,
+        __doc__=GridSettings.__doc__,
+        **{
+            d.name: (
+                list[d.item] | None,
+                Field(
+                    None, min_length=1, description=f"task {' or '.join(dimension_readers(d.name))}: {d.description}"
+                ),
+            )
+            for d in GRID_DIMENSIONS.values()
+        },
+    )
 
 
 # `task:` names an objective from their registry (tasks/objectives).
@@ -389,6 +426,10 @@ class RunConfig(Section):
         for other in OBJECTIVES.values():
             if other.section and other.section != objective.section and getattr(self, other.section) is not None:
                 return f"{other.section}: only task {other.name} reads this section (task is '{self.task}')"
+        own = {d.name for d in objective.grid_dimensions}
+        for name in self.grid.objective_values() if self.grid else {}:
+            if name not in own:
+                return f"grid.{name}: only task {' or '.join(dimension_readers(name))} reads it (task is '{self.task}')"
         layout = {key: getattr(self.data, key) for key in RowLayout.model_fields}
         if objective.row_layout is None:
             for key, value in layout.items():
@@ -414,6 +455,26 @@ class RunConfig(Section):
                     "set train.packing: false or choose another method"
                 )
         return None
+
+    def with_section(self, values: Mapping[str, Any]) -> RunConfig:
+        """This config with keys of the objective's own section set (a grid trial's own dimensions), validated."""
+        objective = self.objective
+        if not values or not objective.section or objective.settings is None:
+            return self
+        section = getattr(self, objective.section) or objective.settings()
+        updated = objective.settings.model_validate({**section.model_dump(by_alias=True), **values})
+        return self.model_copy(update={objective.section: updated})
+
+    def grid_variants(self) -> list[dict[str, Any]]:
+        """Every combination of the objective's grid dimensions this grid lists ([{}] when it lists none)."""
+        values = self.grid.objective_values() if self.grid else {}
+        return [dict(zip(values, combination, strict=True)) for combination in product(*values.values())]
+
+    def _in_every_trial(self, metrics: Callable[[RunConfig], tuple[str, ...]]) -> tuple[str, ...]:
+        """The metrics every grid trial's config reports (the objective's dimensions can change them: a grid over
+        losses), in this config's order; without a grid, this config's."""
+        reported = [metrics(self.with_section(v)) for v in self.grid_variants()]
+        return tuple(m for m in reported[0] if all(m in r for r in reported[1:]))
 
     def trial_metrics(self) -> tuple[str, ...]:
         """The metrics every run and grid trial of this config reports: its objective's, then training's."""
@@ -441,21 +502,22 @@ class RunConfig(Section):
     def _metric_problem(self) -> str | None:
         """A promotion, selection or pruning metric that no run of this config reports: it would be found only
         after training (a version that can never become champion, a grid whose every trial "failed")."""
-        checks = [("registry.promote.metric", self.registry.promote.metric, self.registered_metrics())]
+        registered = self._in_every_trial(RunConfig.registered_metrics)
+        checks = [("registry.promote.metric", self.registry.promote.metric, registered)]
         best = self.train.best_tracking()  # evaluation while training: a metric each evaluation reports
         if best is not None:
-            checks.append(("train.best.metric", best.metric, self.periodic_metrics()))
+            periodic = self._in_every_trial(RunConfig.periodic_metrics)
+            checks.append(("train.best.metric", best.metric, periodic))
         if self.grid is not None:
-            checks.append(("grid.select.metric", self.grid.select.metric, self.trial_metrics()))
+            trial_metrics = self._in_every_trial(RunConfig.trial_metrics)
+            checks.append(("grid.select.metric", self.grid.select.metric, trial_metrics))
             if self.grid.prune is not None and self.grid.prune.metric is not None:
-                checks.append(("grid.prune.metric", self.grid.prune.metric, self.trial_metrics()))
+                checks.append(("grid.prune.metric", self.grid.prune.metric, trial_metrics))
         for key, metric, reported in checks:
             if metric not in reported:
                 hint = self.objective.metric_hint(metric, key)
-                return (
-                    f"{key}: '{metric}' is not a metric this run reports{hint}; task {self.task} reports "
-                    f"{', '.join(reported)}"
-                )
+                who = f"task {self.task}" if len(self.grid_variants()) == 1 else "every trial of this grid"
+                return f"{key}: '{metric}' is not a metric this run reports{hint}; {who} reports {', '.join(reported)}"
         return None
 
     def task_options(self) -> dict[str, Any]:

@@ -9,10 +9,10 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.config import SelectSettings
+from tasks.config import GRID_DIMENSIONS, SelectSettings
 from tasks.periodic_eval import plot_trial_curves
 from tasks.tracking import RunRef, client_for
-from tasks.trials import TrialResult, pareto_front, selection_score, targets_label
+from tasks.trials import TrialResult, objective_params, pareto_front, selection_score, targets_label
 
 
 def results_table(results: list[TrialResult], select: SelectSettings) -> pd.DataFrame:
@@ -26,6 +26,7 @@ def results_table(results: list[TrialResult], select: SelectSettings) -> pd.Data
                 "target_modules": targets_label(r.params["target_modules"]),
                 "r": r.params["r"],
                 "alpha": r.params["alpha"],
+                **objective_params(r.params),  # the objective's dimensions (beta, loss), when the grid lists them
                 "status": r.status,
                 "steps": r.steps,
                 select.metric: r.metrics.get(select.metric, math.nan),
@@ -102,11 +103,13 @@ def plot_grid(results: list[TrialResult], select: SelectSettings, folder: Path) 
     ok = [r for r in results if selection_score(r, select) is not None]
     paths = []
 
-    groups: dict[tuple[str, str], list[TrialResult]] = {}
+    # One heatmap per method, target set and value of the objective's dimensions (one per beta, say).
+    groups: dict[tuple[str, ...], list[TrialResult]] = {}
     for r in results:
-        groups.setdefault((r.params["method"], targets_label(r.params["target_modules"])), []).append(r)
+        own = [GRID_DIMENSIONS[k].label(v) for k, v in objective_params(r.params).items()]
+        groups.setdefault((r.params["method"], targets_label(r.params["target_modules"]), *own), []).append(r)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, ((method, targets), trials) in zip(axes[0], groups.items(), strict=True):
+    for ax, (group, trials) in zip(axes[0], groups.items(), strict=True):
         ranks = sorted({t.params["r"] for t in trials})
         alphas = sorted({t.params["alpha"] for t in trials})
         grid = pd.DataFrame(math.nan, index=ranks, columns=alphas)
@@ -130,7 +133,7 @@ def plot_grid(results: list[TrialResult], select: SelectSettings, folder: Path) 
             yticklabels=ranks,
             xlabel="alpha",
             ylabel="r",
-            title=f"{method} · {targets}",
+            title=" · ".join(group),
         )
         fig.colorbar(image, ax=ax, label=select.metric)
     fig.tight_layout()

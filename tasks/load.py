@@ -13,7 +13,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from datasets import Dataset, load_dataset, load_from_disk
 from pydantic import BaseModel
@@ -46,6 +46,18 @@ EXPECTED = {
 }
 
 
+class PreparedRows(NamedTuple):
+    """What an objective's `prepare_rows` may return instead of the bare rows: the rows and numbers about them
+    that the run logs (e.g. pairs dropped as unusable), summed over data.train and data.eval (`DataRef.metrics`)."""
+
+    rows: Dataset
+    metrics: dict[str, float]
+
+
+def prepared(out: Dataset | PreparedRows) -> tuple[Dataset, dict[str, float]]:
+    return (out.rows, out.metrics) if isinstance(out, PreparedRows) else (out, {})
+
+
 class DataRef(BaseModel):
     """A reference to loaded data: train/eval splits saved as Arrow folders, plus their lineage."""
 
@@ -57,6 +69,7 @@ class DataRef(BaseModel):
     train_rows: int
     eval_rows: int
     source: str
+    metrics: dict[str, float] = {}  # what preparing the rows counted (`PreparedRows`), for the run to log
 
     def splits(self) -> tuple[Dataset, Dataset]:
         return load_from_disk(self.train_dir), load_from_disk(self.eval_dir)
@@ -91,6 +104,41 @@ def _files(path: Path, key: str) -> list[Path]:
 
 def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).suffix in FORMATS or value.count("/") != 1
+
+
+PEEKED_ROWS = 1000
+
+
+def peek_columns(value: str) -> list[str] | None:
+    """The columns of a local data file's first rows (the first file of a folder), read cheaply before any run
+    opens (an objective's `check` detects the data's format with them). None for a hub id, a file that is not
+    there or that does not parse: loading it names that problem."""
+    path = Path(value).expanduser()
+    try:
+        file = _files(path, "data")[0] if path.exists() else None
+    except UserInputError:
+        return None
+    try:
+        if file is None or file.suffix == ".txt":
+            return None
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(file).names)
+        with file.open(encoding="utf-8", newline="") as handle:
+            if file.suffix in (".csv", ".tsv"):
+                return next(csv.reader(handle, delimiter="\t" if file.suffix == ".tsv" else ","), None)
+            if handle.read(1024).lstrip().startswith("["):  # a JSON array: parsed whole
+                handle.seek(0)
+                rows = json.load(handle)[:PEEKED_ROWS]
+            else:
+                handle.seek(0)
+                rows = [json.loads(line) for _, line in zip(range(PEEKED_ROWS), handle, strict=False) if line.strip()]
+    except (OSError, ValueError, TypeError, ImportError):
+        return None
+    if not all(isinstance(row, dict) for row in rows):
+        return None
+    return sorted({key for row in rows for key in row})
 
 
 def check_source(value: str, key: str) -> None:
@@ -274,11 +322,14 @@ def load_data(settings: DataSettings, objective: Objective, cache_dir: Path) -> 
     """
     label_column = settings.label_column if objective.uses_labels else None
     train, train_digest = read_table(settings.train, "data.train")
-    train = objective.prepare_rows(train, settings, label_column, "data.train", settings.train)
+    train, counted = prepared(objective.prepare_rows(train, settings, label_column, "data.train", settings.train))
     digests = {"train": train_digest}
     if settings.eval:
         eval_, digests["eval"] = read_table(settings.eval, "data.eval")
-        eval_ = objective.prepare_rows(eval_, settings, label_column, "data.eval", settings.eval)
+        eval_, eval_counted = prepared(
+            objective.prepare_rows(eval_, settings, label_column, "data.eval", settings.eval)
+        )
+        counted = {k: counted.get(k, 0.0) + eval_counted.get(k, 0.0) for k in {**counted, **eval_counted}}
     else:
         if len(train) < 2:
             raise UserInputError(f"data.train: {settings.train} has {len(train)} usable rows; need at least 2")
@@ -317,4 +368,5 @@ def load_data(settings: DataSettings, objective: Objective, cache_dir: Path) -> 
         train_rows=len(train),
         eval_rows=len(eval_),
         source=settings.train,
+        metrics=counted,
     )

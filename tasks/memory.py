@@ -6,7 +6,11 @@ The model is built from its config on the meta device (no weights, no allocation
 checkpointing (each layer keeps only its input, and one layer's activations are rebuilt at a time). Weights,
 gradients and optimizer state follow from the parameter counts and the dtypes the run will use.
 
-    peak = weights + optimizer state + max(activations, gradients) + workspace
+    peak = weights + reference + optimizer state + max(activations, gradients) + workspace
+
+The objective says what its training holds beyond one sequence per row (`Objective.shape`): a preference pair is
+two sequences (chosen and rejected) through the model, and a frozen reference copy of the starting model (method
+full) is held beside it.
 
 Backward frees activations layer by layer as the gradients appear, so the two do not peak together; its first
 step holds a gradient of the largest saved tensor (the logits) and of its input at once: workspace = twice that
@@ -91,6 +95,8 @@ class Profile:
     row_layer_inputs: int  # the decoder layers' inputs: what checkpointing keeps of them
     row_largest: int  # the largest saved tensor
     layer_weights: int  # the largest decoder layer's weights (FSDP gathers one whole layer at a time)
+    sequences: int = 1  # sequences each batch row puts through the model with gradients (a preference pair: 2)
+    reference_bytes: int = 0  # a frozen copy of the starting model held beside it (preference's reference)
 
     def activations(self, rows: int, checkpointing: bool) -> int:
         """What stays saved through the forward pass: with checkpointing, each layer's input instead of its
@@ -115,10 +121,11 @@ class Footprint(BaseModel):
     optimizer: int
     activations: int
     workspace: int
+    reference: int = 0  # a frozen copy of the model training starts from (the objective's `TrainingShape`)
 
     @property
     def peak(self) -> int:
-        return self.weights + self.optimizer + max(self.activations, self.gradients) + self.workspace
+        return self.weights + self.reference + self.optimizer + max(self.activations, self.gradients) + self.workspace
 
 
 class MemoryPlan(BaseModel):
@@ -308,7 +315,11 @@ def profile(config: RunConfig, source: ModelSource, device: Device) -> Profile:
     saved = [entry for key, entry in found["saved"].items() if key not in owned]
     by_layer = tuple(sum(size for size, layer in saved if layer == i) for i in range(len(layers)))
     layer_weights = max((sum(p.numel() * compute.itemsize for p in layer.parameters()) for layer in layers), default=0)
+    shape = config.objective.shape(config, model)
     return Profile(
+        sequences=shape.sequences,
+        # The copy is loaded as the run loads its base (`load_adapted`), frozen: every parameter in that dtype.
+        reference_bytes=parameters * base.itemsize if shape.frozen_copy else 0,
         parameters=parameters,
         trainable=trainable,
         weight_bytes=weights,
@@ -329,7 +340,7 @@ def checkpointing(config: RunConfig) -> bool:
 def footprint(config: RunConfig, measured: Profile) -> Footprint:
     """One process's bytes at its peak for the config's batch, checkpointing, optimizer and distribution."""
     train = config.train
-    rows = train.batch_size
+    rows = train.batch_size * measured.sequences
     state = measured.trainable * optimizer_state_bytes(train.optim)
     weights, grads = measured.weight_bytes, measured.grad_bytes
     distributed = train.distributed
@@ -345,6 +356,7 @@ def footprint(config: RunConfig, measured: Profile) -> Footprint:
         optimizer=state,
         activations=measured.activations(rows, checkpointing(config)),
         workspace=measured.workspace(rows, checkpointing(config)),
+        reference=measured.reference_bytes,
     )
 
 
@@ -470,7 +482,16 @@ def preflight_plan(config: RunConfig) -> MemoryPlan | None:
     if not config.train.memory_check:
         return None
     device = this_device()
-    key = (config.model_dump_json(include={"model", "method", "task", "data", "train"}), device.kind, device.bf16)
+    # With the objective's own section: its settings can change the shape (a reference-free preference loss).
+    included = {
+        "model",
+        "method",
+        "task",
+        "data",
+        "train",
+        *([config.objective.section] if config.objective.section else []),
+    }
+    key = (config.model_dump_json(include=included), device.kind, device.bf16)
     try:
         if key not in _PROFILES:
             _PROFILES[key] = profile(config, resolve_model(config.model), device)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from adapters_impl import METHODS
 from tasks import evaluation, sequence
-from tasks.config import GridSettings, PruneSettings, RunConfig, SelectSettings
+from tasks.config import GRID_DIMENSIONS, GridSettings, PruneSettings, RunConfig, SelectSettings
 from tasks.errors import UserInputError
 from tasks.memory import preflight_plan
 from tasks.modeling import ModelSource
@@ -90,23 +90,42 @@ def targets_label(targets: list[str] | str) -> str:
 
 
 def expand_grid(config: RunConfig) -> list[TrialSpec]:
-    """Every combination of grid.method x grid.target_modules x grid.r x grid.alpha, in that order."""
+    """Every combination of grid.method x grid.target_modules x grid.r x grid.alpha x the objective's own
+    dimensions (grid.beta, ...), in that order."""
     grid = config.grid
     assert grid is not None, "expand_grid needs a grid section"
     base = config.method.model_dump()
     specs = []
-    combinations = product(grid.method or [config.method.name], grid.target_modules, grid.r, grid.alpha)
-    for index, (method, targets, r, alpha) in enumerate(combinations):
+    variants = config.grid_variants()
+    combinations = product(grid.method or [config.method.name], grid.target_modules, grid.r, grid.alpha, variants)
+    for index, (method, targets, r, alpha, own) in enumerate(combinations):
         settings_type = METHODS[method].settings
         kept = {k: v for k, v in base.items() if k in settings_type.model_fields and k != "name"}
         settings = settings_type.model_validate(
             {**kept, "name": method, "r": r, "alpha": alpha, "target_modules": targets}
         )
-        params = {"method": method, "r": r, "alpha": alpha, "target_modules": targets}
-        name = f"{method} r={r} alpha={alpha:g} targets={targets_label(targets)}"
-        trial_config = config.model_copy(update={"method": settings, "grid": None})
+        params = {"method": method, "r": r, "alpha": alpha, "target_modules": targets, **own}
+        name = " ".join(
+            [f"{method} r={r} alpha={alpha:g} targets={targets_label(targets)}"]
+            + [GRID_DIMENSIONS[key].label(value) for key, value in own.items()]
+        )
+        trial_config = config.with_section(own).model_copy(update={"method": settings, "grid": None})
         specs.append(TrialSpec(index=index, name=name, params=params, config=trial_config))
     return specs
+
+
+def objective_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's values of the objective's grid dimensions (grid.beta, ...)."""
+    return {key: value for key, value in params.items() if key in GRID_DIMENSIONS}
+
+
+def trial_tokenized(tokenized: TokenizedRef, spec: TrialSpec) -> TokenizedRef:
+    """The grid's tokenized rows with the trial's own values of the objective's dimensions in their options (what
+    its loss and evaluation read: `GridDimension`)."""
+    own = objective_params(spec.params)
+    if not own:
+        return tokenized
+    return tokenized.model_copy(update={"options": {**tokenized.options, **own}})
 
 
 def split_fitting(specs: list[TrialSpec]) -> tuple[list[TrialSpec], list[TrialResult]]:
@@ -253,7 +272,7 @@ def run_trial(
         clear_error(client, run.run_id)  # a failure of an interrupted attempt is no longer the trial's state
     kept = {"steps": previous.steps, "rungs": previous.rungs} if previous else {}
     with trial_lock(run.run_dir):
-        return _train_trial(spec, source, tokenized, run, stop_at, previous, kept)
+        return _train_trial(spec, source, trial_tokenized(tokenized, spec), run, stop_at, previous, kept)
 
 
 def logged_at_rung(trained: TrainedRef, stop_at: int | None, max_steps: int | None) -> dict[str, float] | None:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from tasks.errors import UserInputError
-from tasks.load import load_data
+from tasks.load import load_data, peek_columns
 from tasks.objectives import OBJECTIVES
 from tasks.settings import DataSettings
 
@@ -154,3 +154,19 @@ def test_malformed_json_is_named_with_its_line_before_the_reader_sees_it(tmp_pat
     per_line = tmp_path / "rows.json"
     per_line.write_text('{"text": "one two three"}\n{"text": "four five six"}\n')
     assert load_data(DataSettings(train=str(per_line)), OBJECTIVES["causal_lm"], tmp_path / "cache").train_rows >= 1
+
+
+def test_peek_columns_reads_the_first_rows_of_each_format_and_gives_up_quietly(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "chosen": "c"}, {"prompt": "p", "rejected": "r"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    pd.DataFrame([{"prompt": "p", "chosen": "c", "rejected": "r"}]).to_csv(tmp_path / "c.csv", index=False)
+    pd.DataFrame([{"prompt": "p", "label": True}]).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "e.jsonl").write_text("not json\n")
+    assert peek_columns(str(tmp_path / "a.jsonl")) == ["chosen", "prompt", "rejected"]  # the union of the rows'
+    assert peek_columns(str(tmp_path / "b.json")) == ["chosen", "prompt", "rejected"]
+    assert peek_columns(str(tmp_path / "c.csv")) == ["prompt", "chosen", "rejected"]
+    assert peek_columns(str(tmp_path / "d.parquet")) == ["prompt", "label"]
+    # Loading names these problems, with the file and line: the peek stays out of its way.
+    assert peek_columns(str(tmp_path / "e.jsonl")) is None
+    assert peek_columns(str(tmp_path / "missing.jsonl")) is None and peek_columns("org/hub-dataset") is None

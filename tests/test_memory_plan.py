@@ -132,3 +132,32 @@ def test_a_run_that_cannot_fit_exits_2_before_anything_is_written(
     import mlflow
 
     assert mlflow.search_runs(search_all_experiments=True).empty  # no MLflow run was opened
+
+
+def test_preference_plans_two_sequences_per_pair_and_full_s_frozen_reference(tiny_model: str) -> None:
+    """Hand-worked against causal_lm on the same model: a pair is two sequences (so the activations and workspace
+    of a batch of B pairs are causal_lm's at 2B rows); `full` holds a frozen reference copy of the starting model
+    (every parameter in the base's fp32 on CPU: the bytes of full's own weights), a reference-free loss (simpo)
+    none, an adapter method none (its reference is the adapter switched off), kto one sequence per row."""
+
+    def planned(task: str, method: str, batch: int, **preference: Any) -> Any:
+        config = run_config(tiny_model, {"name": method}, task, batch_size=batch, max_length=32)
+        if preference:
+            config = validate_config({**config.model_dump(mode="json"), "preference": preference})
+        return plan(config, CPU, suggest=0)
+
+    causal, pairs = planned("causal_lm", "full", 8), planned("preference", "full", 4)
+    assert pairs.footprint.reference == pairs.parameters * 4 == causal.footprint.weights
+    assert (pairs.footprint.activations, pairs.footprint.workspace) == (
+        causal.footprint.activations,
+        causal.footprint.workspace,
+    )
+    assert pairs.peak_bytes == causal.peak_bytes + pairs.footprint.reference
+    assert "reference" in pairs.describe()
+    assert planned("preference", "full", 4, loss="simpo").footprint.reference == 0
+    kto = planned("preference", "full", 8, loss="kto")
+    assert kto.footprint.reference == pairs.footprint.reference
+    assert kto.footprint.activations == causal.footprint.activations
+    lora_causal, lora_pairs = planned("causal_lm", "lora", 8), planned("preference", "lora", 4)
+    assert lora_pairs.footprint.reference == 0
+    assert lora_pairs.footprint.activations == lora_causal.footprint.activations

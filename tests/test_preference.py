@@ -94,7 +94,7 @@ def test_each_loss_and_method_trains_and_evaluates_through_the_stages(
 ) -> None:
     tokenized = tokenized_for(loss, source, folder)
     assert tokenized.options["paired"] == (loss != "kto")
-    assert tokenized.metrics() == {"pref_dropped_rows": 0}
+    assert tokenized.metrics() == {"pref_dropped_rows": 0, "pref_dropped_identical": 0}
     settings = METHODS[method].settings(name=method)
     adapted = apply_method(source, settings, "preference", tokenized, str(tmp_path), seed=0)
     lr = 3e-2 if method in ("prefix", "prompt", "ia3") else 5e-3
@@ -155,7 +155,8 @@ def adaptflow(*args: str) -> subprocess.CompletedProcess[str]:
 def test_dpo_runs_registers_and_predicts_and_bad_input_exits_2(
     tmp_path: Path, tiny_model: str, mlflow_store: str
 ) -> None:
-    data = write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    identical = {"prompt": "Hi?", "chosen": "Same.", "rejected": "Same."}  # dropped when loaded, and counted
+    data = write_rows(tmp_path / "pairs.jsonl", [*PAIRS, identical])
     run_config = write_config(
         tmp_path / "preference.yaml",
         model={"name_or_path": tiny_model},
@@ -173,7 +174,7 @@ def test_dpo_runs_registers_and_predicts_and_bad_input_exits_2(
     metrics = result["metrics"]
     for key in ("eval_loss", "eval_reward_accuracy", "eval_pair_accuracy", "base_eval_pair_accuracy"):
         assert isinstance(metrics[key], float), key
-    assert metrics["pref_dropped_rows"] == 0
+    assert (metrics["pref_dropped_rows"], metrics["pref_dropped_identical"]) == (0, 1)
     reports = Path(result["run_dir"]) / "reports"
     report = json.loads((reports / "eval_report.json").read_text())
     assert report["flipped"]["pairs"] == 6 and (reports / "reward_margins.png").stat().st_size > 0
@@ -198,12 +199,19 @@ def test_dpo_runs_registers_and_predicts_and_bad_input_exits_2(
             "'label' must be true or false",
         ),
     }
+    # Refused before any run opens: the data's format read from its first rows (preflight, `Objective.check`).
+    before_run = ("no-rejected", "kto-on-pairs", "pair-loss-on-unpaired")
+    bad_inputs["pair-loss-on-unpaired"] = (UNPAIRED, {}, "preference.loss: sigmoid takes pairs")
     for name, (rows, overrides, message) in bad_inputs.items():
         bad = write_rows(tmp_path / f"{name}.jsonl", rows)
         sets = [f"data.train={bad}", f"registry.name=pref-{name}", *(f"{k}={v}" for k, v in overrides.items())]
+        runs = len(MlflowClient().search_runs([run.info.experiment_id]))
         done = adaptflow("run", str(run_config), *[a for s in sets for a in ("--set", s)])
         assert done.returncode == 2, (name, done.stderr[-3000:])
         assert message in done.stderr, (name, done.stderr[-2000:])
         assert "Traceback" not in done.stderr
         assert not MlflowClient().search_registered_models(f"name = 'pref-{name}'")
+        if name in before_run:
+            assert len(MlflowClient().search_runs([run.info.experiment_id])) == runs, f"{name}: a run was opened"
+            assert "which loss kto takes" in done.stderr or "take pairs" in done.stderr or name == "no-rejected"
     assert not [r for r in MlflowClient().search_runs([run.info.experiment_id]) if r.info.status == "RUNNING"]

@@ -47,6 +47,31 @@ def run_config(tmp_path: Path, model: str, data: Path, **train: object) -> Path:
     )
 
 
+def kill_after_checkpoint(config: Path, tmp_path: Path, steps: tuple[int, ...], skip: str) -> str:
+    """Run `config` in a separate process and SIGKILL it (its whole process group) once it has written a
+    checkpoint at one of `steps`; returns the killed run's id (the run folder other than `skip`)."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
+    # --force: the config was trained on this data already (that version would be reported, nothing trained).
+    command = [str(Path(sys.executable).with_name("adaptflow")), "run", str(config), "--force"]
+    child = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    runs = tmp_path / "runs"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if any(any(runs.glob(f"*/checkpoints/checkpoint-{step}/trainer_state.json")) for step in steps):
+                break
+            time.sleep(0.05)
+    finally:
+        # The whole process group: a SIGKILLed run cannot stop its Prefect temporary server (a child process).
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    killed = [p.parents[1].name for p in runs.glob("*/checkpoints/checkpoint-*") if p.parents[1].name != skip]
+    assert killed, "the child never checkpointed"
+    return killed[0]
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(
     tmp_path: Path, tiny_model: str, stories_file: Path, capsys: pytest.CaptureFixture[str]
@@ -56,29 +81,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     uninterrupted = last_json(capsys.readouterr().out)
 
     # The same config in a separate process, SIGKILLed once it has checkpointed a few times.
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
-    # --force: the config was trained on this data already (that version would be reported, nothing trained).
-    command = [str(Path(sys.executable).with_name("adaptflow")), "run", str(config), "--force"]
-    child = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    runs = tmp_path / "runs"
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and child.poll() is None:
-            if any(any(runs.glob(f"*/checkpoints/checkpoint-{step}/trainer_state.json")) for step in (30, 40, 50)):
-                break
-            time.sleep(0.05)
-    finally:
-        # The whole process group: a SIGKILLed run cannot stop its Prefect temporary server (a child process).
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    killed = [
-        p.parents[1].name
-        for p in runs.glob("*/checkpoints/checkpoint-*")
-        if p.parents[1].name != uninterrupted["run_id"]
-    ]
-    assert killed, "the child never checkpointed"
+    killed = [kill_after_checkpoint(config, tmp_path, (30, 40, 50), uninterrupted["run_id"])]
     assert MlflowClient().get_run(killed[0]).info.status == "RUNNING"  # SIGKILL: nobody could mark it
 
     # The data file replaced at the same path: continuing would train one run on two datasets.
@@ -103,6 +106,45 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     # Nothing left to resume: --resume says so (exit 2) instead of silently training a new run.
     assert main(["run", str(config), "--resume", "--json"]) == 2
     assert "--resume: no unfinished run of this config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_dpo_run_of_method_full_resumes_to_where_the_uninterrupted_run_ends(
+    tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DPO with `full`: the reference is a frozen copy of the model training started from. A resumed run must take
+    it from the run's starting model again, not from the checkpoint it continues (whose rewards would then start
+    at zero): the resumed run ends with the uninterrupted run's rewards and log-probs."""
+    from test_preference import PAIRS, write_rows
+
+    data = write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    config = write_config(
+        tmp_path / "dpo.yaml",
+        model={"name_or_path": tiny_model},
+        task="preference",
+        data={"train": str(data), "max_length": 48, "eval_fraction": 0.25},
+        preference={"loss": "sigmoid", "beta": 0.5, "max_new_tokens": 4},
+        method={"name": "full"},
+        train={"max_steps": 40, "batch_size": 4, "learning_rate": 1e-3, "save_steps": 5, "logging_steps": 5},
+        registry={"name": "dpo-safe", "promote": {"metric": "eval_reward_accuracy", "mode": "max"}},
+        bias_probe={"suite": None},
+    )
+    assert main(["run", str(config), "--json"]) == 0
+    uninterrupted = last_json(capsys.readouterr().out)
+    killed = kill_after_checkpoint(config, tmp_path, (10, 15, 20), uninterrupted["run_id"])
+    assert MlflowClient().get_run(killed).info.status == "RUNNING"  # SIGKILL: nobody could mark it
+
+    assert main(["run", str(config), "--resume", "--json"]) == 0
+    resumed = last_json(capsys.readouterr().out)
+    assert resumed["run_id"] == killed and 10 <= resumed["resumed_from_step"] < 40
+    before, after = uninterrupted["metrics"], resumed["metrics"]
+    # Training moved the policy away from its reference: the rewards are far from zero, and so a reference
+    # taken from the checkpoint would show.
+    assert abs(before["eval_reward_margin"]) > 0.05
+    for key in ("eval_loss", "eval_reward_margin", "eval_logps_chosen", "eval_logps_rejected"):
+        assert after[key] == pytest.approx(before[key], rel=0.01), key
+    assert after["eval_reward_accuracy"] == before["eval_reward_accuracy"]
+    assert MlflowClient().get_run(killed).info.status == "FINISHED"
 
 
 @pytest.mark.slow

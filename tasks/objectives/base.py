@@ -28,13 +28,23 @@ if TYPE_CHECKING:  # the stages and the run config import this package: at run t
 
     from adapters_impl import Method
     from tasks.config import RunConfig
-    from tasks.load import DataRef
+    from tasks.load import DataRef, PreparedRows
     from tasks.modeling import ModelSource
     from tasks.probe.suites import Suite
     from tasks.settings import DataSettings, ProbeSettings
     from tasks.tokenization import TokenizedRef
 
-__all__ = ["IGNORE_INDEX", "Encode", "Encoding", "Objective", "OwnTraining", "ReportInput", "text_rows"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Encode",
+    "Encoding",
+    "GridDimension",
+    "Objective",
+    "OwnTraining",
+    "ReportInput",
+    "TrainingShape",
+    "text_rows",
+]
 
 Encode = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
 
@@ -82,6 +92,36 @@ def text_rows(table: Dataset, settings: DataSettings, label_column: str | None, 
     from tasks.load import text_rows as rows
 
     return rows(table, settings, label_column, key, source)
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """What training holds per batch row beyond one sequence through the trained model, for the memory plan
+    (tasks/memory.py): `sequences` each row puts through the model with gradients (a preference pair: chosen and
+    rejected), and whether a `frozen_copy` of the model training starts from is held beside it (a reference
+    model for a method without an adapter to switch off)."""
+
+    sequences: int = 1
+    frozen_copy: bool = False
+
+
+def one_sequence(config: RunConfig, model: nn.Module) -> TrainingShape:
+    return TrainingShape()
+
+
+@dataclass(frozen=True)
+class GridDimension:
+    """A key of the objective's own section that a grid may list (`grid.<name>: [...]`), one trial per value,
+    beside r / alpha / target modules: `item` the type of one value (a pydantic annotation), `label` how a value
+    reads in trial names. Only settings that leave the encoded rows as they are: a grid tokenizes once and each
+    trial overlays its own section on the tokenized options (`Objective.options`)."""
+
+    name: str
+    item: Any
+    description: str
+
+    def label(self, value: Any) -> str:
+        return f"{self.name}={value:g}" if isinstance(value, float) else f"{self.name}={value}"
 
 
 def no_base_generations(source: ModelSource, data: DataRef, tokenized: TokenizedRef) -> list[str]:
@@ -133,8 +173,8 @@ class Objective:
     Data: `uses_labels` says whether `data.label_column` is read, checked and kept (and stratifies the split);
     `prepare_rows(table, data_settings, label_column, key, source)` checks a split's columns and keeps the usable
     rows, normalised (default: the text and label columns, rows without either dropped), in column `row_column`
-    when it names one (else `data.text_column`); `data_key(data_settings)` the data settings that change those rows
-    (part of the data's fingerprint).
+    when it names one (else `data.text_column`), returning them or `PreparedRows` with counts the run logs;
+    `data_key(data_settings)` the data settings that change those rows (part of the data's fingerprint).
     Encoding: `options(config)` picks the objective's settings from the run config (part of the tokenization cache
     key); `encoder(tokenizer, data, train, eval, max_length, options, encoding)` returns the batched row encoder
     (ids and labels) and the label names, if any, and fills `encoding` (an `Encoding`: metrics, params, package,
@@ -154,8 +194,12 @@ class Objective:
     known before training, so that a promotion or grid metric no run reports is refused at once;
     `metric_hint(metric, key)` what to set for a metric it could report but this config does not (`key`: the
     config key that asks for it).
-    Checks: `check(config)` what is wrong with the files its settings name (each problem naming its key), before
-    any run opens.
+    Checks: `check(config)` what is wrong with the files its settings name and with the data they will read (each
+    problem naming its key), before any run opens.
+    Memory: `shape(config, model)` what its training holds per row (`TrainingShape`), given the adapted model (on the
+    meta device).
+    Grid: `grid_dimensions` the keys of its section a grid may list beside r / alpha / target modules
+    (`GridDimension`); `grid.<name>` is refused for the other tasks.
     Identity: `files(config)` the files its settings name, config key -> content fingerprint: part of the
     tokenization cache key, of a version's identity and of what `--resume` checks (a file edited in place counts).
     Reports: `base_generations(source, data, tokenized)` the base model's part of the report (cached per base model),
@@ -186,7 +230,7 @@ class Objective:
         [nn.Module, Any, Suite, ProbeSettings, list[str] | None, list[int] | None, Mapping[str, Any]], dict[str, Any]
     ]
     uses_labels: bool = False
-    prepare_rows: Callable[[Dataset, DataSettings, str | None, str, str], Dataset] = text_rows
+    prepare_rows: Callable[[Dataset, DataSettings, str | None, str, str], Dataset | PreparedRows] = text_rows
     min_tokens: int = 1
     check_comparable: Callable[[TokenizedRef, list[str] | None], str | None] = always_comparable
     base_generations: Callable[[ModelSource, DataRef, TokenizedRef], list[str]] = no_base_generations
@@ -206,6 +250,8 @@ class Objective:
     files: Callable[[RunConfig], dict[str, str]] = no_files
     check: Callable[[RunConfig], list[str]] = no_problems
     training: Callable[[Mapping[str, Any], nn.Module, Any, Callable[[], nn.Module]], OwnTraining] | None = None
+    grid_dimensions: tuple[GridDimension, ...] = ()
+    shape: Callable[[RunConfig, nn.Module], TrainingShape] = one_sequence
 
     def supports(self, method: Method) -> bool:
         return self.head.kind not in method.unsupported

@@ -346,16 +346,17 @@ PAIR_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 UNPAIRED_LOSSES = ("kto",)
 
 
-def loss_format_problem(loss: str, fmt: Format, source: str = "data.train") -> str | None:
-    """Why `preference.loss` cannot train on rows of format `fmt` (None when it can)."""
+def loss_format_problem(loss: str, fmt: Format, source: str = "data.train", key: str = "preference.loss") -> str | None:
+    """Why `preference.loss` (or the config `key` naming the loss) cannot train on rows of format `fmt` (None when
+    it can)."""
     if (loss in UNPAIRED_LOSSES) == (fmt == "unpaired"):
         return None
     if loss in UNPAIRED_LOSSES:
         return (
-            f"preference.loss: {loss} takes unpaired rows (messages, or prompt and completion, plus a boolean label); "
+            f"{key}: {loss} takes unpaired rows (messages, or prompt and completion, plus a boolean label); "
             f"{source} holds pairs (format {fmt}). The pair losses {', '.join(PAIR_LOSSES)} take pairs"
         )
     return (
-        f"preference.loss: {loss} takes pairs (formats explicit, implicit, sharegpt: a chosen and a rejected "
+        f"{key}: {loss} takes pairs (formats explicit, implicit, sharegpt: a chosen and a rejected "
         f"response); {source} holds unpaired labelled rows (format unpaired), which loss kto takes"
     )

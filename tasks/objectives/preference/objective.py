@@ -17,13 +17,30 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field
 
 import tasks.objectives.causal_lm as causal_lm
 from adapters_impl.model_heads import CAUSAL_LM
-from tasks.objectives.base import Encode, Encoding, Objective, OwnTraining, ReportInput, row_layout_key
+from tasks.objectives.base import (
+    Encode,
+    Encoding,
+    GridDimension,
+    Objective,
+    OwnTraining,
+    ReportInput,
+    TrainingShape,
+    row_layout_key,
+)
 from tasks.objectives.instruction import objective as instruction
-from tasks.objectives.preference.settings import PreferenceDataSettings, PreferenceSection, loss_settings, section
+from tasks.objectives.preference.settings import (
+    LossName,
+    PreferenceDataSettings,
+    PreferenceSection,
+    loss_settings,
+    section,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +48,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from tasks.config import RunConfig
-    from tasks.load import DataRef
+    from tasks.load import DataRef, PreparedRows
     from tasks.modeling import ModelSource
     from tasks.objectives.preference.train import PreferenceLoss, Reference
     from tasks.settings import DataSettings
@@ -40,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("adaptflow.preference")
 
 REPORTED = 8  # flipped pairs shown in the report
+IDENTICAL = "pref_dropped_identical"  # the metric of pairs dropped because chosen equals rejected
 PLOT = "reward_margins.png"
 
 
@@ -56,16 +74,49 @@ def files(config: RunConfig) -> dict[str, str]:
     return section(config).template_file("preference.template")
 
 
+def losses(config: RunConfig) -> list[tuple[str, str]]:
+    """(config key, loss) for every loss this config trains: `preference.loss`, or each of `grid.loss`."""
+    listed = config.grid.objective_values().get("loss") if config.grid else None
+    return [("grid.loss", str(loss)) for loss in listed] if listed else [("preference.loss", section(config).loss)]
+
+
 def check(config: RunConfig) -> list[str]:
     """A missing template file; KTO with one row per batch (its reference point comes from the batch's other rows);
-    methods whose reference model cannot be had."""
+    a loss that does not take the data's rows (pairs, or labelled rows for kto: detected from the data files'
+    first rows, before any run opens), and a grid over losses of both kinds."""
+    from tasks.errors import UserInputError
+    from tasks.load import peek_columns
+    from tasks.objectives.preference.formats import PAIR_LOSSES, DataOptions, detect_format, loss_format_problem
+
     settings = section(config)
     problems = settings.template_problems("preference.template")
-    if settings.loss == "kto" and config.train.batch_size < 2:
+    trained = losses(config)
+    if any(loss == "kto" for _, loss in trained) and config.train.batch_size < 2:
         problems.append(
             "train.batch_size: loss kto estimates its reference point from each row's prompt with another row's "
             f"completion in the same batch; it needs train.batch_size of 2 or more (got {config.train.batch_size})"
         )
+    kinds = {loss == "kto" for _, loss in trained}
+    if len(kinds) > 1:
+        problems.append(
+            f"grid.loss: kto takes unpaired labelled rows and the pair losses ({', '.join(PAIR_LOSSES)}) take "
+            "pairs; one grid trains on one data set: list losses of one kind"
+        )
+        return problems
+    options = DataOptions.of(config.data)
+    for key, value in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        columns = peek_columns(value) if value else None
+        if not columns:
+            continue
+        try:
+            fmt = detect_format(columns, options, f"{key} ({value})")
+        except UserInputError as exc:
+            problems.append(str(exc))
+            break
+        problem = next((p for k, loss in trained if (p := loss_format_problem(loss, fmt, key, k))), None)
+        if problem:
+            problems.append(problem)
+            break
     return problems
 
 
@@ -75,18 +126,22 @@ def metric_names(config: RunConfig) -> tuple[str, ...]:
     return names(section(config).loss)
 
 
-def prepare_rows(table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str) -> Dataset:
+def prepare_rows(
+    table: Dataset, settings: DataSettings, label_column: str | None, key: str, value: str
+) -> PreparedRows:
     """Every row in the normal form (prompt, chosen, rejected messages; or prompt, completion, label); errors name
-    the file, the row and the formats. Pairs whose chosen equals rejected are dropped, with a warning."""
+    the file, the row and the formats. Pairs whose chosen equals rejected are dropped, with a warning, and counted
+    (run metric `pref_dropped_identical`)."""
     from datasets import Dataset
 
+    from tasks.load import PreparedRows
     from tasks.objectives.preference.formats import DataOptions, normalize
 
     normalized = normalize(table.to_list(), DataOptions.of(settings), f"{key} ({value})")
     if normalized.equal_dropped:
         log.warning("%s: %d pair(s) whose chosen equals rejected dropped", key, normalized.equal_dropped)
     log.info("%s: %d %s preference rows", key, len(normalized.rows), normalized.format)
-    return Dataset.from_list(normalized.rows)
+    return PreparedRows(Dataset.from_list(normalized.rows), {IDENTICAL: float(normalized.equal_dropped)})
 
 
 def encoder(
@@ -122,7 +177,8 @@ def encoder(
     settings |= {"chat": chat, "max_length": max_length, "paired": paired}
     encoding.params = {"pref.template": template.name}
     encoding.package = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
-    counts = encoding.metrics = {"pref_dropped_rows": 0}
+    # Rows dropped as too long (`pref_dropped_rows`), beside the pairs loading dropped as identical.
+    counts = encoding.metrics = {"pref_dropped_rows": 0, IDENTICAL: data.metrics.get(IDENTICAL, 0.0)}
     encode_rows = PreferenceEncoder(tokenizer, template, max_length, paired)
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -189,6 +245,15 @@ def training(
         kwargs={"preference": PreferenceLoss(loss, reference)},
         collator=full_collator(tokenizer, settings),
     )
+
+
+def shape(config: RunConfig, model: nn.Module) -> TrainingShape:
+    """A pair puts its chosen and its rejected row through the policy with gradients (kto: one row; its
+    mismatched row runs under no_grad); a loss with a reference holds a frozen copy of the starting model when
+    the method has no adapter to switch off (full, the bottleneck adapter)."""
+    settings = section(config)
+    frozen = settings.uses_reference and not has_adapter_switch(model)
+    return TrainingShape(sequences=1 if settings.loss == "kto" else 2, frozen_copy=frozen)
 
 
 def eval_reference(model: nn.Module, tokenized: TokenizedRef) -> Reference | None:
@@ -398,4 +463,9 @@ OBJECTIVE = Objective(
     token_loss=False,
     packing_problem="preference pairs are scored whole, one row per response; packing would merge them",
     training=training,
+    shape=shape,
+    grid_dimensions=(
+        GridDimension("beta", Annotated[float, Field(gt=0)], "values of preference.beta, one trial each"),
+        GridDimension("loss", LossName, "values of preference.loss, one trial each (all pair losses, or kto)"),
+    ),
 )
