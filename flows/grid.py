@@ -256,6 +256,7 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:
         data = sequence.load_data(config, cache_dir, stages.CALLS)
         changed = stages.record_identity(parent, run_identity(config, data, source), allow_changed)
+        changed |= stages.record_parent(parent, source)
         stages.log_datasets(parent, data)
         tokenized = sequence.tokenize(config, data, source, cache_dir, stages.CALLS)
         base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)
