@@ -11,14 +11,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_config
 from mlflow.tracking import MlflowClient
 from test_preference import PAIRS, adaptflow, write_rows
+from transformers import AutoModelForCausalLM
 
+from adapters_impl.packaged import download_registered
 from tasks.config import validate_config
 from tasks.errors import UserInputError
 from tasks.parents import PINNED_VARIABLE, check_parent, resolve_version
 from tasks.settings import parse_registered
+from tasks.tracking import resumed_parent_version, start_run
 
 
 def test_registry_uris_parse_and_bad_ones_name_the_key() -> None:
@@ -35,9 +39,7 @@ def test_registry_uris_parse_and_bad_ones_name_the_key() -> None:
         validate_config({"model": {"name_or_path": "models:/chat/1", "revision": "main"}, "data": {"train": "x"}})
 
 
-def test_resolution_names_what_exists_and_pins_an_alias_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resolution_names_what_exists_and_pins_an_alias_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PINNED_VARIABLE, raising=False)
     client = MlflowClient()
     with pytest.raises(UserInputError, match=r"model\.name_or_path: models:/chat@champion: .*registered: none"):
@@ -47,7 +49,9 @@ def test_resolution_names_what_exists_and_pins_an_alias_once(
     for _ in range(2):
         client.create_model_version("chat", str(tmp_path), run_id=run)
     client.set_registered_model_alias("chat", "champion", "1")
-    with pytest.raises(UserInputError, match=r"no alias @best; chat has versions 1, 2 and aliases @champion \(version 1"):
+    with pytest.raises(
+        UserInputError, match=r"no alias @best; chat has versions 1, 2 and aliases @champion \(version 1"
+    ):
         resolve_version("models:/chat@best")
     with pytest.raises(UserInputError, match=r"models:/chat/7: no version 7; chat has versions 1, 2"):
         resolve_version("models:/chat/7")
@@ -57,6 +61,19 @@ def test_resolution_names_what_exists_and_pins_an_alias_once(
     client.set_registered_model_alias("chat", "champion", "2")  # promoted while the run goes on
     assert str(resolve_version("models:/chat@champion").version) == "1", "resolved once per run"
     assert str(resolve_version("models:/chat/2").version) == "2"
+
+
+def test_a_resume_continues_on_the_version_its_run_started_from(tmp_path: Path) -> None:
+    raw = {"model": {"name_or_path": "models:/chat@champion"}, "data": {"train": "x.jsonl"}}
+    config = validate_config({**raw, "train": {"output_dir": str(tmp_path / "runs")}})
+    assert resumed_parent_version(config) is None  # nothing to resume
+    run = start_run(config)
+    client = MlflowClient()
+    client.set_tag(run.run_id, "parent_model_uri", "models:/chat/1")
+    client.set_terminated(run.run_id, "KILLED")
+    assert resumed_parent_version(config) == "1"  # whatever @champion says now
+    pinned = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": "models:/chat/2"})})
+    assert resumed_parent_version(pinned) is None  # a version URI needs no pin
 
 
 def test_a_chat_objective_on_a_parent_without_a_chat_template_is_named() -> None:
@@ -104,9 +121,17 @@ def test_sft_champion_to_dpo_challenger_records_its_lineage(tmp_path: Path, tiny
     done = adaptflow("run", str(dpo_config), "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     dpo = json.loads(done.stdout.strip().splitlines()[-1])
-    # The reference is the SFT model itself: the policy starts equal to it (DPO's first loss is log 2, rewards 0).
-    assert dpo["metrics"]["base_eval_loss"] == pytest.approx(0.6931, abs=1e-3)
     client = MlflowClient()
+    # The run's base (and so its reference: the new adapter disabled) is the SFT model: v1's adapter merged into
+    # the tiny base answers as v1 does, and not as the tiny base.
+    parents = Path(os.environ["ADAPTFLOW_CACHE"]) / "parents"
+    merged = AutoModelForCausalLM.from_pretrained(parents / f"{sft['run_id']}-sft-v1", dtype=torch.float32)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        served = download_registered("models:/sft/1").model(ids).logits
+        assert torch.allclose(merged(ids).logits, served, atol=1e-4)
+        tiny = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        assert (tiny(ids).logits - served).abs().max() > 1e-3
     version = client.get_model_version("dpo", dpo["model_version"])
     expected = {"parent_model_uri": "models:/sft/1", "parent_run_id": sft["run_id"]}
     assert {k: version.tags.get(k) for k in expected} == expected
@@ -120,7 +145,7 @@ def test_sft_champion_to_dpo_challenger_records_its_lineage(tmp_path: Path, tiny
     assert run.data.params["pref.template"] == "tokenizer"  # the parent's template, carried by its tokenizer
 
     # Self-contained: the merged SFT base is in the tracking store, not only in this machine's cache.
-    shutil.rmtree(Path(os.environ["ADAPTFLOW_CACHE"]) / "parents")
+    shutil.rmtree(parents)
     shutil.rmtree(Path(os.environ["ADAPTFLOW_CACHE"]) / "bases", ignore_errors=True)
     question = json.dumps([{"role": "user", "content": PAIRS[0]["prompt"]}])
     done = adaptflow("predict", f"models:/dpo/{dpo['model_version']}", "--messages", question, "--json")
@@ -135,3 +160,11 @@ def test_sft_champion_to_dpo_challenger_records_its_lineage(tmp_path: Path, tiny
     assert "Traceback" not in done.stderr
     assert not client.search_registered_models("name = 'dpo-bad'")
     assert len(client.search_runs([run.info.experiment_id])) == 2, "no run opened for the bad alias"
+
+    # An instruction run may start from a version too (pinned by number), re-made from the store.
+    sets = ["--set", "model.name_or_path=models:/sft/1", "--set", "registry.name=sft-again"]
+    done = adaptflow("run", str(sft_config), *sets, "--set", "train.max_steps=2", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    tags = client.get_model_version("sft-again", again["model_version"]).tags
+    assert (tags["parent_model_uri"], tags["parent_run_id"]) == ("models:/sft/1", sft["run_id"])
