@@ -16,7 +16,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import BaseModel
 
 from flows import stages
-from flows.pipeline import register_and_promote, tracked_run
+from flows.pipeline import pin_parent, register_and_promote, tracked_run
 from tasks import sequence
 from tasks.config import GridSettings, RunConfig
 from tasks.errors import RunFailed, UserInputError
@@ -252,6 +252,7 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
     config = config.model_copy(update={"grid": grid})
     stages.tag_flow_run(["grid", "adaptflow", f"method:{config.method.name}", f"model:{config.registry.name}"])
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
+    pin_parent(config, resume)
     source = stages.resolve_model(config.model)
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:
         data = sequence.load_data(config, cache_dir, stages.CALLS)

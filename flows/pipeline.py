@@ -22,7 +22,7 @@ from tasks.errors import UserInputError, disk_error, disk_failure
 from tasks.identity import run_identity
 from tasks.load import DataRef
 from tasks.modeling import ModelSource
-from tasks.parents import pin
+from tasks.parents import pin, unpin
 from tasks.probe.report import ProbeReport
 from tasks.promotion import Decision, gate_tags, recorded_gate
 from tasks.registry import RegisteredRef
@@ -153,6 +153,16 @@ def preflight(config: RunConfig) -> None:
         check_grid_fits(config)
 
 
+def pin_parent(config: RunConfig, resume: bool) -> None:
+    """A base given as a registry alias is read once per run, here: anew for a new run (a served deployment runs
+    many in one process), as the run found it when it started for a resumed one (tasks/parents.py)."""
+    if not config.model.registered:
+        return
+    unpin(config.model.name_or_path)
+    if resume and (version := resumed_parent_version(config)) is not None:
+        pin(config.model.name_or_path, version)
+
+
 class Outcome(BaseModel):
     """A trained model taken through the stages after training: its metrics, probe, version and promotion."""
 
@@ -215,8 +225,7 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
     if resume and (pending := promote_pending(config)):  # killed between registration and promotion
         return _remember(_pending_result(config, *pending[-1]))
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
-    if resume and (version := resumed_parent_version(config)) is not None:
-        pin(config.model.name_or_path, version)  # the alias as the run found it when it started
+    pin_parent(config, resume)
     source = stages.resolve_model(config.model)
     with named_disk_errors(config):  # read before any run opens: bad data is named with nothing left behind
         data = sequence.load_data(config, cache_dir, stages.CALLS)

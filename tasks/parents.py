@@ -71,6 +71,11 @@ def pin(uri: str, version: str) -> None:
     os.environ[PINNED_VARIABLE] = json.dumps(pinned() | {uri: version}, sort_keys=True)
 
 
+def unpin(uri: str) -> None:
+    """Forget `uri`'s pin: a new run in a long-lived process (a served deployment) reads the alias anew."""
+    os.environ[PINNED_VARIABLE] = json.dumps({k: v for k, v in pinned().items() if k != uri}, sort_keys=True)
+
+
 def _known(client: Any, name: str) -> str:
     """What exists, for an error message: the registered names, or this name's aliases and versions."""
     from mlflow.exceptions import MlflowException

@@ -18,6 +18,7 @@ from test_preference import PAIRS, adaptflow, write_rows
 from transformers import AutoModelForCausalLM
 
 from adapters_impl.packaged import download_registered
+from flows.pipeline import pin_parent
 from tasks.config import validate_config
 from tasks.errors import UserInputError
 from tasks.parents import PINNED_VARIABLE, check_parent, resolve_version
@@ -60,6 +61,9 @@ def test_resolution_names_what_exists_and_pins_an_alias_once(tmp_path: Path, mon
     assert str(resolve_version("models:/chat@champion").version) == "1"
     client.set_registered_model_alias("chat", "champion", "2")  # promoted while the run goes on
     assert str(resolve_version("models:/chat@champion").version) == "1", "resolved once per run"
+    config = validate_config({"model": {"name_or_path": "models:/chat@champion"}, "data": {"train": "x.jsonl"}})
+    pin_parent(config, resume=False)  # the next run (a served deployment runs many in one process)
+    assert str(resolve_version("models:/chat@champion").version) == "2"
     assert str(resolve_version("models:/chat/2").version) == "2"
 
 
