@@ -29,7 +29,7 @@ from tasks.settings import REGISTERED_FORMS, parse_registered
 
 KEY = "model.name_or_path"
 # Alias URI -> the version it was resolved to, for this process and the ones it starts (training workers): one
-# version per run even when the alias moves while it runs.
+# version per run even when the alias moves while it runs (each run starts with `unpin`, or a resumed run's `pin`).
 PINNED_VARIABLE = "ADAPTFLOW_PINNED_PARENTS"
 PARENT_FILE = ".adaptflow-parent.json"  # hidden: not part of the model folder's files or fingerprint
 
@@ -91,7 +91,7 @@ def _known(client: Any, name: str) -> str:
 
 
 def resolve_version(uri: str) -> Any:
-    """The registered version `uri` names (an alias read once per process tree, see `pin`).
+    """The registered version `uri` names (an alias read once per run and pinned: `pin`, `flows.pipeline.pin_parent`).
 
     Raises:
         UserInputError: no such model, alias or version, naming model.name_or_path and what exists.

@@ -172,3 +172,23 @@ def test_sft_champion_to_dpo_challenger_records_its_lineage(tmp_path: Path, tiny
     again = json.loads(done.stdout.strip().splitlines()[-1])
     tags = client.get_model_version("sft-again", again["model_version"]).tags
     assert (tags["parent_model_uri"], tags["parent_run_id"]) == ("models:/sft/1", sft["run_id"])
+
+
+def test_plan_and_run_name_an_unknown_parent_before_any_run_opens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    data = write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    config = write_config(
+        tmp_path / "c.yaml",
+        model={"name_or_path": "models:/nope@champion"},
+        task="preference",
+        data={"train": str(data)},
+    )
+    expected = "model.name_or_path: models:/nope@champion: no alias @champion; no registered model named 'nope'"
+    for command in ("plan", "run"):
+        assert main([command, str(config)]) == 2
+        assert expected in capsys.readouterr().err
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
