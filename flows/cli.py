@@ -340,6 +340,10 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.trials import expand_grid
 
     config = load_config(args.config, args.set)
+    if config.model.registered:  # the base is a registered version: the registry says which
+        from tasks.tracking import use_tracking
+
+        use_tracking(config.tracking)
     device = this_device()
     if not args.device or args.device == device.kind:  # planned for this machine: what `run` would refuse here
         check_device(config.train)

@@ -16,7 +16,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import BaseModel
 
 from flows import stages
-from flows.pipeline import register_and_promote, tracked_run
+from flows.pipeline import pin_parent, register_and_promote, tracked_run
 from tasks import sequence
 from tasks.config import GridSettings, RunConfig
 from tasks.errors import RunFailed
@@ -198,10 +198,12 @@ def lora_grid(config: RunConfig, resume: bool = False, allow_changed: bool = Fal
     config = config.model_copy(update={"grid": grid})
     stages.tag_flow_run(["grid", "adaptflow", f"method:{config.method.name}", f"model:{config.registry.name}"])
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
+    pin_parent(config, resume)
     source = stages.resolve_model(config.model)
     with tracked_run(config, run_name=f"grid {config.method.name} x{grid.size}", resume=resume) as parent:
         data = sequence.load_data(config, cache_dir, stages.CALLS)
         changed = stages.record_identity(parent, run_identity(config, data, source), allow_changed)
+        changed |= stages.record_parent(parent, source)
         stages.log_datasets(parent, data)
         tokenized = sequence.tokenize(config, data, source, cache_dir, stages.CALLS)
         base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)

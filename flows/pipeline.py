@@ -21,11 +21,12 @@ from tasks.errors import RunFailed, UserInputError, disk_error, disk_failure
 from tasks.identity import run_identity
 from tasks.load import DataRef
 from tasks.modeling import ModelSource
+from tasks.parents import pin, unpin
 from tasks.probe.report import ProbeReport
 from tasks.promotion import Decision, gate_tags, recorded_gate
 from tasks.registry import RegisteredRef
 from tasks.tokenization import TokenizedRef
-from tasks.tracking import ResumeChanged, RunRef, restore_status, run_title
+from tasks.tracking import ResumeChanged, RunRef, restore_status, resumed_parent_version, run_title
 from tasks.training import TrainedRef
 
 
@@ -139,21 +140,45 @@ def preflight(config: RunConfig) -> None:
     from tasks.memory import check_fits
     from tasks.modeling import check_context, resolve_model
     from tasks.objectives import get_objective
+    from tasks.parents import check_parent, parent_of
+    from tasks.tracking import use_tracking
     from tasks.trials import check_grid_fits
 
     check_writable(Path(config.train.output_dir), "train.output_dir")
-    problems = get_objective(config.task).check(config)
+    objective = get_objective(config.task)
+    problems = objective.check(config)
     if problems:
         raise UserInputError.many("invalid configuration:", problems)
     check_source(config.data.train, "data.train")
     if config.data.eval:
         check_source(config.data.eval, "data.eval")
-    check_context(resolve_model(config.model), config.data.max_length)
+    if config.model.registered:  # the base is a registered version: read from the registry before any run opens
+        use_tracking(config.tracking)
+    source = resolve_model(config.model)
+    parent = parent_of(source)
+    if parent is not None:
+        section = getattr(config, objective.section, None) if objective.section else None
+        if section is None and objective.settings is not None:  # the section left out: its defaults
+            section = objective.settings()
+        problems = check_parent(parent, config.task, getattr(section, "template", None), objective.section)
+        if problems:
+            raise UserInputError.many("invalid configuration:", problems)
+    check_context(source, config.data.max_length)
     check_device(config.train)
     if config.grid is None:
         check_fits(config)
     else:
         check_grid_fits(config)
+
+
+def pin_parent(config: RunConfig, resume: bool) -> None:
+    """A base given as a registry alias is read once per run, here: anew for a new run (a served deployment runs
+    many in one process), as the run found it when it started for a resumed one (tasks/parents.py)."""
+    if not config.model.registered:
+        return
+    unpin(config.model.name_or_path)
+    if resume and (version := resumed_parent_version(config)) is not None:
+        pin(config.model.name_or_path, version)
 
 
 class Outcome(BaseModel):
@@ -223,6 +248,7 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
     if resume and (pending := promote_pending(config)):  # killed between registration and promotion
         return _remember(_pending_result(config, *pending[-1]))
     cache_dir = Path(config.train.output_dir).resolve() / ".cache"
+    pin_parent(config, resume)
     source = stages.resolve_model(config.model)
     with named_disk_errors(config):  # read before any run opens: bad data is named with nothing left behind
         data = sequence.load_data(config, cache_dir, stages.CALLS)
@@ -231,6 +257,7 @@ def finetune(config: RunConfig, resume: bool = False, allow_changed: bool = Fals
         return _remember(_identical_result(config, same))
     with tracked_run(config, resume=resume) as run:
         lineage = stages.record_identity(run, identity, allow_changed)
+        lineage |= stages.record_parent(run, source)
         stages.log_datasets(run, data)
         tokenized = sequence.tokenize(config, data, source, cache_dir, stages.CALLS)
         base_metrics = stages.evaluate_base(source, tokenized, config.train.eval_batch_size)

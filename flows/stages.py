@@ -200,6 +200,7 @@ log_params = task(name="log-params", cache_policy=NO_CACHE)(tracking.log_params)
 end_run = task(name="end-run", cache_policy=NO_CACHE)(tracking.end_run)
 record_identity = task(name="record-identity", cache_policy=NO_CACHE)(tracking.record_identity)
 log_datasets = task(name="log-datasets", cache_policy=NO_CACHE)(tracking.log_datasets)
+record_parent = task(name="record-parent", cache_policy=NO_CACHE)(tracking.record_parent)
 
 
 @task(name="find-identical-version", cache_policy=NO_CACHE)

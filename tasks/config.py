@@ -687,7 +687,7 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         }
     )
     model = config.model
-    if not model.name_or_path.startswith(BUILTIN_PREFIX):
+    if not model.name_or_path.startswith(BUILTIN_PREFIX) and not model.registered:
         model = model.model_copy(update={"name_or_path": _resolve(model.name_or_path, base)})
     update: dict[str, Any] = {"data": data, "model": model}
     for objective in OBJECTIVES.values():  # files an objective's section names (a chat template)

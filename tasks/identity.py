@@ -32,6 +32,8 @@ def base_fingerprint(source: ModelSource) -> str:
 def run_identity(config: RunConfig, data: DataRef, source: ModelSource) -> dict[str, str]:
     """Config key -> content fingerprint of everything a run reads that its config names by path."""
     identity = {"data": data.fingerprint, "model.name_or_path": base_fingerprint(source)}
+    if source.parent:  # started from a registered version: which one, pinned, and its content
+        identity["model.parent"] = f"{source.parent['pinned_uri']}@{source.parent['fingerprint']}"
     return identity | get_objective(config.task).files(config)
 
 

@@ -48,6 +48,8 @@ class ModelSource(BaseModel):
     # Special tokens the run's chat template added to the tokenizer (chatml's): loading adds them again and grows the
     # model's embeddings to match (`TokenizedRef.model_source`), so every stage sees the same ids.
     added_tokens: list[str] = []
+    # A registered model this base is (`models:/...`, tasks/parents.py): its pinned URI, run id, fingerprint, task...
+    parent: dict[str, str] = {}
 
     def kwargs(self) -> dict[str, Any]:
         return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
@@ -187,6 +189,8 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
         UserInputError: the path does not exist, holds no model, or the hub id cannot be reached.
     """
     value = settings.name_or_path
+    if settings.registered:
+        return registered_source(settings)
     commit: str | None = None
     folder = local_model_folder(value)
     if folder is not None:
@@ -222,6 +226,29 @@ def resolve_model(settings: ModelSettings) -> ModelSource:
         allow_pickle=settings.allow_pickle,
         display_name=value,
         tokenizer_fingerprint=_tokenizer_fingerprint(path, settings.revision),
+    )
+
+
+def registered_source(settings: ModelSettings) -> ModelSource:
+    """A registered version as a base: its merged model folder (tasks/parents.py), named by its pinned URI. The
+    tokenization cache key holds the version and its fingerprint, not only the tokenizer's files.
+
+    Raises:
+        UserInputError: no such model, alias or version, or one that cannot be a base.
+    """
+    from tasks.parents import parent_record, registered_parent
+
+    parent = registered_parent(settings.name_or_path)
+    tokenizer = _tokenizer_fingerprint(parent.folder, None)
+    return ModelSource(
+        name_or_path=parent.folder,
+        trust_remote_code=settings.trust_remote_code,
+        allow_pickle=False,  # written by adaptflow as safetensors
+        display_name=parent.pinned_uri,
+        tokenizer_fingerprint=hashlib.sha256(
+            f"{tokenizer}|{parent.pinned_uri}|{parent.fingerprint}".encode()
+        ).hexdigest()[:16],
+        parent=parent_record(parent),
     )
 
 

@@ -305,8 +305,9 @@ def creation_tags(
     return version_tags(config, data, run, metrics, identity) | (extra_tags or {}) | {PENDING: "true"}
 
 
-def describe(config: RunConfig, data: DataRef, metrics: dict[str, float]) -> str:
-    """A version's description: what was tuned on what, and how it did against its base."""
+def describe(config: RunConfig, data: DataRef, metrics: dict[str, float], tags: dict[str, str] | None = None) -> str:
+    """A version's description: what was tuned on what, and how it did against its base (and the registered
+    version it started from, when `tags` name one)."""
     metric = config.registry.promote.metric
     tuned, base = metrics.get(metric), metrics.get(f"base_{metric}")
     result = f"{metric} {tuned:.4g}" if tuned is not None else ""
@@ -315,7 +316,14 @@ def describe(config: RunConfig, data: DataRef, metrics: dict[str, float]) -> str
     return (
         f"{config.method.name} ({config.task}) on {redact(config.model.name_or_path)}, trained on "
         f"{redact(str(data.source))} ({data.train_rows} rows, {data.eval_rows} held out). {result}".strip()
-    )
+    ) + parent_line(tags or {})
+
+
+def parent_line(tags: dict[str, str]) -> str:
+    """ " Started from models:/NAME/VERSION (run ID)." when the version started from a registered one."""
+    if "parent_model_uri" not in tags:
+        return ""
+    return f" Started from {tags['parent_model_uri']} (its run {tags.get('parent_run_id', '?')})."
 
 
 def register_model(
@@ -393,7 +401,9 @@ def register_model(
         )
     # Registered only now, after every artifact is stored.
     registered = mlflow.register_model(info.model_uri, config.registry.name, tags=tags)
-    client.update_model_version(config.registry.name, registered.version, description=describe(config, data, metrics))
+    client.update_model_version(
+        config.registry.name, registered.version, description=describe(config, data, metrics, extra_tags)
+    )
     tidy_run_dir(run_dir, config.train.keep_checkpoints)
     return RegisteredRef(
         name=config.registry.name,

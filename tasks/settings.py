@@ -9,11 +9,38 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from adapters_impl.base import ConfigSection
 
 BUILTIN_PREFIX = "builtin:"
+REGISTERED_PREFIX = "models:/"
+REGISTERED_FORMS = "models:/NAME@ALIAS or models:/NAME/VERSION"
+
+
+def parse_registered(value: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of a registry URI `models:/NAME@ALIAS` or `models:/NAME/VERSION` (one of alias and
+    version is None).
+
+    Raises:
+        ValueError: not a registry URI of either form (the message gives both).
+    """
+    rest = value.removeprefix(REGISTERED_PREFIX)
+    name, alias, version = rest, None, None
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+    if (
+        rest == value
+        or not name
+        or "/" in name
+        or not (alias or (version and version.isdigit()))
+        or (alias is not None and not alias.replace("-", "").replace("_", "").isalnum())
+    ):
+        raise ValueError(f"expected {REGISTERED_FORMS} (a registered model)")
+    return name, alias, version
+
 
 # The roles of a conversation, for every objective that reads chat data.
 ROLES = ("system", "user", "assistant")
@@ -30,13 +57,36 @@ class Section(ConfigSection):
 class ModelSettings(Section):
     name_or_path: str = Field(
         "builtin:tiny",
-        description="hub id, local folder, .gguf file, builtin:tiny or builtin:smollm2-135m-instruct",
+        description="hub id, local folder, .gguf file, builtin:tiny, builtin:smollm2-135m-instruct, or a "
+        "registered model to start from: models:/NAME@ALIAS (resolved once, when the run starts) or models:/NAME/VERSION",
     )
     revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = Field(
         False, description="also load pickle weights (pytorch_model.bin); unpickling a file can run code"
     )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value.startswith(REGISTERED_PREFIX):
+            parse_registered(value)
+        elif value.startswith("runs:/"):
+            raise ValueError(f"a run's artifacts are not a base; register the run and give {REGISTERED_FORMS}")
+        return value
+
+    @model_validator(mode="after")
+    def _registered_revision(self) -> Self:
+        if self.revision is not None and self.name_or_path.startswith(REGISTERED_PREFIX):
+            raise ValueError(
+                "@revision: a registered model is pinned by its version; give models:/NAME/VERSION instead"
+            )
+        return self
+
+    @property
+    def registered(self) -> bool:
+        """The base is a registered model (`models:/...`), resolved through the tracking store."""
+        return self.name_or_path.startswith(REGISTERED_PREFIX)
 
 
 class RowLayout(Section):

@@ -378,6 +378,42 @@ def record_identity(run: RunRef, identity: dict[str, str], allow_changed: bool =
     return lineage
 
 
+def record_parent(run: RunRef, source: Any) -> dict[str, str]:
+    """A run started from a registered version (tasks/parents.py) records it: tags `parent_model_uri` (pinned to
+    the version number), `parent_run_id`, its fingerprint and a link to the parent's run, and a line in the run's
+    description. Returns the same tags for the new version; empty for other bases."""
+    from tasks.parents import parent_of
+
+    parent = parent_of(source)
+    if parent is None:
+        return {}
+    link = run_link(RunRef(run_id=parent.run_id, experiment_id=parent.experiment_id, tracking_uri=run.tracking_uri,
+                           run_dir=""))  # fmt: skip
+    tags = parent.tags() | {"parent_run_link": link}
+    client = client_for(run)
+    for key, value in tags.items():
+        client.set_tag(run.run_id, key, value)
+    note = client.get_run(run.run_id).data.tags.get("mlflow.note.content", "")
+    line = f"Started from {parent.pinned_uri} ({parent.uri}), trained in {link}."
+    if line not in note:
+        client.set_tag(run.run_id, "mlflow.note.content", f"{note}\n\n{line}".strip())
+    return tags
+
+
+def resumed_parent_version(config: RunConfig) -> str | None:
+    """The version an unfinished run of this config started from, when its base is a registry alias: a resume
+    continues on that version even when the alias has moved since."""
+    from tasks.settings import parse_registered
+
+    if not config.model.registered or parse_registered(config.model.name_or_path)[1] is None:
+        return None
+    client = use_tracking(config.tracking)
+    found = client.get_experiment_by_name(config.tracking.experiment)
+    run_id = unfinished_run(client, found.experiment_id, config) if found else None
+    uri = client.get_run(run_id).data.tags.get("parent_model_uri", "") if run_id else ""
+    return uri.rsplit("/", 1)[1] if uri else None
+
+
 def restore_status(run: RunRef) -> None:
     """Put a resumed run back in the status --resume found it in."""
     if run.previous_status and run.previous_status != "RUNNING":
