@@ -38,14 +38,14 @@ from benchmarks.harness import ROOT, SHARED, log, ratios
 NAME = "builtin:smollm2-135m-instruct"
 DATA = SHARED / "data" / "preference"
 LORA = "r 8, alpha 16, dropout 0, all-linear (peft LoraConfig, both sides)"
-PAIRS = {"max_length": 256, "held_out": 16, "steps": 12, "batch": 2, "lr": 1e-3}
-UNPAIRED = {"max_length": 256, "held_out": 24, "steps": 12, "batch": 4, "lr": 1e-3}
+PAIRS = {"max_length": 192, "held_out": 10, "steps": 5, "batch": 2, "lr": 2e-3}
+UNPAIRED = {"max_length": 192, "held_out": 16, "steps": 5, "batch": 4, "lr": 2e-3}
 LOSSES = {
     "dpo": {"loss": "sigmoid", "beta": 0.1},
     "simpo": {"loss": "simpo", "beta": 2.0, "gamma": 0.5},
     "kto": {"loss": "kto", "beta": 0.1},
 }
-SPEED = {"max_length": 192, "steps": 3, "batch": 2, "lr": 5e-4, "beta": 0.1, "repeats": 2}
+SPEED = {"max_length": 192, "steps": 2, "batch": 2, "lr": 5e-4, "beta": 0.1, "repeats": 2, "control_repeats": 1}
 
 
 def load() -> str:
@@ -98,7 +98,9 @@ def _base(seed: int = 0) -> Any:
     return get_peft_model(AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32), lora_config())
 
 
-def pipeline_trainer(model: Any, tokenizer: Any, rows: Any, options: dict[str, Any], budget: dict[str, Any], out: Path):
+def pipeline_trainer(
+    model: Any, tokenizer: Any, rows: Any, options: dict[str, Any], budget: dict[str, Any], out: Path
+) -> Any:
     """The train stage's Trainer for task preference (tasks/training.py `train_loaded`): the objective's mixin and
     collator on MethodTrainer, with `training_arguments` from the run's `train:` settings."""
     from datasets import Dataset
@@ -277,9 +279,9 @@ def speed(work: Path, repeats: int | None = None) -> dict[str, Any]:
             runs[side].append(make())
             log(f"  {runs[side][-1][0]:.1f} tok/s, {runs[side][-1][1]} tokens, +{runs[side][-1][2]:.0f} MB")
     loads["after_pipeline"] = load()
-    for attempt in range(b["repeats"]):
+    for attempt in range(b["control_repeats"]):
         for side in ("first", "second"):
-            log(f"preference speed: A/A control, plain {side} {attempt + 1}/{b['repeats']} (load {load()})")
+            log(f"preference speed: A/A control, plain {side} {attempt + 1}/{b['control_repeats']} (load {load()})")
             runs[side].append(plain())
             log(f"  {runs[side][-1][0]:.1f} tok/s")
     loads["after_control"] = load()

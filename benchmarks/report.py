@@ -76,11 +76,13 @@ What each section measures:
   tokens/s and peak memory against `benchmarks/plain_trainer.py`, alternated, with the A/A control. The load
   average is recorded with each measurement.
 - **Real model, preference tuning** (`benchmarks/preference.py`; section `preference`, skipped without
-  `../shared/data/preference`): DPO (loss sigmoid) and SimPO on `dpo_en_demo` and KTO on `kto_en_demo` through
-  `adaptflow run` on a fixed held-out split (reward / label accuracy, pair accuracy and preference loss, base →
-  tuned), and DPO training speed and peak memory against a plain TRL `DPOTrainer` + peft `LoraConfig` script
-  (`benchmarks/plain_dpo.py`, trl 1.16.0) on the same pairs, model, LoRA, steps, batch, lr and seed, alternated,
-  with the A/A control. Budgets fit 2 shared CPU cores and are given with the tables.
+  `../shared/data/preference`): DPO (loss sigmoid) and SimPO on `dpo_en_demo` and KTO on `kto_en_demo` with the
+  stage functions `adaptflow run` uses, on a fixed held-out split (reward / label accuracy, pair accuracy and
+  preference loss, base → tuned), and DPO training speed and memory against a plain TRL `DPOTrainer` + peft
+  `LoraConfig` script (`benchmarks/plain_dpo.py`, trl 1.16.0) on the same pairs, model, LoRA, steps, batch, lr and
+  seed, alternated in one process, with the A/A control. Budgets fit 2 shared CPU cores and are given with the
+  tables; the parts can run apart (`python -m benchmarks.preference speed|quality`) and be recorded together
+  (`python -m benchmarks.preference record PART.json ...`).
 - **Memory**: `python -m benchmarks.memory`: full fine-tuning vs LoRA vs QLoRA on a ~70M-parameter Llama built
   from a config (hidden 640, 10 layers, vocab 32000), AdamW, all linear layers adapted, each method in its own
   process. Tensors = weights + gradients + optimizer state + saved activations (exact); the process peak is
@@ -436,54 +438,53 @@ def _preference(results: dict[str, Any]) -> str:
     if q:
         rows = []
         for r in q["runs"]:
-            base, tuned = r["base"], r["tuned"]
-            accuracy = "eval_label_accuracy" if r["loss"] == "kto" else "eval_reward_accuracy"
+            base, tuned, d = r["base"], r["tuned"], r["data"]
+            kto = r["loss"] == "kto"
+            accuracy = "label_accuracy" if kto else "reward_accuracy"
+            held = f"{d['eval_rows']}" + (f" ({d['eval_desirable']} desirable)" if kto else "")
             rows.append(
                 [r["loss"], ", ".join(f"{k} {v}" for k, v in r["settings"].items() if k != "loss"),
+                 f"{d['kept']} of {d['rows']}", d["train_rows"], held, _budget(d["budget"]),
                  _arrow(base.get(accuracy), tuned.get(accuracy)),
-                 _arrow(base.get("eval_pair_accuracy"), tuned.get("eval_pair_accuracy")) if r["loss"] != "kto" else "–",
-                 _arrow(base.get("eval_loss"), tuned.get("eval_loss")),
-                 f"{tuned.get('eval_reward_margin', 0.0):.3f}",
-                 f"{r['flipped_to_chosen']:.0f} / {r['flipped_to_rejected']:.0f}" if r.get("flipped_to_chosen") is not None else "–",
-                 r["train_seconds"], f"{r['peak_memory_mb']:.0f}", r["load_before"]]
+                 "–" if kto else _arrow(base.get("pair_accuracy"), tuned.get("pair_accuracy")),
+                 _arrow(base.get("loss"), tuned.get("loss")), f"{tuned.get('reward_margin', 0.0):.3f}",
+                 r["train_seconds"], r["load_before"]]
             )  # fmt: skip
         table = _table(
-            ["loss", "settings", "reward accuracy (KTO: label accuracy) base → tuned",
-             "pair accuracy base → tuned", "preference loss base → tuned", "tuned reward margin",
-             "held-out pairs flipped to chosen / to rejected", "train s", "peak MB", "load before"],
+            ["loss", "settings", "rows kept", "train rows", "held out", "budget",
+             "reward accuracy (KTO: label accuracy) base → tuned", "pair accuracy base → tuned",
+             "preference loss base → tuned", "tuned reward margin", "train s", "load before"],
             rows,
         )  # fmt: skip
-        pairs, unpaired = q["pairs"], q["unpaired"]
         parts.append(
-            f"Quality through `adaptflow run` on {q['model']}, LoRA {q['lora']}. DPO and SimPO on dpo_en_demo: of "
-            f"{pairs['rows']} pairs, the {pairs['kept']} the pipeline keeps at max length "
-            f"{pairs['budget']['max_length']} (prompts cut first), shuffled (seed 0): {pairs['eval_rows']} held out, "
-            f"{pairs['train_rows']} to train on; budget {_budget(pairs['budget'])} (batch in pairs). KTO on "
-            f"kto_en_demo: {unpaired['kept']} of {unpaired['rows']} rows kept, {unpaired['eval_rows']} held out "
-            f"({unpaired['eval_desirable']} desirable), {unpaired['train_rows']} to train on; budget "
-            f"{_budget(unpaired['budget'])}. The base is its own reference, so its reward accuracy is 0 (no pair's "
-            "rewards differ) and its label accuracy is KTO's at zero reward; pair accuracy (logp chosen > logp "
-            f"rejected) needs no reference and compares directly.\n\n{table}"
+            f"Quality on {q['model']}, LoRA {q['lora']}: DPO and SimPO on dpo_en_demo, KTO on kto_en_demo, with the "
+            "stage functions `adaptflow run` uses (the objective's encoder, its Trainer hook on the train stage's "
+            "Trainer and arguments, its eval metrics). The rows kept are those the pipeline keeps at the max length "
+            "(prompts cut first), shuffled (seed 0) and split into held-out and train rows; batch counts pairs "
+            "(KTO: rows). The base is its own reference, so its reward accuracy is 0 (no pair's rewards differ); "
+            "pair accuracy (logp chosen > logp rejected) needs no reference and compares directly.\n\n" + table
         )
     s = section.get("speed")
     if s:
         c = s["control"]
+        memory = f"{s['memory_ratio']:.3f}" if s.get("memory_ratio") is not None else "–"
         table = _table(
             ["", "pipeline tok/s (runs)", "plain TRL tok/s (runs)", "ratio of medians (range)", "best of N",
-             "pipeline peak MB", "plain peak MB", "memory ratio"],
+             "pipeline memory growth MB", "plain memory growth MB", "memory ratio"],
             [["DPO, LoRA", _seconds(s["pipeline_runs_tokens_per_second"]), _seconds(s["plain_runs_tokens_per_second"]),
               _ratio(s["throughput_ratio"], s["throughput_ratio_range"]), f"{s['throughput_ratio_best']:.3f}",
-              f"{s['pipeline_peak_memory_mb']:.0f}", f"{s['plain_peak_memory_mb']:.0f}", f"{s['memory_ratio']:.3f}"],
+              f"{s['pipeline_memory_growth_mb']:.0f}", f"{s['plain_memory_growth_mb']:.0f}", memory],
              ["A/A control: plain TRL, second / first", _seconds(c["second_runs_tokens_per_second"]),
               _seconds(c["first_runs_tokens_per_second"]), _ratio(c["ratio"], c["ratio_range"]), "", "", "", ""]],
         )  # fmt: skip
         load = s["load"]
         parts.append(
-            f"Speed: `adaptflow run` (DPO) against the plain TRL `DPOTrainer` + peft script "
-            f"(`benchmarks/plain_dpo.py`), alternated, then the A/A control. Budget: {_budget(s['budget'])}. "
-            f"Tokens are the real tokens of the chosen and rejected rows; peak MB is the process's resident "
-            f"high-water mark. Load average {load['before']} before, {load['after_pipeline']} after the alternated "
-            f"runs, {load['after_control']} after the control.\n\n{table}"
+            "Speed: the pipeline's DPO Trainer (the train stage's, as above) against the plain TRL `DPOTrainer` + "
+            "peft script (`benchmarks/plain_dpo.py`), in one process, alternated, then the A/A control. Budget: "
+            f"{_budget(s['budget'])}. Tokens are the real tokens of the chosen and rejected rows; memory growth is "
+            "the peak resident memory during `train()` above the level before it (sampled every 10 ms, freed heap "
+            f"returned to the OS first). Load average {load['before']} before, {load['after_pipeline']} after the "
+            f"alternated runs, {load['after_control']} after the control.\n\n{table}"
         )
     note = f"\n\nNote: {section['note']}" if section.get("note") else ""
     return "\n\n".join(parts) + note
