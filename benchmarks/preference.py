@@ -338,7 +338,7 @@ def record(paths: list[Path]) -> None:
 
     section: dict[str, Any] = {}
     for path in paths:
-        part = json.loads(path.read_text())
+        part = json.loads(path.read_text().strip().splitlines()[-1])  # the Trainer prints its logs above
         if "runs" in part:
             section.setdefault("quality", {"model": part["model"], "lora": part["lora"], "runs": []})
             section["quality"]["runs"] += part["runs"]

@@ -461,8 +461,9 @@ def _preference(results: dict[str, Any]) -> str:
             "stage functions `adaptflow run` uses (the objective's encoder, its Trainer hook on the train stage's "
             "Trainer and arguments, its eval metrics). The rows kept are those the pipeline keeps at the max length "
             "(prompts cut first), shuffled (seed 0) and split into held-out and train rows; batch counts pairs "
-            "(KTO: rows). The base is its own reference, so its reward accuracy is 0 (no pair's rewards differ); "
-            "pair accuracy (logp chosen > logp rejected) needs no reference and compares directly.\n\n" + table
+            "(KTO: rows). For DPO the base is its own reference, so its rewards are 0 and its reward accuracy 0 by "
+            "construction (SimPO's rewards need no reference); pair accuracy (logp chosen > logp rejected) needs "
+            "none either and compares base and tuned directly.\n\n" + table
         )
     s = section.get("speed")
     if s:
