@@ -50,7 +50,9 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM under any wrapper (DDP, peft) projects only its last positions when asked
     (`logits_to_keep`, transformers' causal LMs)."""
     inner = unwrapped(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base_model = getattr(inner, "get_base_model", None)  # peft's
+    if callable(base_model):
+        inner = base_model()
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
