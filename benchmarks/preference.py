@@ -273,6 +273,11 @@ def speed(work: Path, repeats: int | None = None) -> dict[str, Any]:
 
     runs: dict[str, list[tuple[float, int, float]]] = {"plain": [], "pipeline": [], "first": [], "second": []}
     loads = {"before": load()}
+    # One run of each side first, not counted: the process's first Trainer pays one-time costs (lazy imports,
+    # allocator growth) that would otherwise all fall on the side that runs first.
+    log(f"preference speed: warm-up, one run per side, not counted (load {load()})")
+    plain()
+    ours()
     for attempt in range(b["repeats"]):
         for side, make in (("plain", plain), ("pipeline", ours)):
             log(f"preference speed: {side} {attempt + 1}/{b['repeats']} (load {load()})")
