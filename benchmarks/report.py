@@ -23,8 +23,8 @@ METHOD = """\
 `make bench` (`python -m benchmarks.run`) runs every section below, prints its tables, writes the numbers to
 `benchmarks/results.json` and regenerates this page from them (`python -m benchmarks.report` does only the
 last step). `--quick` runs LoRA only, 10 steps, one run per side, and skips the control, whole-run, grid,
-grid-pruning, instruction, real-model (all four), export, serving and memory sections; `--only` runs only the
-sections named, `--skip`, `--repeats`, `--methods` and
+grid-pruning, instruction, real-model (all four), export, serving, preference and memory sections; `--only` runs
+only the sections named, `--skip`, `--repeats`, `--methods` and
 `--prune-seeds`, `--prune-dask-seeds`, `--prune-etas` narrow a full run. Sections on the team's models and data read `../shared`
 beside the checkout, or `ADAPTFLOW_BENCH_SHARED`. Benchmarks measure; no test asserts on their numbers.
 
@@ -84,6 +84,14 @@ What each section measures:
 - **Serving** (`benchmarks/serving.py`): `adaptflow serve-model`'s app on the same model over HTTP through the
   OpenAI client: time to the first streamed token and decode tokens per second (greedy, `ignore_eos`, a fixed
   number of tokens), next to `model.generate` alone on the same prompt.
+- **Real model, preference tuning** (`benchmarks/preference.py`; section `preference`, skipped without
+  `../shared/data/preference`): DPO (loss sigmoid) and SimPO on `dpo_en_demo` and KTO on `kto_en_demo` with the
+  stage functions `adaptflow run` uses, on a fixed held-out split (reward / label accuracy, pair accuracy and
+  preference loss, base → tuned), and DPO training speed and memory against a plain TRL `DPOTrainer` + peft
+  `LoraConfig` script (`benchmarks/plain_dpo.py`, trl 1.16.0) on the same pairs, model, LoRA, steps, batch, lr and
+  seed, alternated in one process, with the A/A control. Budgets fit 2 shared CPU cores and are given with the
+  tables; the parts can run apart (`python -m benchmarks.preference speed|quality`) and be recorded together
+  (`python -m benchmarks.preference record PART.json ...`).
 - **Memory**: `python -m benchmarks.memory`: full fine-tuning vs LoRA vs QLoRA on a ~70M-parameter Llama built
   from a config (hidden 640, 10 layers, vocab 32000), AdamW, all linear layers adapted, each method in its own
   process. Tensors = weights + gradients + optimizer state + saved activations (exact); the process peak is
@@ -489,6 +497,66 @@ def _list(values: Sequence[float], digits: int) -> str:
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
+def _preference(results: dict[str, Any]) -> str:
+    section = results["preference"]
+    parts = []
+    q = section.get("quality")
+    if q:
+        rows = []
+        for r in q["runs"]:
+            base, tuned, d = r["base"], r["tuned"], r["data"]
+            kto = r["loss"] == "kto"
+            accuracy = "label_accuracy" if kto else "reward_accuracy"
+            held = f"{d['eval_rows']}" + (f" ({d['eval_desirable']} desirable)" if kto else "")
+            rows.append(
+                [r["loss"], ", ".join(f"{k} {v}" for k, v in r["settings"].items() if k != "loss"),
+                 f"{d['kept']} of {d['rows']}", d["train_rows"], held, _budget(d["budget"]),
+                 _arrow(base.get(accuracy), tuned.get(accuracy)),
+                 "–" if kto else _arrow(base.get("pair_accuracy"), tuned.get("pair_accuracy")),
+                 _arrow(base.get("loss"), tuned.get("loss")), f"{tuned.get('reward_margin', 0.0):.3f}",
+                 r["train_seconds"], r["load_before"]]
+            )  # fmt: skip
+        table = _table(
+            ["loss", "settings", "rows kept", "train rows", "held out", "budget",
+             "reward accuracy (KTO: label accuracy) base → tuned", "pair accuracy base → tuned",
+             "preference loss base → tuned", "tuned reward margin", "train s", "load before"],
+            rows,
+        )  # fmt: skip
+        parts.append(
+            f"Quality on {q['model']}, LoRA {q['lora']}: DPO and SimPO on dpo_en_demo, KTO on kto_en_demo, with the "
+            "stage functions `adaptflow run` uses (the objective's encoder, its Trainer hook on the train stage's "
+            "Trainer and arguments, its eval metrics). The rows kept are those the pipeline keeps at the max length "
+            "(prompts cut first), shuffled (seed 0) and split into held-out and train rows; batch counts pairs "
+            "(KTO: rows). For DPO the base is its own reference, so its rewards are 0 and its reward accuracy 0 by "
+            "construction (SimPO's rewards need no reference); pair accuracy (logp chosen > logp rejected) needs "
+            "none either and compares base and tuned directly.\n\n" + table
+        )
+    s = section.get("speed")
+    if s:
+        c = s["control"]
+        memory = f"{s['memory_ratio']:.3f}" if s.get("memory_ratio") is not None else "–"
+        table = _table(
+            ["", "pipeline tok/s (runs)", "plain TRL tok/s (runs)", "ratio of medians (range)", "best of N",
+             "pipeline memory growth MB", "plain memory growth MB", "memory ratio"],
+            [["DPO, LoRA", _seconds(s["pipeline_runs_tokens_per_second"]), _seconds(s["plain_runs_tokens_per_second"]),
+              _ratio(s["throughput_ratio"], s["throughput_ratio_range"]), f"{s['throughput_ratio_best']:.3f}",
+              f"{s['pipeline_memory_growth_mb']:.0f}", f"{s['plain_memory_growth_mb']:.0f}", memory],
+             ["A/A control: plain TRL, second / first", _seconds(c["second_runs_tokens_per_second"]),
+              _seconds(c["first_runs_tokens_per_second"]), _ratio(c["ratio"], c["ratio_range"]), "", "", "", ""]],
+        )  # fmt: skip
+        load = s["load"]
+        parts.append(
+            "Speed: the pipeline's DPO Trainer (the train stage's, as above) against the plain TRL `DPOTrainer` + "
+            "peft script (`benchmarks/plain_dpo.py`), in one process, alternated, then the A/A control. Budget: "
+            f"{_budget(s['budget'])}. Tokens are the real tokens of the chosen and rejected rows; memory growth is "
+            "the peak resident memory during `train()` above the level before it (sampled every 10 ms, freed heap "
+            f"returned to the OS first). Load average {load['before']} before, {load['after_pipeline']} after the "
+            f"alternated runs, {load['after_control']} after the control.\n\n{table}"
+        )
+    note = f"\n\nNote: {section['note']}" if section.get("note") else ""
+    return "\n\n".join(parts) + note
+
+
 # (results key, heading, renderer), in page order.
 def _periodic_eval(results: dict[str, Any]) -> str:
     section = results["periodic_eval"]
@@ -543,6 +611,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
         _periodic_eval,
     ),
     ("preference_rows", "Preference data: rows kept per `data.max_length`", _preference_rows),
+    ("preference", "Real model: preference tuning (DPO, SimPO, KTO) and DPO speed vs plain TRL", _preference),
 ]
 
 

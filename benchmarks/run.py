@@ -445,6 +445,14 @@ def main() -> None:
 
             log("serving: adaptflow serve-model's app on builtin:smollm2-135m-instruct through the OpenAI client")
             results["serving"] = serving.run()
+        if "preference" not in skip and not args.quick:
+            from benchmarks import preference
+
+            if not preference.available():
+                log(f"preference: skipped, no {preference.DATA} (dpo_en_demo.json, kto_en_demo.json)")
+            else:
+                log(f"preference: DPO, SimPO, KTO and DPO speed vs plain TRL on {preference.NAME}")
+                results["preference"] = preference.run(work, args.repeats)
         if "memory" not in skip and not args.quick:
             from benchmarks import memory
 
@@ -478,6 +486,7 @@ SECTIONS = (
     "memory_plan",
     "periodic_eval",  # python -m benchmarks.periodic_eval
     "preference_rows",  # python benchmarks/preference_rows.py
+    "preference",
 )
 # Keys that belong to a section and travel with it when a later run skips that section.
 SECTION_KEYS = {"throughput": ("throughput", "mfu", "control", "settings", "bench_model_params")}

@@ -135,6 +135,67 @@ RESULTS = {
         "load_median_seconds": {"plain": 1.2, "builtin": 1.3, "gguf_path": 1.4},
         "extra_seconds": {"builtin": 0.1, "gguf_path": 0.2},
     },
+    "preference": {
+        "quality": {
+            "model": "builtin:smollm2-135m-instruct",
+            "lora": "r 8",
+            "runs": [
+                {
+                    "loss": "sigmoid",
+                    "settings": {"loss": "sigmoid", "beta": 0.1},
+                    "data": {
+                        "rows": 300,
+                        "kept": 76,
+                        "pref_dropped_rows": 224,
+                        "eval_rows": 16,
+                        "train_rows": 60,
+                        "budget": {"max_length": 256, "steps": 12},
+                    },
+                    "load_before": "19.1 18.2 15.0",
+                    "load_after": "18.0 18.1 15.2",
+                    "train_seconds": 321.5,
+                    "base": {"loss": 0.6931, "reward_accuracy": 0.0, "pair_accuracy": 0.4375, "reward_margin": 0.0},
+                    "tuned": {"loss": 0.61, "reward_accuracy": 0.8125, "pair_accuracy": 0.5625, "reward_margin": 0.42},
+                },
+                {
+                    "loss": "kto",
+                    "settings": {"loss": "kto", "beta": 0.1},
+                    "data": {
+                        "rows": 300,
+                        "kept": 142,
+                        "pref_dropped_rows": 158,
+                        "eval_rows": 24,
+                        "train_rows": 118,
+                        "eval_desirable": 11,
+                        "budget": {"max_length": 256, "steps": 12},
+                    },
+                    "load_before": "19.1 18.2 15.0",
+                    "load_after": "18.0 18.1 15.2",
+                    "train_seconds": 200.0,
+                    "base": {"loss": 0.5, "label_accuracy": 0.5, "reward_margin": 0.0},
+                    "tuned": {"loss": 0.45, "label_accuracy": 0.7083, "reward_margin": 0.3},
+                },
+            ],
+        },
+        "speed": {
+            "budget": {"max_length": 192, "steps": 3},
+            "load": {"before": "19.4", "after_pipeline": "19.0", "after_control": "18.7"},
+            "pipeline_runs_tokens_per_second": [40.1, 42.0],
+            "plain_runs_tokens_per_second": [41.0, 39.5],
+            "throughput_ratio": 1.013,
+            "throughput_ratio_range": [0.98, 1.06],
+            "throughput_ratio_best": 1.024,
+            "pipeline_memory_growth_mb": 420.0,
+            "plain_memory_growth_mb": 380.0,
+            "memory_ratio": 1.105,
+            "control": {
+                "first_runs_tokens_per_second": [40.0, 41.0],
+                "second_runs_tokens_per_second": [39.0, 42.0],
+                "ratio": 1.0,
+                "ratio_range": [0.95, 1.05],
+            },
+        },
+    },
 }
 
 
@@ -164,6 +225,9 @@ def test_report_renders_present_sections_with_date_and_machine_and_leaves_out_ab
     assert "0.123" in serving and "31.5" in serving and "33.3" in serving and "noisy" in serving
     real = sections["Real model: first use and cached load"]
     assert "28.7" in real and "+0.10 s" in real and "+0.20 s" in real
+    preference = sections["Real model: preference tuning (DPO, SimPO, KTO) and DPO speed vs plain TRL"]
+    assert "0.000 → 0.812 (+0.812)" in preference and "0.500 → 0.708 (+0.208)" in preference
+    assert "**1.013** (0.98–1.06)" in preference and "1.105" in preference
 
 
 def test_a_run_that_skips_a_section_keeps_the_earlier_one_with_its_date(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ over each logging interval and read on the host only when logged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -45,14 +46,34 @@ class SequenceLogps:
     tokens: torch.Tensor
 
 
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM under any wrapper (DDP, peft) projects only its last positions when asked
+    (`logits_to_keep`, transformers' causal LMs)."""
+    inner = unwrapped(model)
+    base_model = getattr(inner, "get_base_model", None)  # peft's
+    if callable(base_model):
+        inner = base_model()
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def sequence_logps(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> SequenceLogps:
     """Summed log-probs of each row's labelled tokens under `model` (position t predicts token t+1). Prompt-learning
-    methods prepend virtual tokens to the logits: the last positions are the rows' own."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, -input_ids.shape[1] :][:, :-1]
-    targets = labels[:, 1:]
+    methods prepend virtual tokens to the logits: the last positions are the rows' own.
+
+    Only the positions from the batch's earliest labelled token on go through the LM head (`logits_to_keep`): the
+    shared prompt tokens before it need no logits, which spares the vocabulary-wide projection and log-softmax there
+    (as TRL's fused LM head does)."""
+    length = input_ids.shape[1]
+    keep = length
+    if _takes_logits_to_keep(model):
+        # The first column of the shifted targets with a label in any row (0 when none has one: keep all).
+        keep = length - int(labels[:, 1:].ne(IGNORE_INDEX).any(0).int().argmax())
+    kwargs = {"logits_to_keep": keep} if keep < length else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    logits = logits[:, -keep:][:, :-1]
+    targets = labels[:, length - keep + 1 :]
     per_token = -F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(targets.shape)
