@@ -90,6 +90,22 @@ def template_of(tokenizer: Any, settings: dict[str, Any]) -> ChatTemplate:
     return resolve_template(tokenizer, InstructionSettings(template=settings.get("template", "tokenizer")))
 
 
+def use_template(tokenizer: Any, settings: dict[str, Any], encoding: Encoding, param: str) -> ChatTemplate:
+    """The run's template (`template_of`), recorded for the later stages (`settings["chat"]`), for the package
+    (with the generation length) and as the run param `param`; the tokens it added to `tokenizer` go to
+    `encoding.added_tokens` (every later stage adds them again and trains their rows)."""
+    size = len(tokenizer)
+    template = template_of(tokenizer, settings)
+    added = [t for t in template.added_tokens if tokenizer.convert_tokens_to_ids(t) >= size]
+    if added:
+        encoding.added_tokens = added
+    chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
+    settings["chat"] = chat
+    encoding.params = {param: template.name}
+    encoding.package = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
+    return template
+
+
 def encoder(
     tokenizer: Any,
     data: DataRef,
@@ -105,17 +121,9 @@ def encoder(
     from tasks.errors import UserInputError
     from tasks.objectives.instruction.chat import encode_conversation
 
-    size = len(tokenizer)
-    template = template_of(tokenizer, settings)
-    added = [t for t in template.added_tokens if tokenizer.convert_tokens_to_ids(t) >= size]
-    if added:  # new to this tokenizer: every later stage adds them again and trains their rows
-        encoding.added_tokens = added
-    chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
-    settings["chat"] = chat
+    template = use_template(tokenizer, settings, encoding, "sft.template")
     settings["held_out"] = data.eval_dir  # the eval conversations, answered in evaluation
     settings["max_length"] = max_length  # held-out prompts are cut (or dropped) as training cuts its rows
-    encoding.params = {"sft.template": template.name}
-    encoding.package = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
     counts = encoding.metrics = {"sft_dropped_rows": 0}
     loss_on = settings.get("loss_on", "assistant")
 

@@ -168,15 +168,8 @@ def encoder(
     problem = loss_format_problem(loss, "explicit" if paired else "unpaired")
     if problem:
         raise UserInputError(problem)
-    size = len(tokenizer)
-    template = instruction.template_of(tokenizer, settings)
-    added = [t for t in template.added_tokens if tokenizer.convert_tokens_to_ids(t) >= size]
-    if added:
-        encoding.added_tokens = added
-    chat = {"name": template.name, "source": template.source, "end_of_turn": template.end_of_turn}
-    settings |= {"chat": chat, "max_length": max_length, "paired": paired}
-    encoding.params = {"pref.template": template.name}
-    encoding.package = {"chat": chat, "generation": {"max_new_tokens": settings.get("max_new_tokens", 128)}}
+    template = instruction.use_template(tokenizer, settings, encoding, "pref.template")
+    settings |= {"max_length": max_length, "paired": paired}
     # Rows dropped as too long (`pref_dropped_rows`), beside the pairs loading dropped as identical.
     counts = encoding.metrics = {"pref_dropped_rows": 0, IDENTICAL: data.metrics.get(IDENTICAL, 0.0)}
     encode_rows = PreferenceEncoder(tokenizer, template, max_length, paired)
