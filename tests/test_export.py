@@ -374,8 +374,9 @@ def test_ollama_lora_writes_from_base_and_adapter_in_ollamas_modelfile_syntax(
 def test_real_model_exports_verify(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SmolLM2-135M-Instruct (BPE, its own chat template with a default system message): gguf, ollama and the LoRA
-    GGUF verify. Slow (minutes); skipped when the model cannot be obtained."""
+    """SmolLM2-135M-Instruct (BPE, its own chat template with a default system message): every format verifies
+    (ollama's merged GGUF, ollama-lora's base and LoRA GGUFs, the vLLM check, the merged HF folder). Slow
+    (minutes); skipped when the model cannot be obtained."""
     import os
 
     from tasks.modeling import builtin_model_path
@@ -392,11 +393,17 @@ def test_real_model_exports_verify(
         tmp_path / "pkg", base, {"name": "tokenizer", "source": template, "end_of_turn": "<|im_end|>"}
     )
     out = tmp_path / "out"
-    code, result = export([str(package), "--format", "ollama", "--format", "gguf-lora", "--out", str(out)], capsys)
+    formats = ["ollama", "ollama-lora", "vllm-check", "hf-merged"]  # ollama's include gguf's and gguf-lora's files
+    code, result = export([str(package), *(f"--format={f}" for f in formats), "--out", str(out)], capsys)
     assert code == 0, result
+    assert sorted(e["format"] for e in result["exports"]) == sorted(formats)
     assert all(e["verified"] for e in result["exports"])
+    system = 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""'
     modelfile = (out / "ollama" / "Modelfile").read_text()
-    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+    assert system in modelfile
+    lora_modelfile = (out / "ollama-lora" / "Modelfile").read_text()
+    assert "ADAPTER ./adapter.gguf" in lora_modelfile and system in lora_modelfile
+    assert gguf_fields(out / "ollama-lora" / "adapter.gguf")["general.type"] == "adapter"
     assert gguf_fields(out / "ollama" / "model.gguf")["tokenizer.ggml.pre"] == "gpt-2"
     shutil.rmtree(out)
 
